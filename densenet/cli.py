@@ -50,6 +50,68 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (``--batch-size``, ``--no-nesterov``, ...); absent flags leave
+    the recipe's value, so only what the user typed overrides it."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    help_text = {
+        "model": "registered name or densenet_bc{L}_k{k} (default densenet_bc100_k12)",
+        "dataset": "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet or folder (default cifar10+)",
+        "data": "dataset directory or archive (default: the bundled CIFAR-10 sample)",
+        "out": "run directory", "epochs": "default: the paper's (300 CIFAR, 40 SVHN, 90 ImageNet)",
+        "lr_milestones": "epochs at which lr is divided by 10 (default: 50%% and 75%% of the epochs; 30 60 for ImageNet)",
+        "drop_rate": "default 0.2 without augmentation (cifar10, cifar100, svhn), else 0",
+        "val_size": "training images held out for validation (paper: 5000 CIFAR, 6000 SVHN); default none",
+        "train_subset": "train on this many training images, chosen by the seed",
+        "test_subset": "evaluate on this many test images, chosen by the seed",
+        "init": "start from this project's checkpoint or a torchvision DenseNet state dict",
+        "freeze_features": "train the classifier only",
+        "deterministic": "deterministic algorithms (bit-identical reruns and resumes)",
+        "device": "auto (CUDA when present), cpu, cuda, cuda:N", "threads": "CPU threads",
+        "workers": "data-loading worker processes (image folders)",
+        "checkpoint_every": "steps between mid-epoch checkpoints (0: epoch ends only)",
+        "quiet": "no progress bar: one line per epoch, for log files",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text.get(f.name)}
+        t = str(f.type)
+        if t == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif t.startswith("list"):
+            p.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kw)
+        else:
+            base = t.split(" | ")[0]
+            p.add_argument(flag, type={"int": int, "float": float}.get(base, str), metavar=base.upper(), **kw)
+    p.add_argument("--config", help="YAML file of the same keys (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in an --out directory that holds another run")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import resolve_config
+    from .train import TrainingStopped, load_run_config, train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "force")}
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume takes the configuration of the run it continues; drop --config")
+        config = load_run_config(Path(args.resume), overrides)
+    else:
+        config = resolve_config(overrides, args.config)
+    try:
+        train(config, resume=bool(args.resume), force=args.force)
+    except TrainingStopped as e:
+        print(f"densenet train: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet", description="DenseNet models, training and analysis.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a model with the paper's recipe for a dataset",
+                       description="Train one experiment end to end; with no other flag, the paper's recipe for the dataset.")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""Evaluation (top-1/top-5 error) and prediction on image files."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["evaluate", "topk_correct", "load_image", "predict_images"]
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k logits, for each k (k capped at the classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, :k].any(1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> dict[str, float]:
+    """Mean loss and top-1/top-5 error (%) of ``model`` over ``batches``.
+
+    A batch of images shaped (N, C, H, W) is scored directly; one shaped (N, crops, C, H, W)
+    (the ImageNet 10-crop evaluation) is scored by averaging the softmax over the crops.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, n, top1, top5 = 0.0, 0, 0, 0
+    try:
+        for images, labels in batches:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if images.dim() == 5:
+                b, crops = images.shape[:2]
+                probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
+                logits = probs.clamp_min(1e-12).log()
+            else:
+                logits = model(images)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            c1, c5 = topk_correct(logits, labels)
+            top1, top5, n = top1 + c1, top5 + c5, n + labels.numel()
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"loss": math.nan, "top1_error": math.nan, "top5_error": math.nan, "images": 0}
+    return {"loss": loss_sum / n, "top1_error": 100.0 * (1 - top1 / n), "top5_error": 100.0 * (1 - top5 / n), "images": n}
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files as given, folders expanded to the images inside them (recursively, sorted)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        else:
+            yield p
+
+
+def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple) -> Tensor:
+    """An image file as a normalised (3, image_size, image_size) float tensor.
+
+    Small models (image_size <= 64, CIFAR/SVHN) see the whole image resized; larger ones the
+    ImageNet evaluation crop (resize the short side to image_size * 256/224, centre crop).
+    """
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from None
+    x = TF.pil_to_tensor(im)
+    if image_size <= 64:
+        x = TF.resize(x, [image_size, image_size], antialias=True)
+    else:
+        x = TF.center_crop(TF.resize(x, round(image_size * 256 / 224), antialias=True), [image_size, image_size])
+    x = x.float().div_(255)
+    return TF.normalize(x, list(mean), list(std))
