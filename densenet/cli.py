@@ -112,6 +112,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import build_data
+    from .evaluate import evaluate, model_from_checkpoint
+    from .train import resolve_device
+
+    model, info = model_from_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    dataset = args.dataset or info["dataset"]
+    data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
+                      workers=args.workers, image_size=info["image_size"])
+    if data.num_classes != model.num_classes:
+        raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoint's model has {model.num_classes}")
+    result = evaluate(model, data.test.batches(0), device)
+    print(f"{dataset} test set, {result['images']} images: top-1 error {result['top1_error']:.2f}%, "
+          f"top-5 error {result['top5_error']:.2f}%")
+    if dataset == "imagenet":
+        crops = evaluate(model, data.test.batches(0, ten_crop=True), device)
+        print(f"10-crop: top-1 error {crops['top1_error']:.2f}%, top-5 error {crops['top5_error']:.2f}%")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from .evaluate import model_from_checkpoint, predict_images
+
+    model, info = model_from_checkpoint(args.checkpoint)
+    rows = []
+    for path, top in predict_images(model, args.images, info, top=args.top):
+        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
+        rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
+    if not rows:
+        raise ValueError(f"no image files found in {', '.join(args.images)}")
+    if args.csv:
+        from .checkpoint import atomic_write_text
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image"] + [f"{c}{i + 1}" for i in range(args.top) for c in ("class", "prob")])
+        writer.writerows(rows)
+        atomic_write_text(args.csv, buffer.getvalue())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densenet", description="DenseNet models, training and analysis.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one experiment end to end; with no other flag, the paper's recipe for the dataset.")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1 and top-5 error of a checkpoint on a dataset's test set")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
+    p.add_argument("--data", help="dataset directory or archive (default: the bundled sample)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-5 classes of images (files or folders) with probabilities")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--csv", help="also write the predictions to this CSV file")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["evaluate", "topk_correct", "load_image", "predict_images"]
+__all__ = ["evaluate", "topk_correct", "load_image", "model_from_checkpoint", "predict_images"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -84,3 +84,36 @@ def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple
         x = TF.center_crop(TF.resize(x, round(image_size * 256 / 224), antialias=True), [image_size, image_size])
     x = x.float().div_(255)
     return TF.normalize(x, list(mean), list(std))
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """The trained model of a ``densenet train`` checkpoint (in eval mode) and its data description
+    (``class_names``, ``mean``, ``std``, ``image_size``, ``dataset``)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .model import DenseNet
+    from .weights import load_state_dict
+
+    state = load_checkpoint(path)
+    try:
+        config = {k: v for k, v in state["model_config"].items() if k != "memory_efficient"}
+        model = DenseNet(**config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not describe a DenseNet this version can build: {e}") from None
+    load_state_dict(model, state["model"])
+    return model.eval(), state["data"]
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], data: dict, *, top: int = 5,
+                   batch_size: int = 64, device: torch.device | None = None) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """For each image (folders expanded), the ``top`` classes with their probabilities, best first."""
+    device = device or torch.device("cpu")
+    names = data["class_names"]
+    files = list(expand_image_paths(paths))
+    for i in range(0, len(files), batch_size):
+        chunk = files[i : i + batch_size]
+        x = torch.stack([load_image(f, data["image_size"], data["mean"], data["std"]) for f in chunk]).to(device)
+        probs = F.softmax(model(x), dim=1)
+        values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+        for f, v, idx in zip(chunk, values.tolist(), indices.tolist()):
+            yield f, [(names[j] if j < len(names) else str(j), p) for j, p in zip(idx, v)]

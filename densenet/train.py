@@ -213,6 +213,9 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
 
     def snapshot(epoch: int, step: int, partial: dict) -> None:
         """Everything needed to continue bit-identically from batch ``step`` of ``epoch``."""
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingStopped(f"the weights became NaN or infinite at epoch {epoch + 1}, step {step}: the run "
+                                  f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
         if (out / "checkpoint.pt").exists():
             os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
         save_checkpoint(out / "checkpoint.pt", {
