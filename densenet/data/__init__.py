@@ -1,0 +1,21 @@
+"""Datasets of the DenseNet paper read from their real file formats: CIFAR-10/100 (binary and python
+releases), SVHN (.mat), image-folder trees (ImageNet layout, directories or zips).
+
+    from densenet.data import DATASETS, build_data, DataError
+    data = build_data("cifar10+", "/data/cifar-10-python.tar.gz", batch_size=64, val_size=5000)
+    for images, labels in data.train.batches(epoch, start=step):  # (64, 3, 32, 32) float32, (64,) int64
+        ...
+"""
+from .archive import safe_extract
+from .build import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SAMPLE_PATH, Data, build_data, channel_stats
+from .cache import cache_dir
+from .download import RESOURCES, download
+from .errors import DataError
+from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image, scan_tree
+from .loader import ArrayLoader, FolderLoader
+
+__all__ = [
+    "DATASETS", "Data", "build_data", "DataError", "ArrayLoader", "FolderLoader", "ImageTree", "scan_tree",
+    "decode_image", "safe_extract", "download", "RESOURCES", "cache_dir", "channel_stats", "SAMPLE_PATH",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS",
+]

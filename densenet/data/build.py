@@ -1,0 +1,247 @@
+"""``build_data``: the paper's datasets and preprocessing, selected by name."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .cache import cache_path, load_arrays, save_arrays
+from .cifar import LAYOUTS, find_cifar, read_cifar, read_image_tree_32
+from .download import RESOURCES, download as download_files, missing_message
+from .errors import DataError
+from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree
+from .loader import ArrayLoader, FolderLoader
+from .svhn import find_svhn, read_svhn
+from .transforms import derive_seed
+
+__all__ = ["DATASETS", "Data", "build_data", "SAMPLE_PATH", "IMAGENET_MEAN", "IMAGENET_STD", "channel_stats"]
+
+log = logging.getLogger("densenet.data")
+
+DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder")
+SAMPLE_PATH = Path(__file__).resolve().parent.parent / "assets" / "cifar10-sample.zip"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_VAL, _TRAIN_SUBSET, _TEST_SUBSET, _FOLDER_SPLIT = 3, 4, 5, 6  # seed streams
+
+
+@dataclass
+class Data:
+    """What :func:`build_data` returns: three loaders and the facts a model and a report need."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, float, float]  # per-channel normalisation on the 0-1 scale
+    std: tuple[float, float, float]
+    image_size: int
+    train: ArrayLoader | FolderLoader
+    val: ArrayLoader | FolderLoader | None
+    test: ArrayLoader | FolderLoader
+    source: str = ""  # where the data came from (file, or cache file)
+    skipped: list[str] = field(default_factory=list)  # images left out by skip_bad_images at import
+
+
+def channel_stats(x: np.ndarray, indices: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0-1 scale) of the uint8 images ``x[indices]``, x shaped (N, C, H, W)."""
+    c = x.shape[1]
+    s, s2, n = np.zeros(c), np.zeros(c), 0
+    idx = np.sort(indices)
+    whole = len(idx) == len(x) and (len(idx) == 0 or (idx[0] == 0 and idx[-1] == len(x) - 1))
+    for i in range(0, len(idx), chunk):
+        part = np.asarray(x[i:i + chunk] if whole else x[idx[i:i + chunk]], np.float64).reshape(-1, c, x.shape[2] * x.shape[3])
+        s += part.sum((0, 2))
+        s2 += np.einsum("ncp,ncp->c", part, part)
+        n += part.shape[0] * part.shape[2]
+    if n == 0:
+        raise DataError("no training images to compute normalisation statistics from")
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0))
+    return tuple(float(v) for v in mean / 255), tuple(float(max(v, 1e-3)) for v in std / 255)
+
+
+def _pick(n_or_idx: np.ndarray, k: int | None, seed: int, stream: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split sorted ``indices`` into (k chosen by the seed, the rest), both sorted."""
+    idx = n_or_idx
+    if not k:
+        return idx[:0], idx
+    if not 0 < k < len(idx) + (what != "validation"):
+        raise DataError(f"{what} of {k} images asked from {len(idx)} available")
+    perm = np.random.default_rng(derive_seed(seed, stream)).permutation(len(idx))
+    return np.sort(idx[perm[:k]]), np.sort(idx[perm[k:]])
+
+
+@functools.lru_cache(maxsize=2)
+def _sample_arrays(path: str) -> dict[str, np.ndarray]:
+    return read_image_tree_32(Path(path))
+
+
+def _array_source(base: str, root, *, cache_dir, skip_bad_images: bool, max_pixels, download: bool) -> tuple[dict, str]:
+    """Decoded arrays of cifar10/cifar100/svhn (from the cache when it is current) and their source."""
+    if root is None or str(root) == "sample":
+        if base != "cifar10":
+            raise DataError(f"the bundled sample is CIFAR-10 only; {base} needs root: {missing_message(base, '<root>')}")
+        if not SAMPLE_PATH.is_file():
+            raise DataError(f"the bundled sample {SAMPLE_PATH} is missing from this installation")
+        return _sample_arrays(str(SAMPLE_PATH)), f"bundled sample {SAMPLE_PATH.name}"
+    root = Path(root).expanduser()
+    if download and base in RESOURCES and not root.is_file():
+        download_files(base, root)
+    try:
+        if base == "svhn":
+            files = find_svhn(root)
+            sources, form, label = list(files.values()), "mat", str(root)
+        else:
+            form, path = find_cifar(base, root)
+            label = str(path)
+            if form in ("binary", "python"):
+                folder, train, test, meta, _ = LAYOUTS[base][form]
+                sources = [path / f for f in train + test + meta if (path / f).is_file()]
+            elif form == "images" and path.is_dir():
+                sources = [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
+            else:
+                sources = [path]
+    except DataError as e:
+        if "no such file" in str(e) or "missing" in str(e) or "no " in str(e)[:40]:
+            raise DataError(f"{e}. {missing_message(base, root)}") from None
+        raise
+    kind = f"{base}-{form}" + ("-skipbad" if skip_bad_images and form == "images" else "")
+    cpath = cache_path(kind, sources, cache_dir)
+    if cpath.is_file():
+        try:
+            return load_arrays(cpath), f"{label} (cache {cpath})"
+        except DataError as e:
+            log.warning("%s; importing again", e)
+    log.info("importing %s into %s (once)", label, cpath)
+    if base == "svhn":
+        arrays = read_svhn(files)
+    else:
+        opts = {"skip_bad_images": skip_bad_images, "max_pixels": max_pixels} if form == "images" else {}
+        arrays = read_cifar(base, form, path, **opts)
+    try:
+        save_arrays(cpath, arrays)
+        return load_arrays(cpath), f"{label} (cache {cpath})"
+    except OSError as e:
+        log.warning("cannot write the cache %s (%s); using the data in memory", cpath, e)
+        return arrays, label
+
+
+def _folder_trees(name: str, root, val_fraction: float | None, seed: int) -> tuple[ImageTree, ImageTree | None, ImageTree, np.ndarray | None, np.ndarray | None]:
+    """(train tree, val tree or None, test tree, train indices, test indices) of an image-folder dataset."""
+    if root is None or str(root) == "sample":
+        raise DataError(f"{name} needs root: {missing_message(name, '<root>') if name == 'imagenet' else 'a folder or zip of train/<class>/<image> (and val/ or test/), or of <class>/<image>'}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"{root}: no such file or directory. " + (missing_message(name, root) if name == "imagenet" else ""))
+    if name == "imagenet":
+        trees = scan_tree(root, ("train", "val"))
+        if set(trees) != {"train", "val"}:
+            raise DataError(f"{root}: ImageNet needs train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (validation images "
+                            f"sorted into class folders); found only {', '.join(trees)}/")
+        return trees["train"], None, trees["val"], None, None
+    trees = scan_tree(root, ("train", "val", "test"), required=False)
+    if "train" in trees:
+        test = trees.get("test") or trees.get("val")
+        if test is None:
+            raise DataError(f"{root}: train/ found but no val/ or test/ folder to evaluate on")
+        val = trees["val"] if "test" in trees and "val" in trees else None
+        return trees["train"], val, test, None, None
+    if trees:
+        raise DataError(f"{root}: {', '.join(trees)}/ found but no train/ folder")
+    tree = scan_tree(root, None)[""]
+    fraction = 0.1 if val_fraction is None else val_fraction
+    if not 0 < fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1), got {fraction}")
+    k = max(1, round(fraction * len(tree)))
+    test_idx, train_idx = _pick(np.arange(len(tree)), k, seed, _FOLDER_SPLIT, "test split")
+    return tree, None, tree, train_idx, test_idx
+
+
+def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: int = 64,
+               eval_batch_size: int | None = None, val_size: int | None = None, seed: int = 0, workers: int = 2,
+               cache_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
+               image_size: int | None = None, val_fraction: float | None = None, train_subset: int | None = None,
+               test_subset: int | None = None, coarse_labels: bool = False, download: bool = False,
+               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2) -> Data:
+    """Loaders for dataset ``name`` (one of :data:`DATASETS`) read from ``root``.
+
+    ``root``: a directory or archive. cifar10/cifar100: the official binary or python release
+    (``.tar.gz`` or extracted), or an image-folder tree / zip with ``train/`` and ``test/`` (e.g.
+    ``cifar10-jpeg.zip``); None or ``"sample"``: the bundled CIFAR-10 sample (1,000 training and 200
+    test images). svhn: a directory with ``train_32x32.mat``, ``extra_32x32.mat``, ``test_32x32.mat``.
+    imagenet: ``train/<class>/`` and ``val/<class>/``. folder: ``train/`` with ``val/`` and/or ``test/``
+    (the test loader reads ``test/``, else ``val/``), or one ``<class>/<image>`` tree of which
+    ``val_fraction`` (default 0.1, chosen by the seed) is the test split.
+
+    Preprocessing as in the paper: "+" adds 4-pixel zero padding, random 32x32 crop and horizontal
+    flip; CIFAR is normalised with the training images' per-channel mean/std; SVHN trains on
+    train + extra with pixels / 255; imagenet/folder train on a random resized crop of ``image_size``
+    (default 224) with flip and evaluate the centre crop after resizing to 256 (for 224); pass
+    ``ten_crop=True`` to ``data.test.batches`` for the 10-crop view, images (N, 10, 3, S, S).
+
+    ``val_size``: training images held out for validation (paper: 5,000 CIFAR, 6,000 SVHN), chosen by
+    ``seed``; ``train_subset``/``test_subset``: use only this many images (chosen by ``seed``);
+    ``workers``: decoding processes for image folders; ``cache_dir``: where decoded CIFAR/SVHN
+    arrays are kept (default ``$DENSENET_CACHE`` or ``~/.cache/densenet``); ``skip_bad_images``: leave
+    undecodable images out (counted) instead of failing; ``coarse_labels``: CIFAR-100's 20
+    superclasses; ``download``: fetch missing official files (MD5-checked); ``prefetch``: batches of
+    32x32 datasets prepared ahead in a thread. Every bad input raises :class:`DataError`.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+        raise DataError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+    eval_bs = eval_batch_size or batch_size
+    base = name.rstrip("+")
+    if base in ("imagenet", "folder"):
+        size = image_size or 224
+        if size < 8:
+            raise DataError(f"image_size must be at least 8, got {size}")
+        train_tree, val_tree, test_tree, train_idx, test_idx = _folder_trees(name, root, val_fraction, seed)
+        train_idx = np.arange(len(train_tree)) if train_idx is None else train_idx
+        test_idx = np.arange(len(test_tree)) if test_idx is None else test_idx
+        held, train_idx = _pick(train_idx, val_size, seed, _VAL, "validation")
+        train_idx = _pick(train_idx, train_subset, seed, _TRAIN_SUBSET, "train_subset")[0] if train_subset else train_idx
+        test_idx = _pick(test_idx, test_subset, seed, _TEST_SUBSET, "test_subset")[0] if test_subset else test_idx
+        common = dict(seed=seed, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=workers,
+                      skip_bad_images=skip_bad_images, max_pixels=max_image_pixels)
+        train = FolderLoader(train_tree, train_idx, batch_size, train=True, **common)
+        if val_tree is not None and not val_size:
+            val = FolderLoader(val_tree, np.arange(len(val_tree)), eval_bs, train=False, **common)
+        else:
+            val = FolderLoader(train_tree, held, eval_bs, train=False, **common) if val_size else None
+        test = FolderLoader(test_tree, test_idx, eval_bs, train=False, **common)
+        names = list(train_tree.class_names)
+        return Data(name, len(names), names, IMAGENET_MEAN, IMAGENET_STD, size, train, val, test, str(root))
+
+    if image_size not in (None, 32):
+        raise DataError(f"{name} images are 32x32; image_size {image_size} is not available")
+    if coarse_labels and base != "cifar100":
+        raise DataError("coarse_labels is for cifar100 only")
+    arrays, source = _array_source(base, root, cache_dir=cache_dir, skip_bad_images=skip_bad_images,
+                                   max_pixels=max_image_pixels, download=download)
+    names = [str(n) for n in arrays["coarse_names" if coarse_labels else "class_names"]]
+    ykey = "_coarse" if coarse_labels else "_y"
+    train_x, train_y, test_x, test_y = arrays["train_x"], arrays["train" + ykey], arrays["test_x"], arrays["test" + ykey]
+    held, train_idx = _pick(np.arange(len(train_x)), val_size, seed, _VAL, "validation")
+    train_idx = _pick(train_idx, train_subset, seed, _TRAIN_SUBSET, "train_subset")[0] if train_subset else train_idx
+    test_idx = np.arange(len(test_x))
+    test_idx = _pick(test_idx, test_subset, seed, _TEST_SUBSET, "test_subset")[0] if test_subset else test_idx
+    if base == "svhn":
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # pixels / 255 only
+    else:
+        mean, std = channel_stats(train_x, train_idx)
+    augment = name.endswith("+")
+    common = dict(seed=seed, mean=mean, std=std, prefetch=prefetch)
+    train = ArrayLoader(train_x, train_y, train_idx, batch_size, train=True, augment=augment, **common)
+    val = ArrayLoader(train_x, train_y, held, eval_bs, train=False, augment=False, **common) if val_size else None
+    test = ArrayLoader(test_x, test_y, test_idx, eval_bs, train=False, augment=False, **common)
+    skipped = [str(s) for s in arrays.get("skipped", [])]
+    if skipped:
+        log.warning("%d undecodable image(s) were skipped at import, e.g. %s", len(skipped), skipped[0])
+    return Data(name, len(names), names, mean, std, 32, train, val, test, source, skipped)

@@ -1,0 +1,228 @@
+"""Loaders: deterministic, resumable, shardable batches.
+
+Every loader has ``num_batches`` (== ``len(loader)``), ``num_images`` and
+``batches(epoch, start=0, rank=0, world_size=1)`` yielding ``(images, labels)``: images float32
+(N, 3, H, W) normalised, labels int64 (N,). Training loaders shuffle and augment; the order and the
+augmentation of batch ``i`` of epoch ``e`` depend only on ``(seed, e, i)``, so resuming with
+``start=i`` gives exactly the batches an uninterrupted run sees from ``i`` on, and the union of the
+``world_size`` shards of a batch is the single-process batch. Training drops the last partial batch;
+evaluation keeps it and shards the images so each is seen by exactly one rank (a rank's share of
+the last batch may be empty, so that every rank yields the same number of batches).
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import warnings
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError
+from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image
+from .transforms import (crop_flip_params, derive_seed, eval_image, generator, normalize, pad_crop_flip,
+                         ten_crop_image, train_image)
+
+__all__ = ["ArrayLoader", "FolderLoader"]
+
+_SHUFFLE, _AUGMENT = 1, 2  # seed streams
+
+
+class _Base:
+    """Batch bookkeeping shared by the loaders: ``indices`` into the data, batch size, sharding."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        self.indices = np.asarray(indices, np.int64)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_batches(self) -> int:
+        n = self.num_images
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _plan(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[int, np.ndarray, slice]]:
+        """(batch index, global batch's dataset indices, this rank's slice of it) from ``start`` on."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        if self.train and self.batch_size % world_size:
+            raise DataError(f"batch_size {self.batch_size} is not divisible by world_size {world_size}")
+        if not 0 <= start <= self.num_batches:
+            raise DataError(f"start {start} is not in 0..{self.num_batches} (batches per epoch)")
+        order = self.indices
+        if self.train:
+            perm = torch.randperm(len(order), generator=generator(self.seed, _SHUFFLE, epoch)).numpy()
+            order = order[perm]
+        b = self.batch_size
+        for i in range(start, self.num_batches):
+            idx = order[i * b:(i + 1) * b]
+            n = len(idx)
+            lo, hi = (n * rank) // world_size, (n * (rank + 1)) // world_size  # equal shares for training
+            yield i, idx, slice(lo, hi)
+
+
+def _prefetch(it: Iterator, depth: int) -> Iterator:
+    """Run ``it`` in a background thread, ``depth`` items ahead (torch ops release the GIL)."""
+    if depth <= 0:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
+class ArrayLoader(_Base):
+    """Batches of an in-memory or memory-mapped uint8 array ``x`` (N, 3, H, W) with labels ``y`` (N,).
+
+    ``indices``: the images of ``x`` this loader serves (a split); ``augment``: the "+" augmentation
+    (4-pixel zero padding, random crop, horizontal flip with probability 0.5), applied batch-wise on
+    uint8 tensors; ``prefetch``: batches prepared ahead in a background thread (0: none).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray, batch_size: int, *, train: bool,
+                 augment: bool, seed: int, mean: Sequence[float], std: Sequence[float], prefetch: int = 2) -> None:
+        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std)
+        self.x, self.y = x, np.asarray(y, np.int64)
+        self.augment, self.prefetch = augment and train, prefetch
+
+    def _batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for i, idx, part in self._plan(epoch, start, rank, world_size):
+            mine = idx[part]
+            x = torch.from_numpy(self.x[mine])
+            if self.augment:
+                dy, dx, flip = crop_flip_params(len(idx), 4, generator(self.seed, _AUGMENT, epoch, i))
+                x = pad_crop_flip(x, dy[part], dx[part], flip[part])
+            yield normalize(x, self.mean, self.std), torch.from_numpy(self.y[mine])
+
+    def batches(self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                ten_crop: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images (N, 3, 32, 32) float32, labels (N,) int64) for batches ``start``.. of ``epoch``."""
+        if ten_crop:
+            raise DataError("10-crop evaluation is for image-folder datasets (imagenet, folder), not 32x32 arrays")
+        return _prefetch(self._batches(epoch, start, rank, world_size), self.prefetch)
+
+
+class _FolderBatches(torch.utils.data.Dataset):
+    """Worker side of :class:`FolderLoader`: one item = one (shard of a) batch, decoded and transformed."""
+
+    def __init__(self, tree: ImageTree, plan: list[tuple[np.ndarray, np.ndarray]], mode: str, size: int,
+                 seed: int, epoch: int, skip_bad: bool, max_pixels: int | None) -> None:
+        self.tree, self.plan, self.mode, self.size = tree, plan, mode, size
+        self.seed, self.epoch, self.skip_bad, self.max_pixels = seed, epoch, skip_bad, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> tuple[Tensor | None, Tensor | None, list[str]]:
+        files, positions = self.plan[k]
+        shape = (10, 3, self.size, self.size) if self.mode == "ten_crop" else (3, self.size, self.size)
+        out, labels, bad = [], [], []
+        for f, pos in zip(files, positions):
+            name = self.tree.files[f]
+            try:
+                im = decode_image(self.tree.read(name), self.tree.location(name), self.max_pixels)
+            except DataError as e:
+                if not self.skip_bad:
+                    return None, None, [str(e)]  # re-raised by the loader, without a worker traceback
+                bad.append(self.tree.location(name))
+                continue
+            if self.mode == "train":  # per-image randomness: a function of (seed, epoch, position in epoch)
+                a = train_image(im, self.size, np.random.default_rng(derive_seed(self.seed, _AUGMENT, self.epoch, pos)))
+            elif self.mode == "ten_crop":
+                a = ten_crop_image(im, self.size)
+            else:
+                a = eval_image(im, self.size)
+            out.append(torch.from_numpy(a))
+            labels.append(int(self.tree.labels[f]))
+        x = torch.stack(out) if out else torch.zeros((0, *shape), dtype=torch.uint8)
+        return x, torch.tensor(labels, dtype=torch.int64), bad
+
+
+def _identity(x):
+    return x
+
+
+class FolderLoader(_Base):
+    """Batches of an :class:`ImageTree` decoded by ``workers`` processes (0: in this process).
+
+    Training: random resized crop to ``image_size`` and a flip (per image, seeded by position);
+    evaluation: resize and centre crop (see :func:`transforms.eval_image`), or with
+    ``batches(..., ten_crop=True)`` the paper's 10-crop view, images shaped (N, 10, 3, S, S).
+    Undecodable images raise :class:`DataError`, or with ``skip_bad_images`` are dropped from their
+    batch (which is then smaller) and listed in ``skipped`` with a warning.
+    """
+
+    def __init__(self, tree: ImageTree, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
+                 image_size: int, mean: Sequence[float], std: Sequence[float], workers: int = 2,
+                 skip_bad_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std)
+        if workers < 0:
+            raise DataError(f"workers must be >= 0, got {workers}")
+        self.tree, self.image_size, self.workers = tree, image_size, workers
+        self.skip_bad_images, self.max_pixels = skip_bad_images, max_pixels
+        self.skipped: set[str] = set()
+
+    def batches(self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1,
+                ten_crop: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images float32 (N, 3, S, S), or (N, 10, 3, S, S) with ``ten_crop``; labels (N,) int64)."""
+        if ten_crop and self.train:
+            raise DataError("ten_crop is an evaluation view: use it on data.test or data.val")
+        plan = [(idx[part], np.arange(i * self.batch_size, i * self.batch_size + len(idx))[part])
+                for i, idx, part in self._plan(epoch, start, rank, world_size)]
+        mode = "train" if self.train else ("ten_crop" if ten_crop else "eval")
+        ds = _FolderBatches(self.tree, plan, mode, self.image_size, self.seed, epoch, self.skip_bad_images, self.max_pixels)
+        workers = min(self.workers, len(plan))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                             collate_fn=_identity, persistent_workers=False)
+        return self._normalised(loader)
+
+    def _normalised(self, loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y, bad in loader:
+            if x is None:
+                raise DataError(bad[0])
+            if bad:
+                new = set(bad) - self.skipped
+                if new:
+                    self.skipped |= new
+                    warnings.warn(f"skipped {len(new)} undecodable image(s) ({len(self.skipped)} so far), "
+                                  f"e.g. {sorted(new)[0]}", stacklevel=2)
+            yield normalize(x, self.mean, self.std), y

@@ -1,0 +1,130 @@
+"""Preprocessing: batch-wise tensor augmentation for 32x32 datasets, per-image PIL transforms for
+image folders, and the seeding that makes both a pure function of (seed, epoch, position).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "derive_seed", "generator", "crop_flip_params", "pad_crop_flip", "normalize",
+    "random_resized_crop_box", "train_image", "eval_image", "ten_crop_image", "resize_size",
+]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (e.g. ``(seed, stream, epoch, batch)``), well mixed."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``keys``."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def crop_flip_params(n: int, pad: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Random (dy, dx) offsets in [0, 2*pad] and flip flags for ``n`` images; shapes (n,), (n,), (n,) bool."""
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return offsets[0], offsets[1], flip
+
+
+def pad_crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+    """Zero-pad by ``pad`` pixels, crop back to (H, W) at offsets (dy, dx), mirror where ``flip``.
+
+    ``x``: (N, C, H, W), any dtype (uint8 here); one gather for the whole batch, no per-image loop.
+    Returns a new (N, C, H, W) tensor of the same dtype.
+    """
+    n, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    ar_h, ar_w = torch.arange(h), torch.arange(w)
+    rows = dy[:, None] + ar_h  # (N, H)
+    cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (N, W), reversed when flipped
+    wp = w + 2 * pad
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
+    return xp.reshape(n, c, -1).gather(2, flat).reshape(n, c, h, w)
+
+
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (N, C, H, W) or (N, K, C, H, W) pixels -> float32 ``(x / 255 - mean) / std`` per channel."""
+    scale = torch.tensor([1 / (255 * s) for s in std], dtype=torch.float32)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    shape = (-1, 1, 1)
+    return torch.addcmul(shift.view(shape), x.to(torch.float32), scale.view(shape))
+
+
+# ------------------------------------------------------------------ per-image (image folders, ImageNet)
+def resize_size(image_size: int) -> int:
+    """Short side before the evaluation centre crop: 256 for 224 (the paper's ImageNet protocol)."""
+    return round(image_size * 256 / 224)
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (left, top, right, bottom) for a ``width`` x ``height`` image."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height  # fallback: centre crop with the aspect ratio clamped into ``ratio``
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def _to_chw(im: Image.Image) -> np.ndarray:
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def train_image(im: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop to ``size`` x ``size`` and a flip with probability 0.5; uint8 (3, size, size)."""
+    box = random_resized_crop_box(im.width, im.height, rng)
+    out = im.resize((size, size), Image.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return _to_chw(out)
+
+
+def _resize_short(im: Image.Image, short: int) -> Image.Image:
+    w, h = im.size
+    if w <= h:
+        return im.resize((short, max(1, round(h * short / w))), Image.BILINEAR)
+    return im.resize((max(1, round(w * short / h)), short), Image.BILINEAR)
+
+
+def eval_image(im: Image.Image, size: int) -> np.ndarray:
+    """Evaluation view, uint8 (3, size, size): for size <= 64 the whole image resized to size x size;
+    else the short side resized to ``resize_size(size)`` (256 for 224) and the centre crop."""
+    if size <= 64:
+        return _to_chw(im.resize((size, size), Image.BILINEAR))
+    im = _resize_short(im, resize_size(size))
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return _to_chw(im.crop((left, top, left + size, top + size)))
+
+
+def ten_crop_image(im: Image.Image, size: int) -> np.ndarray:
+    """The paper's 10-crop view, uint8 (10, 3, size, size): short side resized to ``resize_size(size)``,
+    the four corner crops and the centre crop, then the same five mirrored."""
+    im = _resize_short(im, resize_size(size))
+    w, h = im.size
+    corners = [(0, 0), (w - size, 0), (0, h - size), (w - size, h - size), ((w - size) // 2, (h - size) // 2)]
+    crops = [_to_chw(im.crop((l, t, l + size, t + size))) for l, t in corners]
+    crops += [c[:, :, ::-1] for c in crops]
+    return np.ascontiguousarray(np.stack(crops))
