@@ -94,15 +94,37 @@ class DenseBlock(nn.ModuleDict):
         bottleneck: bool = True,
         bn_size: int = 4,
         drop_rate: float = 0.0,
+        memory_efficient: bool = False,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels + num_layers * growth_rate
+        self.memory_efficient = bool(memory_efficient)
+        self.fast = bool(fast)
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and (self.fast or self.memory_efficient):
+            out = self._forward_shared_buffer(x)
+            if out is not None:
+                return out
+        return self._forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_shared_buffer(self, x: Tensor) -> Tensor | None:
+        """The shared-buffer implementation (densenet.efficient), or None where it does not apply
+        (dropout in training, hooks inside the block, eval mode with gradients)."""
+        from .efficient import can_use_fast_block, fast_block_forward
+
+        if not can_use_fast_block(self, x):
+            return None
+        return fast_block_forward(self, x, self.memory_efficient)
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
+        """The paper's formulation, layer by layer on lists of feature maps (what hooks see)."""
         features = [x]
         for layer in self.values():
             features.append(layer(features))
@@ -142,6 +164,11 @@ class DenseNet(nn.Module):
         in_channels: channels of the input image.
         drop_rate: dropout after every convolution except the stem's.
         bn_size: bottleneck width factor (4 in the paper).
+        memory_efficient: dense blocks keep only their output buffer for backward and recompute
+            BN-ReLU-1x1 conv-BN-ReLU there: activation memory linear in depth, same results.
+        fast: run dense blocks on one shared channels_last buffer with BN statistics computed once
+            (same outputs, gradients and running statistics as the layer-by-layer form, which is
+            used anyway for dropout in training, hooks inside a block, and eval mode with gradients).
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
     """
@@ -158,6 +185,8 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
         drop_rate: float = 0.0,
         bn_size: int = 4,
+        memory_efficient: bool = False,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         _check_positive_int("growth_rate", growth_rate)
@@ -190,6 +219,8 @@ class DenseNet(nn.Module):
         self.drop_rate = drop_rate
         self.bn_size = bn_size
         self.num_classes = num_classes
+        self.memory_efficient = bool(memory_efficient)
+        self.fast = bool(fast)
 
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if stem == "cifar":
@@ -204,7 +235,9 @@ class DenseNet(nn.Module):
         self.feature_info: list[dict] = []
         reduction = 1 if stem == "cifar" else 4
         for i, num_layers in enumerate(self.block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, bottleneck, bn_size, drop_rate)
+            block = DenseBlock(
+                num_layers, channels, growth_rate, bottleneck, bn_size, drop_rate, self.memory_efficient, self.fast
+            )
             layers[f"denseblock{i + 1}"] = block
             channels = block.out_channels
             self.feature_info.append(
@@ -308,6 +341,8 @@ class DenseNet(nn.Module):
         """(N, in_channels, H, W) -> last feature map after the final BN-ReLU, (N, num_features, h, w)."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
+        if self.fast or self.memory_efficient:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.features(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -337,7 +372,8 @@ class DenseNet(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"growth_rate={self.growth_rate}, block_config={self.block_config}, bottleneck={self.bottleneck}, "
-            f"compression={self.compression}, stem={self.stem!r}, drop_rate={self.drop_rate}"
+            f"compression={self.compression}, stem={self.stem!r}, drop_rate={self.drop_rate}, "
+            f"memory_efficient={self.memory_efficient}, fast={self.fast}"
         )
 
     def config(self) -> dict:
@@ -353,4 +389,6 @@ class DenseNet(nn.Module):
             "in_channels": self.in_channels,
             "drop_rate": self.drop_rate,
             "bn_size": self.bn_size,
+            "memory_efficient": self.memory_efficient,
+            "fast": self.fast,
         }

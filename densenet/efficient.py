@@ -1,0 +1,304 @@
+"""Fast and memory-efficient dense blocks: one shared buffer per block, BN statistics computed once.
+
+A dense block's output is the concatenation of its input and every layer's k new maps. Here it is
+one pre-allocated (N, H, W, C_out) buffer (channels_last); layer l reads the channel prefix
+``buf[..., :C_l]`` and writes its k maps into ``buf[..., C_l:C_l + k]``, so nothing is ever
+concatenated. In training, the batch statistics of a map are the same numbers for every later
+layer's first BN (only the affine weight differs per layer), so they are computed once, when the
+map is written; each layer's BN1 is then one affine map over the prefix, and in backward the BN1
+gradients of all readers of a map are summed first and pushed through the BN normalisation once.
+
+The 1x1 convolution of a bottleneck layer is one matrix product over the N*H*W rows of the
+(strided) prefix. Backward is written by hand (``_DenseBlockFunction``):
+
+- standard mode saves, per layer, the bottleneck output before BN2 (4k maps) and after ReLU
+  (4k maps); BN1-ReLU of the prefix is recomputed (one cheap elementwise pass);
+- memory-efficient mode saves only the block buffer and per-channel statistics, and recomputes
+  BN1-ReLU, the 1x1 convolution and BN2-ReLU in backward: activation memory is linear in depth.
+
+Running statistics are updated exactly once per forward, with ``nn.BatchNorm2d``'s semantics
+(momentum or cumulative average, unbiased running variance, ``num_batches_tracked`` + 1).
+In eval mode without gradients, BN2 is folded into the 1x1 convolution (inference path).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .model import DenseBlock, DenseLayer
+
+__all__ = ["can_use_fast_block", "fast_block_forward"]
+
+_aten = torch.ops.aten
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(
+        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+        or getattr(m, "_global_backward_pre_hooks", None)
+    )
+
+
+def can_use_fast_block(block: "DenseBlock", x: Tensor) -> bool:
+    """Whether ``block`` can run the shared-buffer implementation on ``x``.
+
+    Falls back (False) for: dropout in training, hooks on any module inside the block (they would
+    not see the fused computation), eval mode with gradients, non-standard BN settings, a
+    training batch with one value per channel (BN raises there), or non-float32/64 input.
+    """
+    if torch.jit.is_scripting() or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    layers = list(block.values())
+    if not layers or _global_hooks():
+        return False
+    training = block.training
+    if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        return False
+    if not training and torch.is_grad_enabled():
+        return False
+    eps = layers[0].norm1.eps
+    for layer in layers:
+        if layer.training != training or (training and layer.drop_rate > 0):
+            return False
+        for m in layer.modules():
+            if _has_hooks(m) or m.training != training:
+                return False
+            if isinstance(m, nn.BatchNorm2d) and not (m.affine and m.track_running_stats and m.running_mean is not None):
+                return False
+        if layer.norm1.eps != eps:
+            return False
+    return True
+
+
+def _bn_factor(bn: nn.BatchNorm2d) -> float:
+    """Exponential-average factor of ``bn`` for this step, incrementing num_batches_tracked (as BatchNorm2d)."""
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+def _update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """running = (1 - f) * running + f * batch statistic, with the unbiased variance."""
+    f = _bn_factor(bn)
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
+        bn.running_var.mul_(1 - f).add_(var, alpha=f * count / (count - 1))
+
+
+def _nchw(t2d: Tensor, n: int, h: int, w: int) -> Tensor:
+    """(N*H*W, C) row-major matrix -> (N, C, H, W) channels_last view."""
+    return t2d.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, C, H, W) tensor -> (N*H*W, C) matrix (a view when t is channels_last)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+class _Block:
+    """Python-side description of a dense block for the autograd function."""
+
+    def __init__(self, block: "DenseBlock", x: Tensor, memory_efficient: bool) -> None:
+        self.layers: list[DenseLayer] = list(block.values())
+        self.n, self.c0, self.h, self.w = x.shape
+        self.m = self.n * self.h * self.w
+        self.k = self.layers[0].growth_rate
+        self.c = self.c0 + len(self.layers) * self.k
+        self.bottleneck = self.layers[0].bottleneck
+        self.eps = self.layers[0].norm1.eps
+        self.memory_efficient = memory_efficient
+
+    def params(self) -> list[Tensor]:
+        out: list[Tensor] = []
+        for layer in self.layers:
+            out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+            if self.bottleneck:
+                out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+        return out
+
+
+def _bn1_affine(invstd: Tensor, mean: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """BN1 of one layer as ``prefix * scale + shift`` (per channel)."""
+    scale = weight * invstd
+    return scale, bias - mean * scale
+
+
+def _chunk_stats(b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor, eps: float) -> None:
+    """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices."""
+    v, mu = torch.var_mean(b2[:, lo:hi], dim=0, correction=0)
+    mean[lo:hi] = mu
+    var[lo:hi] = v
+    invstd[lo:hi] = torch.rsqrt(v + eps)
+
+
+def _block_forward(
+    spec: _Block, x: Tensor, params: Sequence[Tensor], save: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Any]]:
+    """Training-mode forward (batch statistics). Returns the (M, C) buffer, the per-channel batch
+    mean and inverse std, the per-channel biased variance and, if ``save``, per-layer saved tensors."""
+    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
+    buf = x.new_empty(n, h, w, spec.c)
+    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    b2 = buf.view(m, spec.c)
+    mean = x.new_empty(spec.c)
+    var = x.new_empty(spec.c)
+    invstd = x.new_empty(spec.c)
+    _chunk_stats(b2, 0, c0, mean, var, invstd, spec.eps)
+    per = 6 if spec.bottleneck else 3
+    saved: list[Any] = []
+    for i, layer in enumerate(spec.layers):
+        c = layer.in_channels
+        p = params[per * i : per * (i + 1)]
+        _update_running(layer.norm1, mean[:c], var[:c], m)
+        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+        t = torch.addcmul(shift, b2[:, :c], scale).relu_()
+        if spec.bottleneck:
+            z = t @ p[2].view(-1, c).t()
+            norm2 = layer.norm2
+            f = _bn_factor(norm2)
+            z4 = _nchw(z, n, h, w)
+            u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
+            r = u.relu_()
+            o = F.conv2d(r, p[5], padding=1)
+            if save:
+                saved.append((m2, s2) if spec.memory_efficient else (m2, s2, z4, r))
+        else:
+            o = F.conv2d(_nchw(t, n, h, w), p[2], padding=1)
+        lo, hi = c, c + k
+        b2[:, lo:hi].copy_(_rows(o))
+        _chunk_stats(b2, lo, hi, mean, var, invstd, spec.eps)
+    return b2, mean, invstd, var, saved
+
+
+def _block_backward(
+    spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """Gradients of the block input and of every parameter, walking the layers in reverse."""
+    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
+    # direct gradient of the buffer (a copy: it is updated in place into the final gradient)
+    gd = grad.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(m, spec.c)
+    gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
+    per = 6 if spec.bottleneck else 3
+    grads: list[Tensor] = [torch.empty(0)] * len(params)
+
+    def finish(lo: int, hi: int) -> Tensor:
+        """Final gradient of buffer channels [lo, hi): direct + BN normalisation backward of gw."""
+        g_bn = _aten.native_batch_norm_backward(
+            _nchw(gw[:, lo:hi], n, h, w), _nchw(b2[:, lo:hi], n, h, w), None, None, None,
+            mean[lo:hi], invstd[lo:hi], True, spec.eps, [True, False, False])[0]
+        out = gd[:, lo:hi]
+        out.add_(_rows(g_bn))
+        return out
+
+    for i in reversed(range(len(spec.layers))):
+        layer = spec.layers[i]
+        c = layer.in_channels
+        p = params[per * i : per * (i + 1)]
+        g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
+        g_o = _nchw(g_o, n, h, w)
+        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+        prefix = b2[:, :c]
+        t = torch.addcmul(shift, prefix, scale).relu_()
+        if spec.bottleneck:
+            norm2 = layer.norm2
+            if spec.memory_efficient:
+                m2, s2 = saved[i]
+                z = t @ p[2].view(-1, c).t()
+                sc2 = p[3] * s2
+                r = torch.addcmul(p[4] - m2 * sc2, z, sc2).relu_()
+                z4, r4 = _nchw(z, n, h, w), _nchw(r, n, h, w)
+            else:
+                m2, s2, z4, r4 = saved[i]
+            g_r, g_w2, _ = _aten.convolution_backward(
+                g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            g_u = _aten.threshold_backward(g_r, r4, 0)
+            g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
+                g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
+            g_z = _rows(g_z)
+            g_w1 = (g_z.t() @ t).view_as(p[2])
+            g_t = g_z @ p[2].view(-1, c)
+            grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
+        else:
+            g_t4, g_w1, _ = _aten.convolution_backward(
+                g_o, _nchw(t, n, h, w), p[2], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            g_t = _rows(g_t4)
+            if not g_t.is_contiguous():
+                g_t = g_t.contiguous()
+        g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
+        g_b1 = g_a.sum(0)
+        gw[:, :c].addcmul_(g_a, p[0])
+        g_a.mul_(prefix)
+        g_w1n = (g_a.sum(0) - mean[:c] * g_b1) * invstd[:c]
+        grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
+    g_x = finish(0, c0)
+    return _nchw(g_x, n, h, w), grads
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, spec: _Block, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        b2, mean, invstd, _, saved = _block_forward(spec, x, params, save=True)
+        ctx.spec, ctx.saved = spec, saved
+        ctx.save_for_backward(b2, mean, invstd, *params)
+        return _nchw(b2, spec.n, spec.h, spec.w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        b2, mean, invstd, *params = ctx.saved_tensors
+        g_x, grads = _block_backward(ctx.spec, b2, mean, invstd, params, ctx.saved, grad)
+        ctx.saved = None
+        return (None, g_x, *grads)
+
+
+def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
+    """Eval-mode forward without autograd: running statistics, BN2 folded into the 1x1 convolution."""
+    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
+    buf = x.new_empty(n, h, w, spec.c)
+    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    b2 = buf.view(m, spec.c)
+    for layer in spec.layers:
+        c = layer.in_channels
+        n1 = layer.norm1
+        scale = n1.weight * torch.rsqrt(n1.running_var + n1.eps)
+        t = torch.addcmul(n1.bias - n1.running_mean * scale, b2[:, :c], scale).relu_()
+        if spec.bottleneck:
+            n2 = layer.norm2
+            s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
+            w1 = layer.conv1.weight.view(-1, c) * s2[:, None]
+            r = torch.addmm(n2.bias - n2.running_mean * s2, t, w1.t()).relu_()
+            o = F.conv2d(_nchw(r, n, h, w), layer.conv2.weight, padding=1)
+        else:
+            o = F.conv2d(_nchw(t, n, h, w), layer.conv1.weight, padding=1)
+        b2[:, c : c + k].copy_(_rows(o))
+    return _nchw(b2, n, h, w)
+
+
+def fast_block_forward(block: "DenseBlock", x: Tensor, memory_efficient: bool = False) -> Tensor:
+    """Run ``block`` on x (N, C_in, H, W) with the shared buffer; returns (N, C_out, H, W), channels_last.
+
+    Call only when ``can_use_fast_block(block, x)``.
+    """
+    spec = _Block(block, x, memory_efficient)
+    if not block.training:
+        with torch.no_grad():
+            return _inference_forward(spec, x)
+    params = spec.params()
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _DenseBlockFunction.apply(spec, x, *params)
+    with torch.no_grad():
+        b2, *_ = _block_forward(spec, x, params, save=False)
+    return _nchw(b2, spec.n, spec.h, spec.w)
