@@ -26,21 +26,25 @@ _ALLOWED = {
 _PLAIN = (dict, list, tuple, bytes, bytearray, str, int, float, bool, type(None), np.ndarray, np.generic)
 
 
+class _Refused(pickle.UnpicklingError):
+    """Something other than plain data (as opposed to a damaged stream)."""
+
+
 class _Restricted(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+            raise _Refused(f"refused global {module}.{name}")
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refused persistent id")
+        raise _Refused("refused persistent id")
 
 
 def _check(obj: Any, depth: int = 0) -> None:
     if depth > 50 or not isinstance(obj, _PLAIN):
-        raise pickle.UnpicklingError(f"refused object of type {type(obj).__name__}")
+        raise _Refused(f"refused object of type {type(obj).__name__}")
     if isinstance(obj, (np.ndarray, np.generic)) and obj.dtype.hasobject:
-        raise pickle.UnpicklingError("refused numpy array of Python objects")
+        raise _Refused("refused numpy array of Python objects")
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check(k, depth + 1)
@@ -58,7 +62,7 @@ def safe_loads(data: bytes, name: str) -> Any:
     try:
         obj = _Restricted(io.BytesIO(data), encoding="bytes").load()
         _check(obj)
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{name}: refused: the pickle holds something other than plain data ({e})") from None
     except Exception as e:  # truncated streams raise EOFError, ValueError, KeyError, ...
         raise DataError(f"{name}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None

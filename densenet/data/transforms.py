@@ -90,7 +90,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 def _to_chw(im: Image.Image) -> np.ndarray:
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))  # a writable copy
 
 
 def train_image(im: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
