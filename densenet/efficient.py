@@ -192,6 +192,9 @@ def _block_backward(
     # direct gradient of the buffer (a copy: it is updated in place into the final gradient)
     gd = grad.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(m, spec.c)
     gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
+    # the normalised buffer, once per block: x_hat enters BN1's weight gradient (computing that as
+    # sum(g * x) - mean * sum(g) instead would lose precision when |mean| >> std)
+    xhat = (b2 - mean).mul_(invstd)
     per = 6 if spec.bottleneck else 3
     grads: list[Tensor] = [torch.empty(0)] * len(params)
 
@@ -210,9 +213,8 @@ def _block_backward(
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
         g_o = _nchw(g_o, n, h, w)
-        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
-        prefix = b2[:, :c]
-        t = torch.addcmul(shift, prefix, scale).relu_()
+        prefix = xhat[:, :c]
+        t = torch.addcmul(p[1], prefix, p[0]).relu_()
         if spec.bottleneck:
             norm2 = layer.norm2
             if spec.memory_efficient:
@@ -241,8 +243,7 @@ def _block_backward(
         g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
         g_b1 = g_a.sum(0)
         gw[:, :c].addcmul_(g_a, p[0])
-        g_a.mul_(prefix)
-        g_w1n = (g_a.sum(0) - mean[:c] * g_b1) * invstd[:c]
+        g_w1n = g_a.mul_(prefix).sum(0)
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
     return _nchw(g_x, n, h, w), grads
@@ -252,15 +253,21 @@ class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: _Block, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
         b2, mean, invstd, _, saved = _block_forward(spec, x, params, save=True)
-        ctx.spec, ctx.saved = spec, saved
-        ctx.save_for_backward(b2, mean, invstd, *params)
+        ctx.spec = spec
+        ctx.per_layer = len(saved[0]) if saved else 0
+        # everything goes through save_for_backward (visible to saved_tensors_hooks, checked for in-place changes)
+        ctx.save_for_backward(b2, mean, invstd, *params, *[t for layer in saved for t in layer])
         return _nchw(b2, spec.n, spec.h, spec.w)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        b2, mean, invstd, *params = ctx.saved_tensors
-        g_x, grads = _block_backward(ctx.spec, b2, mean, invstd, params, ctx.saved, grad)
-        ctx.saved = None
+        b2, mean, invstd, *rest = ctx.saved_tensors
+        spec: _Block = ctx.spec
+        n_params = len(rest) - ctx.per_layer * (len(spec.layers) if ctx.per_layer else 0)
+        params, flat = rest[:n_params], rest[n_params:]
+        per = ctx.per_layer
+        saved = [tuple(flat[per * i : per * (i + 1)]) for i in range(len(spec.layers))] if per else []
+        g_x, grads = _block_backward(spec, b2, mean, invstd, params, saved, grad)
         return (None, g_x, *grads)
 
 

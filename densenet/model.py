@@ -341,7 +341,9 @@ class DenseNet(nn.Module):
         """(N, in_channels, H, W) -> last feature map after the final BN-ReLU, (N, num_features, h, w)."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
-        if self.fast or self.memory_efficient:
+        if (self.fast or self.memory_efficient) and not (self.training and self.drop_rate > 0):
+            # channels_last suits the shared-buffer blocks; with dropout in training the blocks run
+            # layer by layer, kept in NCHW so that dropout masks match the reference bit for bit
             x = x.contiguous(memory_format=torch.channels_last)
         return self.features(x)
 

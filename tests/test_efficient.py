@@ -1,0 +1,259 @@
+"""Shared-buffer dense blocks (fast and memory-efficient modes) against the layer-by-layer reference:
+outputs, gradients, running statistics, fall-backs (dropout, hooks, eval with gradients) and
+activation memory linear in depth."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densenet import DenseBlock, DenseNet, create_model
+from densenet.efficient import can_use_fast_block
+
+torch.set_num_threads(2)
+
+MODES = {"fast": dict(fast=True), "memory_efficient": dict(memory_efficient=True), "both": dict(fast=True, memory_efficient=True)}
+
+
+def set_mode(model: nn.Module, fast: bool = False, memory_efficient: bool = False) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, (DenseNet, DenseBlock)):
+            m.fast, m.memory_efficient = fast, memory_efficient
+    return model
+
+
+def pair(mode: str, dtype=torch.float64, **kw):
+    """A reference model (fast=False) with random BN affine/statistics and a copy in ``mode``."""
+    args = dict(growth_rate=4, block_config=(2, 3, 2), num_classes=5)
+    ref = DenseNet(**{**args, **kw}, fast=False).to(dtype)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()  # some negative weights: exercises every sign in BN backward
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return ref, set_mode(copy.deepcopy(ref), **MODES[mode])
+
+
+def compare(ref, other, x, rtol):
+    """Run one forward/backward on both; compare outputs, input and parameter gradients, buffers."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, out2 = ref(x1), other(x2)
+    torch.testing.assert_close(out2, out1, rtol=rtol, atol=rtol)
+    g = torch.randn_like(out1)
+    out1.backward(g)
+    out2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol, atol=rtol * x1.grad.abs().max().item())
+    for (name, p1), (_, p2) in zip(ref.named_parameters(), other.named_parameters()):
+        scale = p1.grad.abs().max().item()
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=rtol, atol=rtol * scale, msg=name)
+    for (name, b1), (_, b2) in zip(ref.named_buffers(), other.named_buffers()):
+        torch.testing.assert_close(b2, b1, rtol=rtol, atol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("bottleneck", [True, False])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_same_outputs_gradients_and_statistics_float64(mode, bottleneck, stem):
+    torch.manual_seed(0)
+    ref, other = pair(mode, bottleneck=bottleneck, stem=stem)
+    x = torch.randn(3, 3, 32 if stem == "imagenet" else 12, 32 if stem == "imagenet" else 12, dtype=torch.float64)
+    compare(ref.train(), other.train(), x, rtol=1e-10)
+    compare(ref, other, x, rtol=1e-10)  # a second step: running statistics keep agreeing
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), ref.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_float32_relative_difference_below_1e5(mode):
+    """fp32, the paper's initialisation: every output and gradient within 1e-5 (relative, in norm; all parameter
+    gradients as one vector)
+    of the layer-by-layer reference; memory-efficient and standard fast modes agree to 1e-6.
+    (With random BN affine weights, PyTorch's own channels_last kernels alone move the reference's
+    fp32 gradients by up to ~5e-5 from fp64, so that case is checked in fp64 above.)"""
+    torch.manual_seed(1)
+    ref = DenseNet(growth_rate=6, block_config=(4, 4), num_classes=5, fast=False)
+    fast, lean = set_mode(copy.deepcopy(ref), fast=True), set_mode(copy.deepcopy(ref), **MODES[mode])
+    x = torch.randn(4, 3, 16, 16)
+    results = []
+    for model in (ref, fast, lean):
+        xx = x.clone().requires_grad_()
+        out = model.train()(xx)
+        out.backward(torch.ones_like(out))
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append([out, xx.grad, grads] + list(model.buffers()))
+    for r, f, m in zip(*results):
+        assert rel(f, r) < 1e-5 and rel(m, r) < 1e-5 and rel(m, f) < 1e-6
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_batch_size_one(mode):
+    torch.manual_seed(2)
+    ref, other = pair(mode)
+    compare(ref.train(), other.train(), torch.randn(1, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_running_statistics_updated_exactly_once_per_step(mode):
+    torch.manual_seed(3)
+    ref, other = pair(mode)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    other.train()(x).sum().backward()
+    ref.train()(x).sum().backward()
+    for (name, b), (_, b_ref) in zip(other.named_buffers(), ref.named_buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert b.item() == 1, name
+        torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_cumulative_average_momentum_none():
+    torch.manual_seed(4)
+    ref, other = pair("memory_efficient")
+    for model in (ref, other):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+    for _ in range(3):
+        compare(ref.train(), other.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_no_grad_in_training_and_eval(mode):
+    torch.manual_seed(5)
+    ref, other = pair(mode)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.train()(x), ref.train()(x), rtol=1e-10, atol=1e-10)
+        for b, b_ref in zip(other.buffers(), ref.buffers()):
+            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(other.eval()(x), ref.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_eval_mode_with_gradients(mode):
+    """Eval mode with gradients (e.g. saliency maps) uses running statistics and gives the same gradients."""
+    torch.manual_seed(6)
+    ref, other = pair(mode)
+    compare(ref.eval(), other.eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_dropout_falls_back_to_the_reference_path(mode, monkeypatch):
+    torch.manual_seed(7)
+    ref, other = pair(mode, drop_rate=0.3)
+    block = other.features.denseblock1
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert not can_use_fast_block(block.train(), torch.randn(2, 8, 8, 8))
+    with torch.no_grad():
+        assert can_use_fast_block(block.eval(), torch.randn(2, 8, 8, 8))  # dropout is the identity in eval
+    torch.manual_seed(8)
+    out_ref = ref.train()(x)
+    torch.manual_seed(8)
+    out = other.train()(x)
+    torch.testing.assert_close(out, out_ref)
+    calls = []
+    real = F.dropout
+    monkeypatch.setattr(F, "dropout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other(x)
+    assert len(calls) == 7 * 2 + 2
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_hooks(mode):
+    """Hooks on the model, blocks and transitions see the fast path; a hook inside a block makes
+    that block run layer by layer so the hook sees what it expects."""
+    torch.manual_seed(9)
+    ref, other = pair(mode)
+    seen = []
+    other.features.denseblock2.register_forward_hook(lambda m, i, o: seen.append(("block", o.shape)))
+    other.features.relu5.register_full_backward_hook(lambda m, gi, go: seen.append(("relu5", go[0].shape)))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert can_use_fast_block(other.features.denseblock2, torch.randn(2, 8, 4, 4))
+    compare(ref.train(), other.train(), x, rtol=1e-10)
+    assert [s[0] for s in seen] == ["block", "relu5"]
+    inner = []
+    handle = other.features.denseblock1.denselayer2.norm1.register_forward_hook(lambda m, i, o: inner.append(o.shape))
+    assert not can_use_fast_block(other.features.denseblock1, torch.randn(2, 8, 8, 8))
+    compare(ref, other, x, rtol=1e-10)
+    assert inner == [(2, 12, 8, 8)]
+    handle.remove()
+    assert can_use_fast_block(other.features.denseblock1, torch.randn(2, 8, 8, 8))
+
+
+def test_modes_keep_state_dict_keys_and_config():
+    plain = create_model("densenet_bc100_k12")
+    lean = create_model("densenet_bc100_k12", memory_efficient=True)
+    ref = create_model("densenet_bc100_k12", fast=False)
+    assert list(plain.state_dict()) == list(lean.state_dict()) == list(ref.state_dict())
+    lean.load_state_dict(ref.state_dict())
+    assert lean.config()["memory_efficient"] is True and plain.config()["memory_efficient"] is False
+    assert ref.config()["fast"] is False and plain.config()["fast"] is True
+    again = DenseNet(**lean.config())
+    assert again.config() == lean.config()
+    assert all(b.memory_efficient for b in again.modules() if isinstance(b, DenseBlock))
+
+
+def test_channels_last_and_non_contiguous_input():
+    torch.manual_seed(10)
+    ref, other = pair("fast")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    compare(ref.train(), other.train(), x.contiguous(memory_format=torch.channels_last), rtol=1e-10)
+    compare(ref, other, torch.randn(2, 3, 8, 16, dtype=torch.float64)[..., ::2], rtol=1e-10)
+
+
+def test_frozen_parameters():
+    torch.manual_seed(11)
+    ref, other = pair("memory_efficient")
+    for model in (ref, other):
+        for name, p in model.named_parameters():
+            p.requires_grad_("denseblock2" not in name)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    other.train()(x).sum().backward()
+    ref.train()(x).sum().backward()
+    for (name, p), (_, p_ref) in zip(other.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (p_ref.grad is None) == ("denseblock2" in name)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct tensors autograd keeps for backward of ``block(x)`` (parameters excluded)."""
+    params = {p.data_ptr() for p in block.parameters()}
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.untyped_storage().data_ptr() not in params:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_memory_efficient_saved_activations_grow_linearly_with_depth(bottleneck):
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    depths = [4, 8, 16, 32]
+
+    def sizes(**mode):
+        return [saved_bytes(DenseBlock(L, 8, 4, bottleneck, **mode).train(), x) for L in depths]
+
+    lean, fast, ref = sizes(memory_efficient=True), sizes(fast=True), sizes(fast=False)
+    # exactly linear: equal increments per added layer when depth doubles
+    per_layer = [(b - a) / (d2 - d1) for a, b, d1, d2 in zip(lean, lean[1:], depths, depths[1:])]
+    assert max(per_layer) == pytest.approx(min(per_layer), rel=1e-6), lean
+    per_layer_fast = [(b - a) / (d2 - d1) for a, b, d1, d2 in zip(fast, fast[1:], depths, depths[1:])]
+    assert max(per_layer_fast) == pytest.approx(min(per_layer_fast), rel=1e-6), fast
+    # the reference keeps the concatenated input of every layer: quadratic growth
+    ref_per_layer = [(b - a) / (d2 - d1) for a, b, d1, d2 in zip(ref, ref[1:], depths, depths[1:])]
+    assert ref_per_layer == sorted(ref_per_layer) and ref_per_layer[-1] > 2 * ref_per_layer[0]
+    assert lean[-1] * 4 < fast[-1] or not bottleneck
+    assert lean[-1] * 8 < ref[-1]
