@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -252,32 +252,33 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
                            desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True, file=sys.stderr)
                 t0 = time.perf_counter()
                 seconds_before = acc["seconds"]
-                for step, (images, labels) in enumerate(data.train.batches(epoch, start=step0), start=step0):
-                    images = images.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    logits = model(images)
-                    loss = F.cross_entropy(logits, labels)
-                    if not torch.isfinite(loss):
-                        raise TrainingStopped(
-                            f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: the run "
-                            f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    n = labels.numel()
-                    acc["loss"] += float(loss) * n
-                    acc["correct"] += topk_correct(logits.detach(), labels, (1,))[0]
-                    acc["seen"] += n
-                    elapsed = seconds_before + time.perf_counter() - t0
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{acc['loss'] / acc['seen']:.3f}", err=f"{100 * (1 - acc['correct'] / acc['seen']):.1f}%",
-                                    lr=f"{lr:g}", img_s=f"{acc['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
-                    last = step + 1 == data.train.num_batches
-                    if not last and (stop["signal"] or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
-                        snapshot(epoch, step + 1, {**acc, "seconds": elapsed})
-                    if stop["signal"] and not last:
-                        raise TrainingStopped(f"stopped by signal {stop['signal']} at epoch {epoch + 1}, step {step + 1}; "
-                                              f"checkpoint written; continue with: densenet train --resume {out}", 128 + stop["signal"])
+                with closing(data.train.batches(epoch, start=step0)) as batches:
+                    for step, (images, labels) in enumerate(batches, start=step0):
+                        images = images.to(device, non_blocking=True)
+                        labels = labels.to(device, non_blocking=True)
+                        logits = model(images)
+                        loss = F.cross_entropy(logits, labels)
+                        if not torch.isfinite(loss):
+                            raise TrainingStopped(
+                                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: the run "
+                                f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        n = labels.numel()
+                        acc["loss"] += float(loss.detach()) * n
+                        acc["correct"] += topk_correct(logits.detach(), labels, (1,))[0]
+                        acc["seen"] += n
+                        elapsed = seconds_before + time.perf_counter() - t0
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{acc['loss'] / acc['seen']:.3f}", err=f"{100 * (1 - acc['correct'] / acc['seen']):.1f}%",
+                                        lr=f"{lr:g}", img_s=f"{acc['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                        last = step + 1 == data.train.num_batches
+                        if not last and (stop["signal"] or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+                            snapshot(epoch, step + 1, {**acc, "seconds": elapsed})
+                        if stop["signal"] and not last:
+                            raise TrainingStopped(f"stopped by signal {stop['signal']} at epoch {epoch + 1}, step {step + 1}; "
+                                                  f"checkpoint written; continue with: densenet train --resume {out}", 128 + stop["signal"])
                 bar.close()
                 seconds = seconds_before + time.perf_counter() - t0
                 row = {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),

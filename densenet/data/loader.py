@@ -83,20 +83,24 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
     stop = threading.Event()
     done = object()
 
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer has gone (never blocks past ``stop``)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def work() -> None:
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
