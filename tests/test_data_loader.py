@@ -36,18 +36,18 @@ def same(a, b) -> bool:
 def test_pad_crop_flip_matches_a_per_image_reference():
     x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
     dy, dx, flip = crop_flip_params(300, 4, generator(1, 2, 3))
-    out = pad_crop_flip(x, dy, dx, flip)
+    out = torch.from_numpy(pad_crop_flip(x.numpy(), dy, dx, flip))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(300):
         ref = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
         assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
-    assert out.dtype == torch.uint8
+    assert out.dtype == torch.uint8 and out.shape == x.shape
     assert set(dy.tolist()) == set(range(9)) and set(dx.tolist()) == set(range(9))  # offsets 0..8: +-4 pixels
     assert 100 < int(flip.sum()) < 200  # p = 0.5
     # zero padding is visible where the crop leaves the image
-    corner = pad_crop_flip(torch.full((1, 3, 32, 32), 200, dtype=torch.uint8), torch.tensor([0]), torch.tensor([0]),
-                           torch.tensor([False]))
-    assert corner[0, :, :4, :].eq(0).all() and corner[0, :, 4:, 4:].eq(200).all()
+    corner = pad_crop_flip(np.full((1, 3, 32, 32), 200, np.uint8), np.array([0]), np.array([0]), np.array([False]))
+    assert (corner[0, :, :4, :] == 0).all() and (corner[0, :, 4:, 4:] == 200).all()
+    assert (pad_crop_flip(x.numpy(), np.full(300, 4), np.full(300, 4), np.zeros(300, bool)) == x.numpy()).all()
 
 
 def test_normalize_is_per_channel_float32():

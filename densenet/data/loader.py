@@ -75,7 +75,7 @@ class _Base:
 
 
 def _prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run ``it`` in a background thread, ``depth`` items ahead (torch ops release the GIL)."""
+    """Run ``it`` in a background thread, ``depth`` items ahead (numpy's copies release the GIL)."""
     if depth <= 0:
         yield from it
         return
@@ -131,8 +131,8 @@ class ArrayLoader(_Base):
     def _batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for i, idx, part in self._plan(epoch, start, rank, world_size):
             mine = idx[part]
-            x = torch.from_numpy(self.x[mine])
-            if self.augment:
+            x = self.x[mine]  # (n, 3, 32, 32) uint8 copy, from memory or the memory-mapped cache
+            if self.augment:  # parameters drawn for the global batch, so shards and resumes agree
                 dy, dx, flip = crop_flip_params(len(idx), 4, generator(self.seed, _AUGMENT, epoch, i))
                 x = pad_crop_flip(x, dy[part], dx[part], flip[part])
             yield normalize(x, self.mean, self.std), torch.from_numpy(self.y[mine])

@@ -26,35 +26,41 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
-def crop_flip_params(n: int, pad: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def crop_flip_params(n: int, pad: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random (dy, dx) offsets in [0, 2*pad] and flip flags for ``n`` images; shapes (n,), (n,), (n,) bool."""
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).numpy()
+    flip = (torch.rand(n, generator=gen) < 0.5).numpy()
     return offsets[0], offsets[1], flip
 
 
-def pad_crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+def pad_crop_flip(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarray, pad: int = 4) -> np.ndarray:
     """Zero-pad by ``pad`` pixels, crop back to (H, W) at offsets (dy, dx), mirror where ``flip``.
 
-    ``x``: (N, C, H, W), any dtype (uint8 here); one gather for the whole batch, no per-image loop.
-    Returns a new (N, C, H, W) tensor of the same dtype.
+    ``x``: (N, C, H, W) uint8. The whole batch at once: every crop is a window of one padded buffer,
+    gathered by one indexing operation. Plain numpy, single-threaded on purpose: torch's intra-op
+    threads collapse (100x slower) when the cores are busy with the model or other processes.
+    Returns a new (N, C, H, W) array.
     """
+    x = np.asarray(x)
     n, c, h, w = x.shape
-    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    ar_h, ar_w = torch.arange(h), torch.arange(w)
-    rows = dy[:, None] + ar_h  # (N, H)
-    cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (N, W), reversed when flipped
-    wp = w + 2 * pad
-    flat = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
-    return xp.reshape(n, c, -1).gather(2, flat).reshape(n, c, h, w)
+    xp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), x.dtype)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (h, w), axis=(2, 3))  # (N, C, 2p+1, 2p+1, H, W) view
+    out = windows[np.arange(n), :, np.asarray(dy), np.asarray(dx)]  # (N, C, H, W) copy
+    flip = np.asarray(flip, bool)
+    out[flip] = out[flip, :, :, ::-1]
+    return out
 
 
-def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """uint8 (N, C, H, W) or (N, K, C, H, W) pixels -> float32 ``(x / 255 - mean) / std`` per channel."""
-    scale = torch.tensor([1 / (255 * s) for s in std], dtype=torch.float32)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-    shape = (-1, 1, 1)
-    return torch.addcmul(shift.view(shape), x.to(torch.float32), scale.view(shape))
+def normalize(x: np.ndarray | Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (N, C, H, W) or (N, K, C, H, W) pixels -> float32 tensor ``(x / 255 - mean) / std`` per channel
+    (computed in numpy, single-threaded, like :func:`pad_crop_flip`)."""
+    x = x.numpy() if isinstance(x, Tensor) else np.asarray(x)
+    scale = np.array([1 / (255 * s) for s in std], np.float32).reshape(-1, 1, 1)
+    shift = np.array([-m / s for m, s in zip(mean, std)], np.float32).reshape(-1, 1, 1)
+    out = np.multiply(x, scale, dtype=np.float32)
+    out += shift
+    return torch.from_numpy(out)
 
 
 # ------------------------------------------------------------------ per-image (image folders, ImageNet)
