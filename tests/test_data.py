@@ -548,3 +548,18 @@ def test_shared_zip_imported_into_cache(tmp_path):
     np.testing.assert_array_equal(data.test.x[3 * 1000 + 7], ref)
     again = build_data("cifar10", SHARED_ZIP, cache_dir=tmp_path)  # from the cache now
     assert len(list(tmp_path.iterdir())) == 1 and again.test.num_images == 10_000
+
+
+@need_shared
+def test_bundled_sample_is_the_first_images_of_the_shared_zip(tmp_path):
+    from densenet.data.make_sample import make_sample
+
+    with zipfile.ZipFile(build_mod.SAMPLE_PATH) as s, zipfile.ZipFile(SHARED_ZIP) as z:
+        names = s.namelist()
+        assert len(names) == 1200
+        assert {n.rsplit("/", 1)[-1] for n in names if n.startswith("train/")} == {f"{i:04d}.jpg" for i in range(100)}
+        assert {n.rsplit("/", 1)[-1] for n in names if n.startswith("test/")} == {f"{i:04d}.jpg" for i in range(20)}
+        for n in names[::37]:
+            assert s.read(n) == z.read(n)
+    rebuilt = make_sample(SHARED_ZIP, tmp_path / "s.zip")  # the committed file is what the script makes
+    assert rebuilt.read_bytes() == build_mod.SAMPLE_PATH.read_bytes()
