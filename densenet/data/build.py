@@ -13,7 +13,7 @@ import numpy as np
 from .cache import cache_path, load_arrays, save_arrays
 from .cifar import LAYOUTS, find_cifar, read_cifar, read_image_tree_32
 from .download import RESOURCES, download as download_files, missing_message
-from .errors import DataError
+from .errors import DataError, DataNotFound
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree
 from .loader import ArrayLoader, FolderLoader
 from .svhn import find_svhn, read_svhn
@@ -106,10 +106,8 @@ def _array_source(base: str, root, *, cache_dir, skip_bad_images: bool, max_pixe
                 sources = [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
             else:
                 sources = [path]
-    except DataError as e:
-        if "no such file" in str(e) or "missing" in str(e) or "no " in str(e)[:40]:
-            raise DataError(f"{e}. {missing_message(base, root)}") from None
-        raise
+    except DataNotFound as e:
+        raise DataNotFound(f"{e}. {missing_message(base, root)}") from None
     kind = f"{base}-{form}" + ("-skipbad" if skip_bad_images and form == "images" else "")
     cpath = cache_path(kind, sources, cache_dir)
     if cpath.is_file():

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .archive import is_tar, is_zip, iter_tar_files
-from .errors import DataError
+from .errors import DataError, DataNotFound
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image, scan_tree
 from .safe_pickle import safe_loads
 
@@ -206,7 +206,7 @@ def find_cifar(kind: str, root: str | os.PathLike) -> tuple[str, Path]:
             return "archive", root
         raise DataError(f"{root}: neither a tar archive (the official {kind} release) nor a zip of image folders")
     if not root.exists():
-        raise DataError(f"{root}: no such file or directory")
+        raise DataNotFound(f"{root}: no such file or directory")
     candidates: list[tuple[str, Path]] = []
     for fmt, (folder, *_rest, archive) in LAYOUTS[kind].items():
         first = _needed(kind, fmt)[0]
@@ -219,7 +219,7 @@ def find_cifar(kind: str, root: str | os.PathLike) -> tuple[str, Path]:
     if kind == "cifar10" and (root / "cifar10-jpeg.zip").is_file():
         return "images", root / "cifar10-jpeg.zip"
     layouts = LAYOUTS[kind]
-    raise DataError(
+    raise DataNotFound(
         f"no {kind} data in {root}. Expected one of: "
         + "; ".join(f"{v[4]} (the official {f} release) or its extracted folder {v[0]}/ with {', '.join(_needed(kind, f))}"
                     for f, v in layouts.items())

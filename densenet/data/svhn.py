@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from .errors import DataError
+from .errors import DataError, DataNotFound
 
 __all__ = ["SVHN_FILES", "read_svhn_mat", "find_svhn", "read_svhn"]
 
@@ -45,14 +45,14 @@ def find_svhn(root: str | os.PathLike, splits: tuple[str, ...] = ("train", "extr
     listing the expected files when any is missing."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root}: SVHN is read from a directory holding {', '.join(SVHN_FILES[s] for s in splits)}")
+        raise DataNotFound(f"{root}: SVHN is read from a directory holding {', '.join(SVHN_FILES[s] for s in splits)}")
     for d in (root, root / "svhn", root / "SVHN"):
         found = {s: d / SVHN_FILES[s] for s in splits if (d / SVHN_FILES[s]).is_file()}
         if len(found) == len(splits):
             return found
     found = {s: root / SVHN_FILES[s] for s in splits if (root / SVHN_FILES[s]).is_file()}
     missing = [SVHN_FILES[s] for s in splits if s not in found]
-    raise DataError(f"{root}: missing {', '.join(missing)}; SVHN (format 2, cropped digits) needs "
+    raise DataNotFound(f"{root}: missing {', '.join(missing)}; SVHN (format 2, cropped digits) needs "
                     f"{', '.join(SVHN_FILES[s] for s in splits)} from http://ufldl.stanford.edu/housenumbers/ in this folder")
 
 
