@@ -386,9 +386,9 @@ def test_download_verifies_md5_offline_message(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(DataError, match="offline\\? put cifar-10-python.tar.gz from https://example.invalid/c10.tgz .* in"):
+    with pytest.raises(DataError, match="offline\\? Put cifar-10-python.tar.gz from https://example.invalid/c10.tgz .* in"):
         build_data("cifar10+", tmp_path / "dl3", download=True)
-    with pytest.raises(DataError, match="cannot be downloaded: put the ImageNet"):
+    with pytest.raises(DataError, match="cannot be downloaded: Put the ImageNet"):
         download("imagenet", tmp_path)
 
 

@@ -45,10 +45,10 @@ def missing_message(name: str, root: str | os.PathLike) -> str:
     """What to download and where to put it, for dataset ``name`` (e.g. ``"cifar10"``)."""
     base = name.rstrip("+")
     if base not in RESOURCES:
-        return (f"put the ImageNet (ILSVRC 2012) train/ and val/ folders, one subfolder per class, in {root} "
+        return (f"Put the ImageNet (ILSVRC 2012) train/ and val/ folders, one subfolder per class, in {root} "
                 "(it cannot be downloaded automatically)")
     files = "; ".join(f"{f} from {u} (md5 {m})" for f, u, m in RESOURCES[base])
-    return f"put {files} in {root}, or pass download=True on a machine that is online"
+    return f"Put {files} in {root}, or pass download=True on a machine that is online"
 
 
 def download(name: str, root: str | os.PathLike, timeout: float = 60.0) -> list[Path]:
