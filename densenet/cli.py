@@ -69,6 +69,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "test_subset": "evaluate on this many test images, chosen by the seed",
         "init": "start from this project's checkpoint or a torchvision DenseNet state dict",
         "freeze_features": "train the classifier only",
+        "download": "download missing official CIFAR/SVHN files (MD5-checked); needs internet",
+        "image_size": "image side in pixels for folder datasets (default 224)",
         "deterministic": "deterministic algorithms (bit-identical reruns and resumes)",
         "device": "auto (CUDA when present), cpu, cuda, cuda:N", "threads": "CPU threads",
         "workers": "data-loading worker processes (image folders)",

@@ -40,6 +40,7 @@ class TrainConfig:
     train_subset: int | None = None  # train on this many images (chosen by the seed); None: all
     test_subset: int | None = None
     image_size: int | None = None  # for "folder" datasets
+    download: bool = False  # fetch missing official CIFAR/SVHN files (MD5-checked) when online
     memory_efficient: bool = False
     init: str | None = None  # weights to start from (this project's checkpoint or a torchvision state dict)
     freeze_features: bool = False
@@ -56,7 +57,7 @@ class TrainConfig:
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
-RUNTIME_KEYS = frozenset({"out", "data", "device", "threads", "workers", "quiet", "checkpoint_every"})
+RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every"})
 
 
 def paper_recipe(dataset: str) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
     data = build_data(
         config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
         val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
-        train_subset=config.train_subset, test_subset=config.test_subset,
+        train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
     )
     model = build_model(config, data.num_classes)
     if config.init and checkpoint is None:

@@ -63,3 +63,30 @@ def test_readme_quick_start_runs_as_pasted():
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "769162" in out.stdout and "torch.Size([8, 10])" in out.stdout
+
+
+def test_every_readme_train_command_resolves_to_a_valid_run():
+    import shlex
+
+    from densenet.cli import build_parser
+    from densenet.config import resolve_config
+    from densenet.data import DATASETS
+    from densenet.paper import TABLE2, TABLE3
+
+    readme = (ROOT / "README.md").read_text()
+    commands = [c for c in re.findall(r"densenet train [^`\n|]*", readme) if "NAME" not in c and "--help" not in c]  # not the synopsis
+    assert len(commands) >= sum(e is not None for row in TABLE2.values() for e in row) + len(TABLE3)
+    seen = set()
+    for command in commands:
+        argv = shlex.split(command.split("#")[0])[1:]
+        args = build_parser().parse_args(argv)
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "force")}
+        config = resolve_config(overrides)
+        assert config.dataset in DATASETS
+        create = __import__("densenet").model_spec(config.model)
+        seen.add((config.model, config.dataset))
+        if config.dataset == "imagenet":
+            assert (config.epochs, config.batch_size) == (90, 256) and create.input_size == 224
+    for model, errors in TABLE2.items():
+        for dataset, error in zip(("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn"), errors):
+            assert error is None or (model, dataset) in seen, (model, dataset)
