@@ -1,0 +1,251 @@
+"""This project's DenseNet against torchvision's, side by side in one run.
+
+Training images/s (a real SGD step: batch statistics, cross-entropy, backward, momentum update),
+inference images/s (eval, no_grad) and peak memory above the process's RSS before the first step
+(each memory figure from a fresh subprocess), with ratios; plus achieved GFLOP/s against a
+2048^3 fp32 matrix product measured in the same run. Implementations alternate within every
+repeat and medians are reported, so ratios hold even when the machine is shared.
+
+    python bench/bench_speed.py                 # a few minutes: BC-100 train + inference, memory
+    python bench/bench_speed.py --full          # + BC-250 k=24 and DenseNet-121 training and memory
+    python bench/bench_speed.py --compile       # + torch.compile of the fast model (~5 min to compile)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from densenet import create_model  # noqa: E402
+from densenet.inference import prepare_for_inference  # noqa: E402
+
+CASES = {  # name: (model, image side, batch)
+    "bc100": ("densenet_bc100_k12", 32, 64),
+    "bc250": ("densenet_bc250_k24", 32, 64),
+    "d121": ("densenet121", 224, 16),
+}
+
+
+def torchvision_model(name: str, memory_efficient: bool = False) -> torch.nn.Module:
+    """torchvision's DenseNet classes; CIFAR models as the paper's DenseNet-BC (3x3 stem with 2k maps, 3 blocks)."""
+    if name == "densenet121":
+        return torchvision.models.densenet121(weights=None, memory_efficient=memory_efficient)
+    k = 12 if name == "densenet_bc100_k12" else 24
+    n = 16 if name == "densenet_bc100_k12" else 41
+    m = torchvision.models.DenseNet(k, (n, n, n), 2 * k, num_classes=10, memory_efficient=memory_efficient)
+    m.features.conv0 = torch.nn.Conv2d(3, 2 * k, 3, padding=1, bias=False)
+    del m.features.norm0, m.features.relu0, m.features.pool0
+    return m
+
+
+def build(impl: str, name: str) -> torch.nn.Module:
+    if impl == "tv":
+        return torchvision_model(name)
+    if impl == "tv_me":
+        return torchvision_model(name, memory_efficient=True)
+    if impl == "ours":
+        return create_model(name, num_classes=10 if "bc" in name else 1000)
+    if impl == "ours_me":
+        return create_model(name, num_classes=10 if "bc" in name else 1000, memory_efficient=True)
+    if impl == "ours_ref":
+        return create_model(name, num_classes=10 if "bc" in name else 1000, fast=False)
+    raise ValueError(impl)
+
+
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def data(name: str, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    classes = 10 if "bc" in name else 1000
+    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+
+def forward_gflop(name: str, size: int) -> float:
+    """GFLOP of one image's forward pass (torch.utils.flop_counter on the layer-by-layer form)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build("ours_ref", name).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def timed_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, calling them in turn within every repeat."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(impl: str, case: str, batch: int, steps: int) -> None:
+    """Run in a fresh process: print peak RSS above the RSS before the first training step (bytes)."""
+    torch.set_num_threads(2)
+    name, size, _ = CASES[case]
+    model = build(impl, name)
+    x, y = data(name, size, batch)
+    step = train_step_fn(model, x, y)
+    base = rss_bytes()
+    for _ in range(steps):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"above_baseline": peak - base, "peak": peak}))
+
+
+def measure_memory(impl: str, case: str, batch: int, steps: int = 2) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", impl, case, str(batch), str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--full", action="store_true", help="also BC-250 k=24 and DenseNet-121 training (slow: tens of minutes)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the fast model for training (~300 s compile)")
+    p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        impl, case, batch, steps = args.memory_child
+        memory_child(impl, case, int(batch), int(steps))
+        return
+    torch.set_num_threads(args.threads)
+    results: dict = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+                   f"torchvision {torchvision.__version__}",
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+    }
+    ceiling = matmul_gflops()
+    results["matmul_gflops"] = ceiling
+    print(f"# {results['date']}  {results['machine']}\n# fp32 2048^3 matrix product: {ceiling:.1f} GFLOP/s\n")
+
+    def report(title: str, per_s: dict[str, float], gflop_per_image: float, base: str) -> None:
+        print(f"## {title}")
+        for k, v in per_s.items():
+            gf = v * gflop_per_image
+            print(f"  {k:12s} {v:8.2f} img/s  {v / per_s[base]:5.2f}x {base}  {gf:6.1f} GFLOP/s ({gf / ceiling:4.0%} of matmul)")
+        results[title] = per_s
+
+    # ---------------------------------------------------------------- training throughput
+    train_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"], args.repeats)]
+    if args.full:
+        train_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"], 2), ("bc250", 64, ["tv_me", "ours", "ours_me"], 2),
+                        ("d121", 16, ["tv", "ours", "ours_me"], 3)]
+    for case, batch, impls, repeats in train_cases:
+        name, size, _ = CASES[case]
+        x, y = data(name, size, batch)
+        models = {impl: build(impl, name) for impl in impls}
+        sd = models[impls[0]].state_dict()
+        for m in models.values():
+            m.load_state_dict(sd)
+        fns = {impl: train_step_fn(m, x, y) for impl, m in models.items()}
+        if args.compile and case == "bc100":
+            compiled = torch.compile(build("ours", name))
+            t = time.perf_counter()
+            fns["ours_compiled"] = train_step_fn(compiled, x, y)
+            fns["ours_compiled"]()
+            print(f"  torch.compile + first step: {time.perf_counter() - t:.0f} s")
+        sec = timed_alternating(fns, repeats)
+        report(f"train {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
+               3 * forward_gflop(name, size), "tv" if "tv" in impls else impls[0])
+        del models, fns
+
+    # ---------------------------------------------------------------- inference throughput
+    for case in ("bc100", "bc250", "d121"):
+        name, size, batch = CASES[case]
+        x, _ = data(name, size, batch)
+        tv, ours = build("tv", name).eval(), build("ours", name).eval()
+        ours.load_state_dict(tv.state_dict())
+        with torch.no_grad():
+            tv.features.norm5.running_var.uniform_(0.5, 2)  # non-trivial statistics
+        ours.load_state_dict(tv.state_dict())
+        fast = prepare_for_inference(ours)
+        fns: dict[str, Callable] = {"tv": tv, "ours_eval": ours, "ours_fast": fast}
+        if not args.no_onnx:
+            fns["ours_onnx"] = prepare_for_inference(ours, "onnx", example=x[:1], threads=args.threads)
+        with torch.no_grad():
+            ref = tv(x)
+            for k, fn in fns.items():
+                err = (fn(x) - ref).abs().max().item() / ref.abs().max().item()
+                results[f"max rel diff {k} {name}"] = err
+            sec = timed_alternating({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, args.repeats)
+        report(f"inference {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
+               forward_gflop(name, size), "tv")
+        print("  max |diff| / max |logit| against torchvision:",
+              ", ".join(f"{k} {results[f'max rel diff {k} {name}']:.1e}" for k in fns))
+
+    # ---------------------------------------------------------------- memory, fresh process each
+    if not args.no_memory:
+        mem_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"]), ("bc250", 64, ["ours_me"])]
+        if args.full:
+            mem_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"]), ("bc250", 64, ["tv_me", "ours"]),
+                          ("d121", 16, ["tv", "tv_me", "ours", "ours_me"])]
+        print("## peak memory of a training step (fresh process each)")
+        for case, batch, impls in mem_cases:
+            for impl in impls:
+                r = measure_memory(impl, case, batch)
+                results[f"memory {case} batch {batch} {impl}"] = r
+                if "error" in r:
+                    print(f"  {case} batch {batch} {impl:8s} {r['error']}")
+                else:
+                    print(f"  {case} batch {batch} {impl:8s} above baseline {r['above_baseline'] / 2**30:6.2f} GiB, "
+                          f"peak RSS {r['peak'] / 2**30:6.2f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
