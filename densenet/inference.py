@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Callable
 
 import torch
@@ -56,11 +57,17 @@ def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
         if hasattr(m, "fast"):
             m.fast, m.memory_efficient = False, False
     buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks become constants: fine
+        _export(ref, example, buf, opset)
+    return buf.getvalue()
+
+
+def _export(ref: nn.Module, example: Tensor, buf: io.BytesIO, opset: int) -> None:
     torch.onnx.export(
         ref, (example,), buf, input_names=["input"], output_names=["logits"], opset_version=opset,
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
     )
-    return buf.getvalue()
 
 
 def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tensor | None = None,
