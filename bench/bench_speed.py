@@ -124,6 +124,16 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process image: VmHWM. (ru_maxrss would do in a process started from a small
+    parent, but on Linux it carries the parent's peak across fork + exec.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(impl: str, case: str, batch: int, steps: int) -> None:
     """Run in a fresh process: print peak RSS above the RSS before the first training step (bytes)."""
     torch.set_num_threads(2)
@@ -134,7 +144,7 @@ def memory_child(impl: str, case: str, batch: int, steps: int) -> None:
     base = rss_bytes()
     for _ in range(steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"above_baseline": peak - base, "peak": peak}))
 
 
@@ -152,6 +162,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full", action="store_true", help="also BC-250 k=24 and DenseNet-121 training (slow: tens of minutes)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast model for training (~300 s compile)")
     p.add_argument("--json", type=Path, help="write all results here")
@@ -180,7 +191,7 @@ def main() -> None:
         results[title] = per_s
 
     # ---------------------------------------------------------------- training throughput
-    train_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"], args.repeats)]
+    train_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"], args.repeats)] if not args.memory_only else []
     if args.full:
         train_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"], 2), ("bc250", 64, ["tv_me", "ours", "ours_me"], 2),
                         ("d121", 16, ["tv", "ours", "ours_me"], 3)]
@@ -204,7 +215,7 @@ def main() -> None:
         del models, fns
 
     # ---------------------------------------------------------------- inference throughput
-    for case in ("bc100", "bc250", "d121"):
+    for case in ("bc100", "bc250", "d121") if not args.memory_only else ():
         name, size, batch = CASES[case]
         x, _ = data(name, size, batch)
         tv, ours = build("tv", name).eval(), build("ours", name).eval()

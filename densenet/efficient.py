@@ -189,8 +189,7 @@ def _block_backward(
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of the block input and of every parameter, walking the layers in reverse."""
     n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
-    # direct gradient of the buffer (a copy: it is updated in place into the final gradient)
-    gd = grad.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(m, spec.c)
+    gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
     gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
     # the normalised buffer, once per block: x_hat enters BN1's weight gradient (computing that as
     # sum(g * x) - mean * sum(g) instead would lose precision when |mean| >> std)
@@ -203,16 +202,14 @@ def _block_backward(
         g_bn = _aten.native_batch_norm_backward(
             _nchw(gw[:, lo:hi], n, h, w), _nchw(b2[:, lo:hi], n, h, w), None, None, None,
             mean[lo:hi], invstd[lo:hi], True, spec.eps, [True, False, False])[0]
-        out = gd[:, lo:hi]
-        out.add_(_rows(g_bn))
-        return out
+        return gd[:, lo:hi] + _rows(g_bn)
 
     for i in reversed(range(len(spec.layers))):
         layer = spec.layers[i]
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
-        g_o = _nchw(g_o, n, h, w)
+        g_o = _nchw(g_o.contiguous(), n, h, w)
         prefix = xhat[:, :c]
         t = torch.addcmul(p[1], prefix, p[0]).relu_()
         if spec.bottleneck:
@@ -246,7 +243,7 @@ def _block_backward(
         g_w1n = g_a.mul_(prefix).sum(0)
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
-    return _nchw(g_x, n, h, w), grads
+    return _nchw(g_x.contiguous(), n, h, w), grads
 
 
 class _DenseBlockFunction(torch.autograd.Function):
