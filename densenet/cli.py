@@ -138,7 +138,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
+    import io
 
+    from .checkpoint import atomic_write_text
     from .evaluate import model_from_checkpoint, predict_images
 
     model, info = model_from_checkpoint(args.checkpoint)
@@ -149,9 +151,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no image files found in {', '.join(args.images)}")
     if args.csv:
-        from .checkpoint import atomic_write_text
-        import io
-
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["image"] + [f"{c}{i + 1}" for i in range(args.top) for c in ("class", "prob")])

@@ -95,8 +95,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
     state = load_checkpoint(path)
     try:
-        config = {k: v for k, v in state["model_config"].items() if k != "memory_efficient"}
-        model = DenseNet(**config)
+        model = DenseNet(**state["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} does not describe a DenseNet this version can build: {e}") from None
     load_state_dict(model, state["model"])
