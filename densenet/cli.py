@@ -140,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     import io
 
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
     from .evaluate import model_from_checkpoint, predict_images
 
     model, info = model_from_checkpoint(args.checkpoint)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .curves import plot_curves
 from .evaluate import evaluate, topk_correct
@@ -110,6 +111,18 @@ def load_run_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+def write_epoch_logs(out: Path, writer: Any, config: TrainConfig, history: list[dict]) -> None:
+    """After each epoch: ``metrics.csv`` and ``curves.png`` rewritten from the whole history, and the
+    epoch's scalars added to TensorBoard."""
+    write_metrics_csv(out / "metrics.csv", history)
+    plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
+    row = history[-1]
+    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s"):
+        if row.get(key) is not None:
+            writer.add_scalar(key, row[key], row["epoch"])
+    writer.flush()
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
@@ -290,12 +303,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
                 row.update(test_error=test["top1_error"], test_top5_error=test["top5_error"])
                 history.append(row)
                 snapshot(epoch + 1, 0, {})
-                write_metrics_csv(out / "metrics.csv", history)
-                plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
-                for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s"):
-                    if row.get(key) is not None:
-                        writer.add_scalar(key, row[key], epoch + 1)
-                writer.flush()
+                write_epoch_logs(out, writer, config, history)
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error {row['train_error']:.2f}%, "
                     + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
                     + f"test error {row['test_error']:.2f}%, lr {lr:g}, {row['images_per_s']:.1f} img/s")

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,9 +125,13 @@ def test_resume_refuses_missing_corrupted_or_changed(sample_run, tmp_path, capsy
         (["--model", "densenet12"], "did you mean 'densenet121'"),
         (["--dataset", "svhn", "--data", "/nonexistent/svhn"], "/nonexistent/svhn"),
         (["--epochs", "0"], "epochs must be at least 1"),
+        (["--dataset", "cifar10", "--data", "{tmp}/cifar-10-binary.tar.gz"], "neither a tar archive (the official cifar10 release) nor a zip"),
+        (["--dataset", "cifar100", "--data", "{tmp}"], "Expected one of: cifar-100-binary.tar.gz"),
     ],
 )
 def test_bad_training_input_fails_before_training(argv, message, tmp_path, capsys):
+    (tmp_path / "cifar-10-binary.tar.gz").write_text("not an archive")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(["train", "--out", str(tmp_path / "r"), "--quiet", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -201,7 +206,7 @@ def write_folder_dataset(root: Path, classes=("cats", "dogs", "owls"), per_split
                 Image.fromarray(pixels).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
 
 
-def test_init_from_torchvision_state_dict_reinitialises_a_different_head(tmp_path):
+def test_init_from_torchvision_state_dict_reinitialises_a_different_head(tmp_path, capsys):
     data = tmp_path / "pets"
     write_folder_dataset(data)
     tv = torchvision.models.densenet121(weights=None)
@@ -214,3 +219,8 @@ def test_init_from_torchvision_state_dict_reinitialises_a_different_head(tmp_pat
     for key in ("features.conv0.weight", "features.denseblock4.denselayer16.conv2.weight", "features.norm5.running_mean"):
         assert torch.equal(trained[key], tv.state_dict()[key]), key  # frozen: weights and BN statistics
     assert trained["classifier.weight"].shape == (3, 1024)
+    # the ImageNet evaluation of such a checkpoint: single crop and the paper's 10-crop
+    assert main(["eval", str(out / "checkpoint.pt"), "--dataset", "imagenet", "--data", str(data), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"imagenet test set, 12 images: top-1 error [\d.]+%, top-5 error 0.00%", printed)
+    assert re.search(r"10-crop: top-1 error [\d.]+%", printed)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from ..atomic import atomic_open
 from .errors import DataError
 
 __all__ = ["cache_dir", "cache_path", "save_arrays", "load_arrays", "FORMAT_VERSION"]
@@ -44,24 +44,8 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
     """Write ``arrays`` as an uncompressed ``.npz`` at ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
     return path
 
 
