@@ -188,7 +188,7 @@ def _block_backward(
     spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of the block input and of every parameter, walking the layers in reverse."""
-    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
+    n, h, w, k, c0 = spec.n, spec.h, spec.w, spec.k, spec.c0
     gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
     gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
     # the normalised buffer, once per block: x_hat enters BN1's weight gradient (computing that as

@@ -49,13 +49,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     return {"loss": loss_sum / n, "top1_error": 100.0 * (1 - top1 / n), "top5_error": 100.0 * (1 - top5 / n), "images": n}
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
     """Files as given, folders expanded to the images inside them (recursively, sorted)."""
     for p in map(Path, paths):
         if p.is_dir():
+            from .data.folder import IMAGE_SUFFIXES
+
             yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         else:
             yield p
@@ -67,16 +68,15 @@ def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple
     Small models (image_size <= 64, CIFAR/SVHN) see the whole image resized; larger ones the
     ImageNet evaluation crop (resize the short side to image_size * 256/224, centre crop).
     """
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
 
+    from .data.folder import decode_image
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from None
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e.strerror}") from None
+    im = decode_image(data, str(path))  # RGB; DataError naming the file if it cannot be decoded
     x = TF.pil_to_tensor(im)
     if image_size <= 64:
         x = TF.resize(x, [image_size, image_size], antialias=True)

@@ -7,7 +7,6 @@ import io
 import os
 import pickle
 import tarfile
-import urllib.error
 import zipfile
 from pathlib import Path
 

@@ -1,5 +1,4 @@
 """Weight files: torchvision round trip (legacy keys included), safe reading, clear mismatches."""
-import os
 import pickle
 import re
 

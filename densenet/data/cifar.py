@@ -14,7 +14,7 @@ import numpy as np
 
 from .archive import is_tar, is_zip, iter_tar_files
 from .errors import DataError, DataNotFound
-from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image, scan_tree
+from .folder import DEFAULT_MAX_PIXELS, decode_image, scan_tree
 from .safe_pickle import safe_loads
 
 __all__ = ["LAYOUTS", "read_cifar", "find_cifar", "parse_binary", "parse_python_batch", "read_image_tree_32"]
