@@ -1,24 +1,17 @@
-"""The ``densenet`` command: ``densenet models``, ``densenet info NAME``, ..."""
+"""The ``densenet`` command: ``densenet models``, ``info``, ``train``, ``eval``, ``predict``, ``export``,
+``reuse``, ``table``, ``plot``."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .registry import create_model, list_models, model_spec
+from .reports import markdown_table as _table
 from .summary import count_macs, count_parameters, stage_summary
-
-
-def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
-    """A Markdown table, columns padded to their widest cell."""
-    cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -141,22 +134,120 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import io
 
     from .atomic import atomic_write_text
-    from .evaluate import model_from_checkpoint, predict_images
+    from .evaluate import load_predictor, predict_images
 
-    model, info = model_from_checkpoint(args.checkpoint)
+    model, info = load_predictor(args.model, args.image_size)
+    skipped = []
+
+    def skip(path, error: Exception) -> None:
+        print(f"densenet predict: skipped {error}", file=sys.stderr)
+        skipped.append(path)
+
     rows = []
-    for path, top in predict_images(model, args.images, info, top=args.top):
+    for path, top in predict_images(model, args.images, info, top=args.top, on_error=skip if args.skip_bad else None):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
         rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
     if not rows:
-        raise ValueError(f"no image files found in {', '.join(args.images)}")
+        raise ValueError(f"no image could be scored in {', '.join(args.images)}"
+                         + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
     if args.csv:
+        _check_out_folder(args.csv)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["image"] + [f"{c}{i + 1}" for i in range(args.top) for c in ("class", "prob")])
         writer.writerows(rows)
         atomic_write_text(args.csv, buffer.getvalue())
     return 0
+
+
+def _check_out_folder(path: str) -> None:
+    from pathlib import Path
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset)
+    files = ", ".join(map(str, result["files"]))
+    print(f"wrote {files} ({args.format}; outputs within {result['max_abs_diff']:.1e} of PyTorch on a test batch)")
+    return 0
+
+
+def cmd_reuse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import model_from_checkpoint
+    from .reuse import feature_reuse, plot_reuse, write_reuse_csv
+
+    _check_out_folder(args.out)
+    csv_path = args.csv or str(Path(args.out).with_suffix(".csv"))
+    _check_out_folder(csv_path)
+    model, info = model_from_checkpoint(args.checkpoint)
+    blocks = feature_reuse(model)
+    name = info.get("model") or "DenseNet"
+    plot_reuse(args.out, blocks, title=f"Feature reuse in {name} ({info.get('dataset', '?')}): average |weight| from "
+                                         "source s to target l, each column scaled to its maximum")
+    write_reuse_csv(csv_path, blocks)
+    print(f"wrote {args.out} ({len(blocks)} dense blocks) and {csv_path}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .atomic import atomic_write_text
+    from .reports import load_run, render_csv, render_markdown, table_records
+
+    runs = [load_run(d) for d in args.runs]
+    records = table_records(runs, all_paper_rows=args.all)
+    markdown = render_markdown(records)
+    print(markdown, end="")
+    for path, text in ((args.markdown, markdown), (args.csv, render_csv(records))):
+        if path:
+            _check_out_folder(path)
+            atomic_write_text(path, text)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .curves import plot_curves, plot_efficiency
+    from .paper import TABLE2, TABLE2_DATASETS
+    from .registry import model_spec
+    from .reports import load_run
+
+    runs = [load_run(d, need_metrics=True) for d in args.runs]
+    _check_out_folder(args.out)
+    models = {r.model for r in runs}
+    plot_curves(args.out, [(r.label, r.metrics) for r in runs],
+                title="Learning curves: " + ", ".join(sorted(models)) + " (dotted verticals: learning-rate drops)")
+    written = [args.out]
+    if len(models) > 1:
+        params_path = args.params_out or str(Path(args.out).with_name(Path(args.out).stem + "-params.png"))
+        _check_out_folder(params_path)
+        points = [(r.model, r.dataset, int(r.report["parameters"]), float(r.report["test_error"])) for r in runs]
+        datasets = {r.dataset for r in runs}
+        reference = [(m, d, model_spec(m).paper_params, e) for m, errors in TABLE2.items()
+                     for d, e in zip(TABLE2_DATASETS, errors) if d in datasets and e is not None] if args.paper else []
+        plot_efficiency(params_path, points, reference)
+        written.append(params_path)
+    else:
+        print("one model only: no parameter-efficiency plot (give runs of several models)")
+    print("wrote " + " and ".join(written))
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,11 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-5 classes of images (files or folders) with probabilities")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("model", metavar="MODEL", help="a checkpoint, or an export: .onnx (run by ONNX Runtime) or .safetensors")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    p.add_argument("--top", type=_positive, default=5)
     p.add_argument("--csv", help="also write the predictions to this CSV file")
+    p.add_argument("--image-size", type=_positive, help="side in pixels the images are resized to (default: the model's)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="name and skip images that cannot be decoded or hold NaN/infinite values (default: stop)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript or safetensors for serving",
+                       description="Export the model of a checkpoint (standard graph, eval mode, dynamic batch size) "
+                                   "and check the file's outputs against PyTorch's (within 1e-4).")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
+    p.add_argument("--out", help="output file (default: beside the checkpoint, checkpoint.onnx / "
+                                 "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")
+    p.add_argument("--image-size", type=_positive, help="input side in pixels (default: the training image size)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("reuse", help="feature-reuse heat maps of a checkpoint (the paper's Figure 5)",
+                       description="One heat map per dense block: pixel (s, l) is the average absolute weight of "
+                                   "target l's first convolution over the maps from source s (0: block input), each "
+                                   "column scaled to its maximum; the last column is the transition (or classifier).")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--csv", help="raw values as CSV (default: the PNG's name with .csv)")
+    p.set_defaults(func=cmd_reuse)
+
+    p = sub.add_parser("table", help="run reports in the paper's Table 2 / Table 3 layout, beside the paper's numbers")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--markdown", help="also write the Markdown to this file")
+    p.add_argument("--csv", help="write the table as CSV to this file")
+    p.add_argument("--all", action="store_true", help="include the paper's rows that have no run")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("plot", help="overlaid learning curves of runs, and parameter efficiency across models")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="PNG of training loss and test error against epoch")
+    p.add_argument("--params-out", help="PNG of test error against parameters (default: OUT-params.png; "
+                                        "written when the runs span several models)")
+    p.add_argument("--no-paper", dest="paper", action="store_false",
+                   help="leave the paper's Table 2 points out of the parameter-efficiency plot")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -1,18 +1,19 @@
-"""Learning-curve figures (matplotlib, no display needed)."""
+"""Learning-curve and parameter-efficiency figures (matplotlib, no display needed)."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .atomic import atomic_write_bytes  # noqa: E402
+from .atomic import atomic_write_bytes
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "plot_efficiency"]
 
 
 def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]], title: str = "") -> None:
@@ -36,7 +37,7 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
             ax_err.plot(epochs, [r["train_error"] for r in rows], color=color, ls="--", alpha=0.6, label="training error")
         if any(r.get("val_error") not in (None, "") for r in rows):
             ax_err.plot(epochs, [r.get("val_error") for r in rows], color=color, ls=":", label=f"{prefix}validation error")
-        drops = [r["epoch"] for prev, r in zip(rows, rows[1:]) if r.get("lr") and prev.get("lr") and r["lr"] < prev["lr"]]
+        drops = [r["epoch"] for prev, r in itertools.pairwise(rows) if r.get("lr") and prev.get("lr") and r["lr"] < prev["lr"]]
         for epoch in drops:
             for ax in (ax_loss, ax_err):
                 ax.axvline(epoch - 0.5, color=color, ls=":", lw=0.8, alpha=0.7)
@@ -47,6 +48,38 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_efficiency(path: str | os.PathLike, points: Sequence[tuple[str, str, int, float]],
+                    reference: Sequence[tuple[str, str, int, float]] = (), title: str = "") -> None:
+    """Write a PNG of test error (%) against parameters (log scale): the paper's Figure 4 (left) style.
+
+    ``points``: (label, dataset, parameters, error) per run, one colour per dataset, each point
+    labelled; ``reference``: the same for the paper's numbers, drawn as hollow grey markers.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    datasets = list(dict.fromkeys(d for _, d, _, _ in points))
+    for index, dataset in enumerate(datasets):
+        mine = sorted((p, e, label) for label, d, p, e in points if d == dataset)
+        ax.plot([p for p, _, _ in mine], [e for _, e, _ in mine], "o", color=f"C{index}", label=f"{dataset}: these runs")
+        for p, e, label in mine:
+            ax.annotate(label, (p, e), textcoords="offset points", xytext=(5, 5), fontsize=8, color=f"C{index}")
+        ref = sorted((p, e, label) for label, d, p, e in reference if d == dataset)
+        if ref:
+            ax.plot([p for p, _, _ in ref], [e for _, e, _ in ref], "s", mfc="none", color=f"C{index}", alpha=0.6,
+                    label=f"{dataset}: paper (Table 2)")
+            for p, e, label in ref:
+                ax.annotate(label, (p, e), textcoords="offset points", xytext=(0, 6), fontsize=7, color="grey",
+                            rotation=60, rotation_mode="anchor")
+    ax.set_xscale("log")
+    ax.set(xlabel="parameters (log scale)", ylabel="test error (%)", title=title or "Parameter efficiency: test error against parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

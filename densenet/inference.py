@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 
 from .model import DenseNet, Transition
 
-__all__ = ["FastInference", "prepare_for_inference", "export_onnx"]
+__all__ = ["FastInference", "export_onnx", "load_onnx", "prepare_for_inference"]
 
 
 def _transition_pool_first(t: Transition, x: Tensor) -> Tensor:
@@ -96,3 +99,54 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
 
         return run
     raise ValueError(f"backend must be 'eager' or 'onnx', got {backend!r}")
+
+
+def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: int | None = None
+              ) -> tuple[Callable[[Tensor], Tensor], dict]:
+    """An ONNX file written by ``densenet export`` as a callable (N, 3, H, W) float tensor -> (N, classes)
+    logits run by ONNX Runtime on the CPU, and its data description (class names, mean, std, image size).
+
+    The image size is the one the graph's input shape fixes; ``image_size`` must agree with it.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("running an ONNX file needs onnxruntime: pip install 'densenet[export]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+        raise ValueError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:300]}") from None
+    raw = session.get_modelmeta().custom_metadata_map.get("densenet")
+    try:
+        data = json.loads(raw)["data"] if raw else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        data = None
+    if not isinstance(data, dict) or not {"class_names", "mean", "std"} <= set(data):
+        raise ValueError(f"{path} carries no densenet data description (class names, mean, std); "
+                         "export the model with `densenet export CHECKPOINT --format onnx`")
+    inp = session.get_inputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4 or shape[1] != 3:
+        raise ValueError(f"{path} takes input of shape {shape}; predicting on images needs (batch, 3, height, width)")
+    fixed = [d for d in shape[2:] if isinstance(d, int)]
+    if fixed and (len(fixed) != 2 or fixed[0] != fixed[1]):
+        raise ValueError(f"{path} takes input of shape {shape}; only square images are supported")
+    size = fixed[0] if fixed else image_size or data.get("image_size")
+    if image_size is not None and image_size != size:
+        raise ValueError(f"{path} takes input of shape {shape} ({size}x{size} images), not the {image_size}x{image_size} "
+                         f"images asked for; export the model again with --image-size {image_size}")
+    if not size:
+        raise ValueError(f"{path} does not fix the image size; give one (--image-size)")
+
+    def run(x: Tensor) -> Tensor:
+        if tuple(x.shape[1:]) != (3, size, size):
+            raise ValueError(f"{path} takes input of shape {shape}, got {list(x.shape)}")
+        return torch.from_numpy(session.run(None, {inp.name: x.detach().cpu().float().contiguous().numpy()})[0])
+
+    return run, {**data, "image_size": size}

@@ -1,0 +1,227 @@
+"""Export a trained DenseNet for serving: ONNX, TorchScript, or safetensors weights with a JSON architecture.
+
+Every format holds the standard layer-by-layer graph in eval mode (a model trained with
+``memory_efficient=True`` or the shared-buffer blocks exports exactly like the plain one) with a
+dynamic batch size, and carries the data description that ``densenet predict`` needs (class
+names, normalisation mean/std, image size):
+
+- ONNX: in the model's ``metadata_props`` under the key ``densenet``;
+- TorchScript: in the archive's extra file ``densenet.json`` (``torch.jit.load(path, _extra_files=...)``);
+- safetensors: in the JSON file beside the weights (``model.safetensors`` + ``model.json``), which
+  also names the architecture so that ``create_model(meta["name"], **meta["model_config"])`` rebuilds it.
+
+Each export is read back and run on a random batch of two images; outputs must be within 1e-4 of
+PyTorch's, or the file is not written.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .atomic import atomic_write_bytes, atomic_write_text
+from .model import DenseNet
+
+__all__ = [
+    "FORMATS",
+    "TOLERANCE",
+    "ExportError",
+    "default_export_path",
+    "export_checkpoint",
+    "export_metadata",
+    "export_model",
+    "model_from_safetensors",
+    "standard_model",
+]
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+METADATA_FORMAT = "densenet-export-v1"
+TOLERANCE = 1e-4  # max |exported - PyTorch| allowed, on logits (plus the same relative to their size)
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or does not reproduce the model's outputs."""
+
+
+def standard_model(model: DenseNet) -> DenseNet:
+    """A copy of ``model`` in eval mode that runs the plain layer-by-layer graph (no shared buffer,
+    no memory-efficient recomputation): what every export format holds."""
+    ref = copy.deepcopy(model).eval()
+    for m in ref.modules():
+        if hasattr(m, "fast"):
+            m.fast = False
+        if hasattr(m, "memory_efficient"):
+            m.memory_efficient = False
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def export_metadata(model: DenseNet, data: dict | None = None, name: str | None = None) -> dict[str, Any]:
+    """The JSON description stored with every export: architecture and data description."""
+    config = model.config()
+    config.update(memory_efficient=False, fast=True)  # training-time choices; the graph is the same
+    return {"format": METADATA_FORMAT, "name": name, "model_config": config, "data": dict(data or {})}
+
+
+def default_export_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """``run/checkpoint.pt`` -> ``run/checkpoint.onnx``, ``run/checkpoint.torchscript.pt``, ``run/checkpoint.safetensors``."""
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}[fmt]
+    p = Path(checkpoint)
+    return p.with_name(p.name.split(".")[0] + suffix)
+
+
+def _check_out(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a folder")
+
+
+def _compare(got: Tensor, expected: Tensor, what: str) -> float:
+    """Max absolute difference; ExportError if beyond TOLERANCE (absolute plus relative)."""
+    if got.shape != expected.shape:
+        raise ExportError(f"{what} gives outputs of shape {tuple(got.shape)}, PyTorch {tuple(expected.shape)}")
+    diff = float((got - expected).abs().max())
+    if not torch.allclose(got, expected, rtol=TOLERANCE, atol=TOLERANCE):
+        raise ExportError(f"{what} differs from PyTorch by up to {diff:.3g} (tolerance {TOLERANCE}); file not written")
+    return diff
+
+
+def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_size: int, data: dict | None = None,
+                 name: str | None = None, opset: int = 17) -> dict[str, Any]:
+    """Write ``model`` to ``path`` in format ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``).
+
+    ``image_size``: side in pixels of the (N, C, image_size, image_size) inputs the export is traced
+    and checked with (ONNX fixes it in the graph's input shape; the batch size N stays free).
+    Returns ``{"files": [paths written], "max_abs_diff": float}``.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not isinstance(model, DenseNet):
+        raise ExportError(f"can only export a densenet.DenseNet, got {type(model).__name__}")
+    path = Path(path)
+    _check_out(path)
+    model.check_input_size(image_size)
+    meta = export_metadata(model, data, name)
+    meta["data"].setdefault("image_size", image_size)
+    ref = standard_model(model)
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(1, model.in_channels, image_size, image_size, generator=g)
+    check = torch.randn(2, model.in_channels, image_size, image_size, generator=g)  # another batch size
+    with torch.no_grad():
+        expected = ref(check)
+    if fmt == "onnx":
+        return _export_onnx(ref, path, example, check, expected, meta, opset)
+    if fmt == "torchscript":
+        return _export_torchscript(ref, path, example, check, expected, meta)
+    return _export_safetensors(ref, path, check, expected, meta)
+
+
+def _export_onnx(ref: DenseNet, path: Path, example: Tensor, check: Tensor, expected: Tensor, meta: dict,
+                 opset: int) -> dict[str, Any]:
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx and onnxruntime packages: pip install 'densenet[export]'") from None
+    from .inference import export_onnx
+
+    proto = onnx.load_from_string(export_onnx(ref, example, opset))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "densenet", json.dumps(meta)
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: check.numpy()})[0])
+    diff = _compare(got, expected, "the ONNX export run by ONNX Runtime")
+    atomic_write_bytes(path, data)
+    return {"files": [path], "max_abs_diff": diff}
+
+
+def _export_torchscript(ref: DenseNet, path: Path, example: Tensor, check: Tensor, expected: Tensor,
+                        meta: dict) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks become constants: fine
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still what servers load
+        traced = torch.jit.trace(ref, example, check_trace=False)
+        torch.jit.save(traced, buffer, _extra_files={"densenet.json": json.dumps(meta)})
+        data = buffer.getvalue()
+        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with torch.no_grad():
+        got = loaded(check)
+    diff = _compare(got, expected, "the TorchScript export")
+    atomic_write_bytes(path, data)
+    return {"files": [path], "max_abs_diff": diff}
+
+
+def _export_safetensors(ref: DenseNet, path: Path, check: Tensor, expected: Tensor, meta: dict) -> dict[str, Any]:
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in ref.state_dict().items()}
+    data = save(state, metadata={"densenet": json.dumps(meta)})
+    rebuilt = _build(meta, "export")
+    rebuilt.load_state_dict(state)
+    with torch.no_grad():
+        got = rebuilt.eval()(check)
+    diff = _compare(got, expected, "the model rebuilt from the safetensors export")
+    json_path = path.with_suffix(".json")
+    atomic_write_bytes(path, data)
+    atomic_write_text(json_path, json.dumps(meta, indent=2) + "\n")
+    return {"files": [path, json_path], "max_abs_diff": diff}
+
+
+def _build(meta: dict, source: str) -> DenseNet:
+    from .registry import create_model
+
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        raise ExportError(f"{source} does not describe an architecture (no 'model_config' mapping)")
+    try:
+        return create_model(meta["name"], **config) if meta.get("name") else DenseNet(**config)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{source} describes an architecture this version cannot build: {e}") from None
+
+
+def model_from_safetensors(path: str | os.PathLike) -> tuple[DenseNet, dict]:
+    """The model of a safetensors export (weights in ``path``, architecture in the JSON file beside
+    it) in eval mode, and its data description."""
+    from .weights import load_state_dict, read_state_dict
+
+    path = Path(path)
+    json_path = path.with_suffix(".json")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path} is missing: a safetensors export keeps its architecture there")
+    try:
+        meta = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{json_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise ExportError(f"{json_path} is not a densenet export description (format {METADATA_FORMAT!r})")
+    model = _build(meta, str(json_path))
+    load_state_dict(model, read_state_dict(path))  # names missing / unexpected / mis-shaped tensors
+    return model.eval(), meta.get("data") or {}
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike | None, fmt: str, *,
+                      image_size: int | None = None, opset: int = 17) -> dict[str, Any]:
+    """Export the model of a ``densenet train`` checkpoint (default path: beside it, see
+    :func:`default_export_path`; default image size: the one it was trained on)."""
+    from .evaluate import model_from_checkpoint
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    model, data = model_from_checkpoint(checkpoint)
+    size = image_size or data.get("image_size")
+    if not size:
+        raise ExportError(f"{checkpoint} does not record an image size; give one (--image-size)")
+    out = Path(path) if path else default_export_path(checkpoint, fmt)
+    return export_model(model, out, fmt, image_size=int(size), data=data, name=data.get("model"), opset=opset)
