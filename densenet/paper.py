@@ -1,7 +1,7 @@
 """The paper's reported results (Huang et al., CVPR 2017), for comparison tables."""
 from __future__ import annotations
 
-__all__ = ["TABLE2", "TABLE3", "TABLE2_DATASETS"]
+__all__ = ["TABLE2", "TABLE2_DATASETS", "TABLE3"]
 
 TABLE2_DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn")
 

@@ -139,8 +139,8 @@ def plot_reuse(path: str | os.PathLike, blocks: Sequence[BlockReuse], title: str
         ax.set_xticks(xt, [str(i + 1) for i in xt[:-1]] + ["C" if reader == "classifier" else "T"])
         ax.set_yticks(list(range(0, n + 1, step)))
         ax.add_patch(plt.Rectangle((n - 0.5, -0.5), 1, n + 1, fill=False, ec="black", lw=2))
-        ax.set(xlabel=f"target layer l (last column: {reader})", ylabel="source layer s (0: block input)",
-               title=f"dense block {b.block} ({n} layers)")
+        ax.set(xlabel=f"target layer l (last column: {reader})", title=f"dense block {b.block} ({n} layers)")
+    axes[0][0].set_ylabel("source layer s (0: block input)")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.85, label="average |weight|, relative to the column's maximum")
     fig.suptitle(title or "Feature reuse: average absolute weight from source s to target l (each column scaled to its max)",
                  fontsize=10)
