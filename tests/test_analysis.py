@@ -198,7 +198,7 @@ def test_plot_overlays_curves_and_parameter_efficiency(runs, tmp_path, capsys):
 
 def test_plot_draws_what_it_says(runs, tmp_path, monkeypatch):
     """The figure's lines are the runs' metrics: capture what reaches matplotlib."""
-    import densenet.curves as curves
+    from densenet import curves
 
     drawn = []
     real = curves.plot_curves
