@@ -214,3 +214,23 @@ def test_plot_draws_what_it_says(runs, tmp_path, monkeypatch):
         expected = list(csv.DictReader((run / "metrics.csv").open()))
         assert [r["test_error"] for r in rows] == [float(e["test_error"]) for e in expected]
         assert [r["train_loss"] for r in rows] == [float(e["train_loss"]) for e in expected]
+
+
+# ---------------------------------------------------------------------------- docs/REPRODUCING.md
+def test_reproducing_doc_has_every_row_of_tables_2_and_3():
+    from densenet.paper import TABLE2, TABLE2_DATASETS, TABLE3
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "REPRODUCING.md").read_text()
+    lines = [line for line in doc.splitlines() if line.startswith("| densenet")]
+    for model, errors in TABLE2.items():
+        for dataset, error in zip(TABLE2_DATASETS, errors):
+            if error is None:
+                continue
+            row = [line for line in lines if f"--model {model} --dataset {dataset} " in line]
+            assert len(row) == 1, (model, dataset)
+            cells = [c.strip() for c in row[0].strip("|").split("|")]
+            assert cells[:3] == [model, dataset, f"{error:.2f}"] and cells[-1], (model, dataset)
+            assert all(float(h) > 0 for h in cells[4].split(" / "))  # an estimate, fp32 / bf16
+    for model, (top1, top1_10, _, _) in TABLE3.items():
+        row = [line for line in lines if f"--model {model} --dataset imagenet " in line]
+        assert len(row) == 1 and f"{top1:.2f} / {top1_10:.2f}" in row[0]
