@@ -133,6 +133,9 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     from .model import DenseNet
     from .weights import WeightsError, load_state_dict
 
+    kind = _export_kind(Path(path))
+    if kind:
+        raise CheckpointError(f"{path} is {kind}, not a `densenet train` checkpoint (checkpoint.pt)")
     state = load_checkpoint(path)
     try:
         model = DenseNet(**state["model_config"])
@@ -146,6 +149,21 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     if not isinstance(data, dict) or not {"class_names", "mean", "std", "image_size"} <= set(data):
         raise CheckpointError(f"{path} has no data description (class names, mean, std, image size)")
     return model.eval(), {**data, "model": state["config"].get("model")}
+
+
+def _export_kind(path: Path) -> str | None:
+    """What an export or other non-checkpoint file is, by its suffix or content (None: maybe a checkpoint)."""
+    import zipfile
+
+    kind = {".onnx": "an ONNX export", ".safetensors": "a safetensors export", ".json": "a JSON file"}.get(path.suffix.lower())
+    if kind or not path.is_file() or not zipfile.is_zipfile(path):
+        return kind
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return "a TorchScript export" if any(n.endswith("constants.pkl") or "/code/" in n for n in names) else None
 
 
 def load_predictor(path: str | os.PathLike, image_size: int | None = None

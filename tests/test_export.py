@@ -242,3 +242,14 @@ def test_nan_or_infinite_inputs_are_refused(run, images, tmp_path, capsys):
     with pytest.raises(ValueError, match="batch 2 of the evaluation data holds 1 NaN"):
         evaluate(model, [(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)), (x, torch.zeros(4, dtype=torch.long))],
                  torch.device("cpu"))
+
+
+def test_an_export_given_where_a_checkpoint_is_needed(run, images, tmp_path, capsys):
+    ts, ox = tmp_path / "m.pt", tmp_path / "m.onnx"
+    assert main(["export", str(run / "checkpoint.pt"), "--format", "torchscript", "--out", str(ts)]) == 0
+    assert main(["export", str(run / "checkpoint.pt"), "--format", "onnx", "--out", str(ox)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(ts), str(images)]) == 2
+    assert f"{ts} is a TorchScript export, not a `densenet train` checkpoint" in capsys.readouterr().err
+    assert main(["reuse", str(ox), "--out", str(tmp_path / "r.png")]) == 2
+    assert f"{ox} is an ONNX export, not a `densenet train` checkpoint" in capsys.readouterr().err
