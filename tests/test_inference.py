@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 def trained_like(**kw) -> DenseNet:
     """A small model with non-trivial BN statistics and affine parameters, as after training."""
     torch.manual_seed(0)
-    model = DenseNet(**{**dict(growth_rate=4, block_config=(2, 3, 2), num_classes=5), **kw}, fast=False)
+    model = DenseNet(**{"growth_rate": 4, "block_config": (2, 3, 2), "num_classes": 5, **kw}, fast=False)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -23,7 +23,7 @@ def trained_like(**kw) -> DenseNet:
     return model.eval()
 
 
-@pytest.mark.parametrize("kw", [{}, dict(bottleneck=False, compression=1.0), dict(stem="imagenet"), dict(drop_rate=0.2)])
+@pytest.mark.parametrize("kw", [{}, {"bottleneck": False, "compression": 1.0}, {"stem": "imagenet"}, {"drop_rate": 0.2}])
 @pytest.mark.parametrize("backend", ["eager", "onnx"])
 def test_fast_inference_matches_eager(kw, backend):
     model = trained_like(**kw)
