@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, refused_global, unpickler_reason, verify_digest
 
 __all__ = [
     "WeightsError",
@@ -55,12 +56,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise WeightsError(
-                f"{path} holds objects other than tensors and plain data, which are refused for safety "
-                f"(weights_only loading): {str(e).splitlines()[0]}"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise WeightsError(f"{path} is not a readable PyTorch weight file (truncated or corrupted?): {e}") from None
+            name = refused_global(str(e))
+            if name:
+                raise WeightsError(f"{path} holds objects other than tensors and plain data ({name}), which are "
+                                   "refused for safety (weights_only loading): loading it could run code") from None
+            raise WeightsError(f"{path} is not a readable PyTorch weight file (truncated or corrupted?): "
+                               f"{unpickler_reason(str(e))}") from None
+        except MemoryError:
+            raise WeightsError(f"not enough memory to read {path}") from None
+        except Exception as e:  # noqa: BLE001 - a damaged file makes the zip and pickle readers raise nearly anything
+            raise WeightsError(f"{path} is not a readable PyTorch weight file (truncated or corrupted?): "
+                               f"{type(e).__name__}: {str(e)[:300]}") from None
+        if isinstance(state, Mapping):  # this project's checkpoints carry a digest of their content
+            try:
+                verify_digest(state, str(path))
+            except CheckpointError as e:
+                raise WeightsError(str(e)) from None
     return unwrap_state_dict(state, source=str(path))
 
 
