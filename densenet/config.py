@@ -42,6 +42,9 @@ class TrainConfig:
     image_size: int | None = None  # for "folder" datasets
     download: bool = False  # fetch missing official CIFAR/SVHN files (MD5-checked) when online
     memory_efficient: bool = False
+    sync_bn: bool = False  # synchronised BN across processes (distributed training)
+    amp: str = "off"  # mixed precision: off, bf16 or fp16 (fp16 with a gradient scaler; CUDA only)
+    channels_last: bool = False  # NHWC memory format for the model and its inputs
     init: str | None = None  # weights to start from (this project's checkpoint or a torchvision state dict)
     freeze_features: bool = False
     seed: int = 0
@@ -50,6 +53,8 @@ class TrainConfig:
     threads: int | None = None
     workers: int = 2
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: epoch ends only)
+    dist_backend: str = "auto"  # torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), nccl, gloo
+    dist_timeout: int = 600  # seconds a collective waits for a peer before the run stops with an error
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +62,8 @@ class TrainConfig:
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
-RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every"})
+RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every",
+                          "channels_last", "dist_backend", "dist_timeout"})
 
 
 def paper_recipe(dataset: str) -> dict[str, Any]:
@@ -158,6 +164,9 @@ def validate(config: TrainConfig) -> None:
         (config.checkpoint_every >= 0, "checkpoint_every must be non-negative (0: only at epoch ends)"),
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),
+        (config.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, got {config.amp!r}"),
+        (config.dist_backend in ("auto", "nccl", "gloo"), f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
+        (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),
         (all(0 < m <= config.epochs for m in config.lr_milestones), "lr_milestones must lie in 1..epochs"),
     ]
     problems = [message for ok, message in checks if not ok]

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sync_bn import SyncBatchNorm2d, bn_backward, sync_active, sync_moments
+
 if TYPE_CHECKING:
     from .model import DenseBlock, DenseLayer
 
@@ -59,6 +61,8 @@ def can_use_fast_block(block: "DenseBlock", x: Tensor) -> bool:
     training batch with one value per channel (BN raises there), or non-float32/64 input.
     """
     if torch.jit.is_scripting() or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # mixed precision: reference path
         return False
     layers = list(block.values())
     if not layers or _global_hooks():
@@ -121,6 +125,11 @@ class _Block:
         self.bottleneck = self.layers[0].bottleneck
         self.eps = self.layers[0].norm1.eps
         self.memory_efficient = memory_efficient
+        # synchronised BN (densenet.sync_bn): statistics and BN backward sums span all processes
+        norm1 = self.layers[0].norm1
+        self.sync = isinstance(norm1, SyncBatchNorm2d) and block.training and sync_active(norm1.process_group)
+        self.group = norm1.process_group if self.sync else None
+        self.total = self.m  # values per channel in the (global) batch; set by the first statistics
 
     def params(self) -> list[Tensor]:
         out: list[Tensor] = []
@@ -137,12 +146,15 @@ def _bn1_affine(invstd: Tensor, mean: Tensor, weight: Tensor, bias: Tensor) -> t
     return scale, bias - mean * scale
 
 
-def _chunk_stats(b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor, eps: float) -> None:
-    """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices."""
+def _chunk_stats(spec: "_Block", b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor) -> None:
+    """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices
+    (over all processes' batches with synchronised BN)."""
     v, mu = torch.var_mean(b2[:, lo:hi], dim=0, correction=0)
+    if spec.sync:
+        mu, v, spec.total = sync_moments(mu, v, spec.m, spec.group)
     mean[lo:hi] = mu
     var[lo:hi] = v
-    invstd[lo:hi] = torch.rsqrt(v + eps)
+    invstd[lo:hi] = torch.rsqrt(v + spec.eps)
 
 
 def _block_forward(
@@ -157,22 +169,30 @@ def _block_forward(
     mean = x.new_empty(spec.c)
     var = x.new_empty(spec.c)
     invstd = x.new_empty(spec.c)
-    _chunk_stats(b2, 0, c0, mean, var, invstd, spec.eps)
+    _chunk_stats(spec, b2, 0, c0, mean, var, invstd)
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
     for i, layer in enumerate(spec.layers):
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
-        _update_running(layer.norm1, mean[:c], var[:c], m)
+        _update_running(layer.norm1, mean[:c], var[:c], spec.total)
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
         t = torch.addcmul(shift, b2[:, :c], scale).relu_()
         if spec.bottleneck:
             z = t @ p[2].view(-1, c).t()
             norm2 = layer.norm2
-            f = _bn_factor(norm2)
             z4 = _nchw(z, n, h, w)
-            u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
-            r = u.relu_()
+            if spec.sync:
+                v2, m2 = torch.var_mean(z, dim=0, correction=0)
+                m2, v2, total = sync_moments(m2, v2, m, spec.group)
+                _update_running(norm2, m2, v2, total)
+                s2 = torch.rsqrt(v2 + norm2.eps)
+                sc2 = p[3] * s2
+                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2).relu_(), n, h, w)
+            else:
+                f = _bn_factor(norm2)
+                u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
+                r = u.relu_()
             o = F.conv2d(r, p[5], padding=1)
             if save:
                 saved.append((m2, s2) if spec.memory_efficient else (m2, s2, z4, r))
@@ -180,7 +200,7 @@ def _block_forward(
             o = F.conv2d(_nchw(t, n, h, w), p[2], padding=1)
         lo, hi = c, c + k
         b2[:, lo:hi].copy_(_rows(o))
-        _chunk_stats(b2, lo, hi, mean, var, invstd, spec.eps)
+        _chunk_stats(spec, b2, lo, hi, mean, var, invstd)
     return b2, mean, invstd, var, saved
 
 
@@ -199,6 +219,8 @@ def _block_backward(
 
     def finish(lo: int, hi: int) -> Tensor:
         """Final gradient of buffer channels [lo, hi): direct + BN normalisation backward of gw."""
+        if spec.sync:
+            return gd[:, lo:hi] + bn_backward(gw[:, lo:hi], xhat[:, lo:hi], invstd[lo:hi], None, spec.total, spec.group)[0]
         g_bn = _aten.native_batch_norm_backward(
             _nchw(gw[:, lo:hi], n, h, w), _nchw(b2[:, lo:hi], n, h, w), None, None, None,
             mean[lo:hi], invstd[lo:hi], True, spec.eps, [True, False, False])[0]
@@ -225,10 +247,13 @@ def _block_backward(
             g_r, g_w2, _ = _aten.convolution_backward(
                 g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
             g_u = _aten.threshold_backward(g_r, r4, 0)
-            g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
-                g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
-            g_z = _rows(g_z)
-            g_w1 = (g_z.t() @ t).view_as(p[2])
+            if spec.sync:
+                g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
+            else:
+                g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
+                    g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
+                g_z = _rows(g_z)
+            g_w1 = (g_z.t() @ t).as_strided(p[2].shape, p[2].stride())  # the weight's own strides (DDP buckets)
             g_t = g_z @ p[2].view(-1, c)
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
         else:

@@ -18,19 +18,22 @@ import time
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .curves import plot_curves
+from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .evaluate import evaluate, topk_correct
 from .registry import create_model, model_spec
+from .sync_bn import convert_sync_batchnorm
 from .weights import load_state_dict, read_state_dict
 
 __all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_model", "learning_rate"]
@@ -168,8 +171,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def configure_runtime(config: TrainConfig) -> torch.device:
-    device = resolve_device(config.device)
+def configure_runtime(config: TrainConfig, device: torch.device) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.deterministic:
@@ -179,22 +181,81 @@ def configure_runtime(config: TrainConfig) -> torch.device:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
-    return device
+
+
+def check_precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a gradient scaler is needed) for ``config.amp`` on ``device``."""
+    if config.amp == "off":
+        return None, False
+    if config.amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--amp fp16 needs a CUDA GPU (float16 training with a gradient scaler); "
+                              "on a CPU use --amp bf16 or --amp off")
+        return torch.float16, True
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16")
+    return torch.bfloat16, False
+
+
+def on_main(dd: Dist, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by rank 0 alone, its result (or its ConfigError/CheckpointError) on every rank,
+    so that no rank waits for a peer that has already failed."""
+    result: tuple[str, Any] = ("ok", None)
+    if dd.main:
+        try:
+            result = ("ok", fn())
+        except (ConfigError, CheckpointError, OSError) as e:
+            result = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+    result = dd.broadcast(result)
+    if result[0] == "error":
+        raise ConfigError(result[1] if dd.main else f"rank 0 stopped: {result[1]}")
+    return result[1]
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any((out / name).exists() for name in ("checkpoint.pt", "checkpoint.prev.pt"))
 
 
 # ---------------------------------------------------------------------------- the run
 def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Run (or continue, with ``resume``) the experiment ``config`` describes; return its report."""
-    from .data import build_data  # imported here: the model library does not need the data stack
+    """Run (or continue, with ``resume``) the experiment ``config`` describes; return its report.
 
+    Under ``torchrun`` every process calls this: each takes ``batch_size / world_size`` images of
+    every (global) batch, gradients are averaged by DistributedDataParallel, metrics are summed over
+    processes, and rank 0 alone writes the run directory.
+    """
     validate(config)
     model_spec(config.model)  # unknown model: fail before reading any data
+    dd, device_name = setup(config.device, config.dist_backend, config.dist_timeout)
+    clean = False
+    try:
+        report = _train(config, dd, device_name, resume=resume, force=force)
+        clean = True
+        return report
+    except Exception as e:
+        if dd.enabled and is_peer_failure(e):
+            raise TrainingStopped(f"rank {dd.rank} of {dd.world_size}: {PEER_HINT} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})", 4) from None
+        raise
+    finally:
+        teardown(dd, clean)
+
+
+def _train(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, force: bool) -> dict[str, Any]:
+    from .data import build_data  # imported here: the model library does not need the data stack
+
+    if config.batch_size % dd.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} (the global batch) is not divisible by the "
+                          f"{dd.world_size} processes; each process takes batch_size / world_size images per step")
+    device = resolve_device(device_name)
+    amp_dtype, use_scaler = check_precision(config, device)
     out = Path(config.out)
-    prepare_run_dir(out, resume=resume, force=force)
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint_for_resume(out)
-    device = configure_runtime(config)
+    if dd.restart > 0:  # torchrun restarted the job after a worker failed: continue from the last checkpoint
+        resume = has_checkpoint(out)
+        force = not resume
+    on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
+    checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
+    configure_runtime(config, device)
 
     data = build_data(
         config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
@@ -206,48 +267,93 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
         load_state_dict(model, read_state_dict(config.init), strict=False)
     if config.freeze_features:
         model.features.requires_grad_(False)
-    model.to(device)
+    if config.sync_bn:
+        convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    # the dense blocks compute in channels_last, so their weight gradients come in that layout; under
+    # DDP the weights take it too, so that gradients match DDP's buckets without a copy
+    model.to(device, memory_format=torch.channels_last if dd.enabled else memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     start_epoch, start_step, history, partial = 0, 0, [], {}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if "scaler" in checkpoint and use_scaler:
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         history, partial = checkpoint["history"], checkpoint["partial"]
-        set_rng_state(checkpoint["rng"])
+        ranks = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+        if len(ranks) == dd.world_size:
+            set_rng_state(ranks[dd.rank])
+        else:  # another number of processes: fresh per-rank streams (only dropout draws from them)
+            torch.manual_seed(config.seed + 1000 * dd.rank + 1_000_003 * (start_epoch * 100_000 + start_step))
     else:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        on_main(dd, lambda: atomic_write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)))
+        if dd.enabled:
+            torch.manual_seed(config.seed + dd.rank)  # same initial weights (rank 0's are broadcast), own dropout streams
+    step_model: nn.Module = model
+    if dd.enabled:
+        # buffers (BN running statistics) start as rank 0's; with synchronised BN they stay equal
+        # on every rank, without it rank 0's are sent to the others before every forward
+        step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                         forward_sync_buffers=not config.sync_bn)
 
     data_info = {"dataset": config.dataset, "num_classes": data.num_classes, "class_names": list(data.class_names),
                  "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
 
     def snapshot(epoch: int, step: int, partial: dict) -> None:
-        """Everything needed to continue bit-identically from batch ``step`` of ``epoch``."""
+        """Everything needed to continue bit-identically from batch ``step`` of ``epoch`` (every rank
+        calls it; rank 0 writes)."""
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise TrainingStopped(f"the weights became NaN or infinite at epoch {epoch + 1}, step {step}: the run "
                                   f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
-        if (out / "checkpoint.pt").exists():
-            os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
-        save_checkpoint(out / "checkpoint.pt", {
-            "format": "densenet-checkpoint-v1", "config": config.to_dict(), "model_config": model_config(model),
-            "data": data_info, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "partial": partial, "history": history, "rng": rng_state(),
-        })
+        rngs = dd.gather(rng_state())
+
+        def write() -> None:
+            if (out / "checkpoint.pt").exists():
+                os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
+            save_checkpoint(out / "checkpoint.pt", {
+                "format": "densenet-checkpoint-v1", "config": config.to_dict(), "model_config": model_config(model),
+                "data": data_info, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "partial": partial,
+                "history": history, "rng": rngs[0], "rng_per_rank": rngs, "world_size": dd.world_size,
+            })
+
+        on_main(dd, write)
+
+    def evaluate_all(loader: Any) -> dict[str, float]:
+        """Loss and errors over the whole set: each rank scores its shard, the counts are summed."""
+        r = evaluate(model, loader.batches(0, rank=dd.rank, world_size=dd.world_size), device)
+        if not dd.enabled:
+            return r
+        n = r["images"]
+        local = [r["loss"] * n, round(n * (1 - r["top1_error"] / 100)), round(n * (1 - r["top5_error"] / 100)), n] if n else [0, 0, 0, 0]
+        loss, c1, c5, n = dd.sum(local, device)
+        if n == 0:
+            return {"loss": math.nan, "top1_error": math.nan, "top5_error": math.nan, "images": 0}
+        return {"loss": loss / n, "top1_error": 100 * (1 - c1 / n), "top5_error": 100 * (1 - c5 / n), "images": int(n)}
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch + 1)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch + 1) if dd.main else None
     num_params = sum(p.numel() for p in model.parameters())
+    quiet = config.quiet or not dd.main
     log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
+    if not dd.main:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for the job
     if start_epoch == 0 and start_step == 0:
         log(f"{config.model} ({num_params:,} parameters) on {config.dataset}: {data.train.num_images} training images, "
-            f"{config.epochs} epochs of {data.train.num_batches} steps, batch {config.batch_size}, device {device}")
+            f"{config.epochs} epochs of {data.train.num_batches} steps, batch {config.batch_size}"
+            + (f" ({dd.world_size} processes x {config.batch_size // dd.world_size}, {dd.backend})" if dd.enabled else "")
+            + f", device {device}" + (f", amp {config.amp}" if amp_dtype else ""))
     else:
-        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}"
+            + (f" ({dd.world_size} processes)" if dd.enabled else ""))
 
     try:
         with stop_on_signals() as stop:
@@ -261,61 +367,72 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
                 step0 = start_step if epoch == start_epoch else 0
                 acc = partial if (epoch == start_epoch and partial) else {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
                 partial = {}
-                bar = tqdm(total=data.train.num_batches, initial=step0, disable=config.quiet, leave=False,
+                bar = tqdm(total=data.train.num_batches, initial=step0, disable=quiet, leave=False,
                            desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True, file=sys.stderr)
                 t0 = time.perf_counter()
                 seconds_before = acc["seconds"]
-                with closing(data.train.batches(epoch, start=step0)) as batches:
+                with closing(data.train.batches(epoch, start=step0, rank=dd.rank, world_size=dd.world_size)) as batches:
                     for step, (images, labels) in enumerate(batches, start=step0):
-                        images = images.to(device, non_blocking=True)
+                        images = images.to(device, non_blocking=True, memory_format=memory_format)
                         labels = labels.to(device, non_blocking=True)
-                        logits = model(images)
-                        loss = F.cross_entropy(logits, labels)
-                        if not torch.isfinite(loss):
+                        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            logits = step_model(images)
+                            loss = F.cross_entropy(logits, labels)
+                        # one small all-reduce: the global batch's loss and hits, and whether any rank was signalled
+                        n = labels.numel()
+                        loss_sum, hits, seen, signalled = dd.sum(
+                            [float(loss.detach()) * n, topk_correct(logits.detach(), labels, (1,))[0], n,
+                             float(bool(stop["signal"]))], device)
+                        if not math.isfinite(loss_sum):
                             raise TrainingStopped(
-                                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: the run "
+                                f"the training loss became {loss_sum / seen} at epoch {epoch + 1}, step {step + 1}: the run "
                                 f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
                         optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        n = labels.numel()
-                        acc["loss"] += float(loss.detach()) * n
-                        acc["correct"] += topk_correct(logits.detach(), labels, (1,))[0]
-                        acc["seen"] += n
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        acc["loss"] += loss_sum
+                        acc["correct"] += int(hits)
+                        acc["seen"] += int(seen)
+                        signum = stop["signal"] or (signal.SIGTERM if signalled else None)
                         elapsed = seconds_before + time.perf_counter() - t0
                         bar.update(1)
                         bar.set_postfix(loss=f"{acc['loss'] / acc['seen']:.3f}", err=f"{100 * (1 - acc['correct'] / acc['seen']):.1f}%",
                                         lr=f"{lr:g}", img_s=f"{acc['seen'] / max(elapsed, 1e-9):.0f}", refresh=False)
                         last = step + 1 == data.train.num_batches
-                        if not last and (stop["signal"] or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
+                        if not last and (signum or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)):
                             snapshot(epoch, step + 1, {**acc, "seconds": elapsed})
-                        if stop["signal"] and not last:
-                            raise TrainingStopped(f"stopped by signal {stop['signal']} at epoch {epoch + 1}, step {step + 1}; "
-                                                  f"checkpoint written; continue with: densenet train --resume {out}", 128 + stop["signal"])
+                        if signum and not last:
+                            raise TrainingStopped(f"stopped by signal {signum} at epoch {epoch + 1}, step {step + 1}; "
+                                                  f"checkpoint written; continue with: densenet train --resume {out}", 128 + signum)
                 bar.close()
                 seconds = seconds_before + time.perf_counter() - t0
                 row = {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
                        "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)), "lr": lr,
                        "seconds": round(seconds, 3), "images_per_s": round(acc["seen"] / max(seconds, 1e-9), 2)}
                 if data.val is not None:
-                    row["val_error"] = evaluate(model, data.val.batches(0), device)["top1_error"]
-                test = evaluate(model, data.test.batches(0), device)
+                    row["val_error"] = evaluate_all(data.val)["top1_error"]
+                test = evaluate_all(data.test)
                 row.update(test_error=test["top1_error"], test_top5_error=test["top5_error"])
                 history.append(row)
                 snapshot(epoch + 1, 0, {})
-                write_epoch_logs(out, writer, config, history)
+                if dd.main:
+                    write_epoch_logs(out, writer, config, history)
                 log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error {row['train_error']:.2f}%, "
                     + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
                     + f"test error {row['test_error']:.2f}%, lr {lr:g}, {row['images_per_s']:.1f} img/s")
-                if stop["signal"]:
-                    if epoch + 1 < config.epochs:
-                        raise TrainingStopped(f"stopped by signal {stop['signal']} after epoch {epoch + 1}; continue with: "
-                                              f"densenet train --resume {out}", 128 + stop["signal"])
+                signum = dd.sum([float(bool(stop["signal"]))], device)[0] and (stop["signal"] or signal.SIGTERM)
+                if signum and epoch + 1 < config.epochs:
+                    raise TrainingStopped(f"stopped by signal {signum} after epoch {epoch + 1}; continue with: "
+                                          f"densenet train --resume {out}", 128 + signum)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     report = make_report(config, history, num_params, str(device))
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    if dd.enabled:
+        report["processes"] = dd.world_size
+    on_main(dd, lambda: atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n"))
     log(f"done: final test error {report['test_error']:.2f}% (top-5 {report['test_top5_error']:.2f}%); run in {out}")
     return report
 
