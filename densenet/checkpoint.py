@@ -2,10 +2,11 @@
 
 A checkpoint is one ``torch.save`` file holding a dict of tensors and plain data, so that
 ``torch.load(path, weights_only=True)`` reads it. :func:`save_checkpoint` adds an entry
-``"sha256"``: the digest of everything else in the dict (keys, values, tensor dtypes, shapes and
-bytes). :func:`load_checkpoint` recomputes it and refuses a file whose content changed after it was
-written (a flipped bit, a damaged copy); a truncated file does not parse at all. Files without the
-entry (earlier versions of this project, or edited by hand) load unchecked.
+``"checksum": "sha256:<hex>"``: the digest of everything else in the dict (keys, values, tensor
+dtypes, shapes and bytes). :func:`load_checkpoint` recomputes it and refuses a file whose content
+changed after it was written (a flipped bit, a damaged copy); a truncated file does not parse at
+all. The entry is found by its key or by its value, so that a flip in either still leaves it
+recognised. Files without it (earlier versions of this project, or edited by hand) load unchecked.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from .atomic import atomic_open, temp_prefix
 
 __all__ = ["CHECKSUM_KEY", "CheckpointError", "content_digest", "load_checkpoint", "save_checkpoint", "save_rotating"]
 
-CHECKSUM_KEY = "sha256"
+CHECKSUM_KEY = "checksum"
+_DIGEST_VALUE = re.compile(r"sha256:[0-9a-f]{64}")
 #: errors worth a second try (a network file system's hiccup); a full disk or a read-only folder are not
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT})
 
@@ -91,8 +93,8 @@ def _disk_message(path: Path, e: OSError, attempts: int) -> str:
     }
     fix = fixes.get(e.errno or 0, "fix the cause")
     tries = f" (tried {attempts} times)" if attempts > 1 else ""
-    return (f"cannot write checkpoint {path}: {e.strerror or e} [{code}]{tries}; the checkpoints already in "
-            f"{folder} are kept; {fix}, then continue the run with --resume {folder}")
+    return (f"cannot write checkpoint {path}: {e.strerror or e} [{code}]{tries}; the last complete checkpoint in "
+            f"{folder} is kept; {fix}, then continue the run with --resume {folder}")
 
 
 def _write(path: Path, data: memoryview, retries: int, retry_delay: float, before_replace=None) -> None:
@@ -113,7 +115,7 @@ def _serialise(state: dict[str, Any]) -> memoryview:
     up as the OSError it is rather than inside the serialiser)."""
     state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
     buffer = io.BytesIO()
-    torch.save({**state, CHECKSUM_KEY: content_digest(state)}, buffer)
+    torch.save({**state, CHECKSUM_KEY: "sha256:" + content_digest(state)}, buffer)
     return buffer.getbuffer()
 
 
@@ -165,18 +167,26 @@ def unpickler_reason(message: str) -> str:
     return (match.group(1) if match else lines[0] if lines else "unreadable pickle")[:200]
 
 
-def verify_digest(state: Mapping[str, Any], source: str) -> None:
-    """Raise :class:`CheckpointError` if ``state`` holds a digest that its content does not match."""
-    stored = state.get(CHECKSUM_KEY)
-    if stored is None:
-        return
-    actual = content_digest({k: v for k, v in state.items() if k != CHECKSUM_KEY})
-    if stored != actual:
-        raise CheckpointError(
-            f"checkpoint {source} is corrupted: its content does not match the SHA-256 digest written with it "
-            f"(stored {str(stored)[:12]}..., computed {actual[:12]}...); the file changed after it was written "
-            f"(disk or copy error). Use the previous checkpoint (--resume falls back to checkpoint.prev.pt); "
-            f"if you edited it on purpose, delete its '{CHECKSUM_KEY}' entry")
+def verify_digest(state: Mapping[Any, Any], source: str) -> dict[Any, Any]:
+    """``state`` without its digest entry, after checking that its content matches the digest (if it
+    has one); :class:`CheckpointError` if not."""
+    entries = [k for k, v in state.items()
+               if k == CHECKSUM_KEY or (isinstance(v, str) and _DIGEST_VALUE.fullmatch(v))]
+    rest = {k: v for k, v in state.items() if k not in entries}
+    if not entries:
+        return rest
+    try:
+        actual = "sha256:" + content_digest(rest)
+    except TypeError as e:  # damaged bytes that unpickled to something this project never writes
+        raise CheckpointError(f"checkpoint {source} is corrupted: {e}") from None
+    for key in entries:
+        if state[key] != actual:
+            raise CheckpointError(
+                f"checkpoint {source} is corrupted: its content does not match the SHA-256 digest written with it "
+                f"(stored {str(state[key])[:19]}..., computed {actual[:19]}...); the file changed after it was "
+                f"written (disk or copy error). Use the previous checkpoint (--resume falls back to "
+                f"checkpoint.prev.pt); if you edited it on purpose, delete its '{CHECKSUM_KEY}' entry")
+    return rest
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -201,8 +211,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read "
                               f"({type(e).__name__}: {first})") from None
     if isinstance(state, dict):
-        verify_digest(state, str(path))
+        state = verify_digest(state, str(path))
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a densenet training checkpoint (no 'model' and 'config' entries)")
-    state.pop(CHECKSUM_KEY, None)
     return state

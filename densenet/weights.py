@@ -69,7 +69,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                                f"{type(e).__name__}: {str(e)[:300]}") from None
         if isinstance(state, Mapping):  # this project's checkpoints carry a digest of their content
             try:
-                verify_digest(state, str(path))
+                state = verify_digest(state, str(path))
             except CheckpointError as e:
                 raise WeightsError(str(e)) from None
     return unwrap_state_dict(state, source=str(path))

@@ -1,25 +1,56 @@
 """Safe reading of tar and zip archives: member names are checked before anything is read or written.
 
 A member is refused when its name is absolute, contains ``..``, or it is a link, device or FIFO
-(links could point outside the destination). Truncated or corrupt archives raise :class:`DataError`
-naming the archive.
+(links could point outside the destination), and before it is decompressed when it would expand more
+than :func:`max_expansion` times over its compressed size (a zip bomb: 1 GB of zeros deflates to
+1 MB). Truncated or corrupt archives raise :class:`DataError` naming the archive.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from .errors import DataError
 
-__all__ = ["check_member_name", "is_tar", "is_zip", "iter_tar_files", "safe_extract", "ARCHIVE_ERRORS"]
+__all__ = ["ARCHIVE_ERRORS", "DEFAULT_MAX_EXPANSION", "check_expansion", "check_member_name", "is_tar", "is_zip",
+           "iter_tar_files", "max_expansion", "safe_extract"]
 
 #: what the standard library raises on a truncated or corrupt archive
 ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError)
+#: refuse archive content that expands more than this many times over its compressed size
+#: (deflate reaches ~1000x on zeros; real images and datasets stay far below 10x)
+DEFAULT_MAX_EXPANSION = 200
+#: content up to this size is accepted at any ratio (small, very compressible files are common)
+EXPANSION_FREE_BYTES = 64 << 20
+EXPANSION_ENV = "DENSENET_MAX_EXPANSION"
+
+
+def max_expansion() -> float:
+    """The expansion limit: ``$DENSENET_MAX_EXPANSION`` when set (for an archive one trusts), else
+    :data:`DEFAULT_MAX_EXPANSION`."""
+    text = os.environ.get(EXPANSION_ENV, "")
+    try:
+        return float(text) if text else DEFAULT_MAX_EXPANSION
+    except ValueError:
+        raise DataError(f"{EXPANSION_ENV}={text!r} is not a number (the largest uncompressed/compressed size ratio "
+                        f"of archive content to accept; default {DEFAULT_MAX_EXPANSION})") from None
+
+
+def check_expansion(archive: str | os.PathLike, what: str, size: int, compressed: int,
+                    limit: float | None = None) -> None:
+    """:class:`DataError` if ``size`` uncompressed bytes from ``compressed`` bytes exceed the limit."""
+    limit = max_expansion() if limit is None else limit
+    if size > EXPANSION_FREE_BYTES and size > limit * max(compressed, 1):
+        ratio = size / max(compressed, 1)
+        raise DataError(f"{archive}: refused {what}: {size:,} bytes from {compressed:,} compressed ({ratio:,.0f}x), "
+                        f"more than the limit of {limit:g}x (a possible zip bomb); if you trust this archive, raise "
+                        f"the limit with {EXPANSION_ENV}={math.ceil(ratio) + 1}")
 
 
 def check_member_name(archive: str | os.PathLike, name: str) -> str:
@@ -48,6 +79,7 @@ def iter_tar_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
 
     Links and special members are refused unless they are directories; names are checked.
     """
+    total, compressed = 0, Path(path).stat().st_size
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -56,6 +88,8 @@ def iter_tar_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
                     continue
                 if not m.isfile():
                     raise DataError(f"{path}: refused member {m.name!r}: links and special files are not allowed")
+                total += m.size
+                check_expansion(path, f"member {m.name!r} (the archive's content up to it)", total, compressed)
                 f = tar.extractfile(m)
                 data = f.read() if f is not None else b""
                 if len(data) != m.size:
@@ -81,6 +115,7 @@ def safe_extract(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                     name = check_member_name(path, info.filename)
                     if (info.external_attr >> 16) & 0o170000 == 0o120000:  # a symlink stored by Info-ZIP
                         raise DataError(f"{path}: refused member {info.filename!r}: links are not allowed")
+                    check_expansion(path, f"member {info.filename!r}", info.file_size, info.compress_size)
                     target = dest / name
                     if info.is_dir():
                         target.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .archive import ARCHIVE_ERRORS, check_member_name, is_zip
+from .archive import ARCHIVE_ERRORS, check_expansion, check_member_name, is_zip
 from .errors import DataError
 
-__all__ = ["IMAGE_SUFFIXES", "ImageTree", "decode_image", "scan_tree", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTree", "decode_image", "scan_tree"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 #: refuse images with more pixels than this (decompression bombs); Pillow's own default limit
-DEFAULT_MAX_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -82,7 +82,9 @@ class ImageTree:
                 return (self.root / name).read_bytes()
             if self._zip is None or self._zip_pid != os.getpid():  # one handle per process
                 self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-            return self._zip.read(name)
+            info = self._zip.getinfo(name)
+            check_expansion(self.root, f"member {name!r}", info.file_size, info.compress_size)
+            return self._zip.read(info)
         except (FileNotFoundError, KeyError):
             raise DataError(f"{self.location(name)}: file missing") from None
         except ARCHIVE_ERRORS as e:
