@@ -156,15 +156,18 @@ def save_rotating(out_dir: str | os.PathLike, state: dict[str, Any], *, name: st
 # ---------------------------------------------------------------------------- reading
 def refused_global(message: str) -> str | None:
     """The global a ``weights_only`` load refused, if that is why it failed (None: damaged stream)."""
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    match = re.search(r"GLOBAL ([\w.]+)", message)
     return match.group(1) if match else None
 
 
 def unpickler_reason(message: str) -> str:
     """The reason in a ``weights_only`` load's error, without torch's advice to load unsafely."""
     match = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
-    lines = message.strip().splitlines()
-    return (match.group(1) if match else lines[0] if lines else "unreadable pickle")[:200]
+    if match:
+        return match.group(1)[:200]
+    advice = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "WeightsUnpickler")
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(advice)]
+    return lines[0][:200] if lines else "unreadable pickle"
 
 
 def verify_digest(state: Mapping[Any, Any], source: str) -> dict[Any, Any]:

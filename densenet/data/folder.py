@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -26,13 +27,29 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open(data: bytes, own_limit: bool) -> Image.Image:
+    """``Image.open`` (which reads the header only); with ``own_limit`` Pillow's global pixel limit
+    is off meanwhile, so that the caller's limit (which a user may raise above Pillow's) decides."""
+    if not own_limit:
+        return Image.open(io.BytesIO(data))
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The image in ``data`` as an RGB Pillow image; :class:`DataError` naming ``name`` if it cannot be
     decoded or has more than ``max_pixels`` pixels (None: Pillow's limit only)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = _open(data, own_limit=max_pixels is not None)
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise DataError(f"{name}: {im.width}x{im.height} image exceeds the limit of {max_pixels:,} pixels "
                                 "(possible decompression bomb; raise max_image_pixels to accept it)")
