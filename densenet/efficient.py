@@ -33,7 +33,7 @@ from .sync_bn import SyncBatchNorm2d, bn_backward, sync_active, sync_moments
 if TYPE_CHECKING:
     from .model import DenseBlock, DenseLayer
 
-__all__ = ["can_use_fast_block", "fast_block_forward"]
+__all__ = ["bn_relu_pool", "can_fuse_bn_relu_pool", "can_use_fast_block", "fast_block_forward"]
 
 _aten = torch.ops.aten
 
@@ -331,3 +331,45 @@ def fast_block_forward(block: "DenseBlock", x: Tensor, memory_efficient: bool = 
     with torch.no_grad():
         b2, *_ = _block_forward(spec, x, params, save=False)
     return _nchw(b2, spec.n, spec.h, spec.w)
+
+
+# ---------------------------------------------------------------------------- transitions
+def can_fuse_bn_relu_pool(norm: nn.Module, relu: nn.Module, x: Tensor) -> bool:
+    """Whether a transition's BN-ReLU-2x2 average pool can run as :func:`bn_relu_pool`: training
+    with gradients, a plain ``nn.BatchNorm2d`` (not synchronised), no hooks, float input."""
+    return (
+        type(norm) is nn.BatchNorm2d and norm.training and torch.is_grad_enabled() and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64) and norm.affine and norm.track_running_stats
+        and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+        and not _global_hooks() and not _has_hooks(norm) and not _has_hooks(relu)
+    )
+
+
+class _BNReLUPool(torch.autograd.Function):
+    """avg_pool2d(relu(batch_norm(x)), 2) saving only x and the batch statistics; BN-ReLU is
+    recomputed in backward, so no full-resolution activation is kept between the passes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
+        f = _bn_factor(norm)
+        y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f, norm.eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = norm.eps
+        return F.avg_pool2d(y.relu_(), 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        scale = (weight * invstd).view(1, -1, 1, 1)
+        y = torch.addcmul((bias - mean * weight * invstd).view(1, -1, 1, 1), x, scale).relu_()
+        g = _aten.avg_pool2d_backward(grad, y, [2, 2], [2, 2], [0, 0], False, True, None)
+        g = _aten.threshold_backward(g, y, 0)
+        gx, gw, gb = _aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, ctx.eps,
+                                                      [True, True, True])
+        return gx, gw, gb, None
+
+
+def bn_relu_pool(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, H // 2, W // 2): training-mode BN (running statistics updated once),
+    ReLU and 2x2 average pooling; call only when :func:`can_fuse_bn_relu_pool`."""
+    return _BNReLUPool.apply(x, norm.weight, norm.bias, norm)

@@ -147,6 +147,25 @@ class Transition(nn.Sequential):
         if drop_rate > 0:
             self.add_module("drop", nn.Dropout(drop_rate))
         self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
+        self.fast = True  # set by DenseNet
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The paper's order, BN-ReLU-conv-pool, or in the fast path BN-ReLU-pool-conv: a 1x1
+        convolution and a 2x2 average commute, so pooling first gives the same maps with 4x fewer
+        convolution multiply-adds; in training BN-ReLU-pool is one step that keeps only its input for
+        backward (``densenet.efficient.bn_relu_pool``)."""
+        drop = self.training and "drop" in self._modules
+        if torch.jit.is_scripting() or not self.fast or drop or _has_hooks(self.conv) or _has_hooks(self.pool):
+            return super().forward(x)
+        from .efficient import bn_relu_pool, can_fuse_bn_relu_pool
+
+        if can_fuse_bn_relu_pool(self.norm, self.relu, x):
+            return self.conv(bn_relu_pool(self.norm, x))
+        return self.conv(self.pool(self.relu(self.norm(x))))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class DenseNet(nn.Module):
@@ -247,7 +266,8 @@ class DenseNet(nn.Module):
                 out = int(math.floor(compression * channels))
                 if out < 1:
                     raise ValueError(f"compression {compression} leaves no feature maps after block {i + 1}")
-                layers[f"transition{i + 1}"] = Transition(channels, out, drop_rate)
+                layers[f"transition{i + 1}"] = transition = Transition(channels, out, drop_rate)
+                transition.fast = self.fast or self.memory_efficient
                 channels = out
                 reduction *= 2
         layers["norm5"] = nn.BatchNorm2d(channels)

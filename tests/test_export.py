@@ -183,9 +183,11 @@ def corrupt(run: Path, tmp_path: Path, kind: str) -> Path:
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     else:
-        state = torch.load(run / "checkpoint.pt", weights_only=True)
+        from densenet.checkpoint import load_checkpoint, save_checkpoint
+
+        state = load_checkpoint(run / "checkpoint.pt")
         state["model_config"]["growth_rate"] = 12
-        torch.save(state, path)
+        save_checkpoint(path, state)  # a consistent file (valid checksum) naming the wrong architecture
     return path
 
 
