@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,14 +99,21 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def _short_repr(value: Any) -> str:
+    """repr of a value for a message, bounded (YAML aliases can nest a value exponentially)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlevel = 80, 80, 3
+    return r.repr(value)
+
+
 def check_keys_and_types(values: dict[str, Any], source: str) -> None:
     """Raise ``ConfigError`` naming unknown keys and values of the wrong type."""
     fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(k if isinstance(k, str) else repr(k) for k in values if k not in fields)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     wrong = [
-        f"{k}={v!r} (expected {fields[k]})" for k, v in values.items() if not _type_ok(v, fields[k])
+        f"{k}={_short_repr(v)} (expected {fields[k]})" for k, v in values.items() if not _type_ok(v, fields[k])
     ]
     if wrong:
         raise ConfigError(f"{source}: wrong type for {'; '.join(wrong)}")
@@ -119,6 +128,10 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests lists or mappings too deeply to be a configuration") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -168,6 +181,8 @@ def validate(config: TrainConfig) -> None:
         (config.dist_backend in ("auto", "nccl", "gloo"), f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
         (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),
         (all(0 < m <= config.epochs for m in config.lr_milestones), "lr_milestones must lie in 1..epochs"),
+        (all(math.isfinite(getattr(config, k)) for k in ("lr", "momentum", "weight_decay", "lr_gamma", "drop_rate")),
+         "lr, momentum, weight_decay, lr_gamma and drop_rate must be finite numbers (not .inf or .nan)"),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:

@@ -11,15 +11,15 @@ import hashlib
 import os
 import struct
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from ..atomic import atomic_open
 from .errors import DataError
 
-__all__ = ["cache_dir", "cache_path", "save_arrays", "load_arrays", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "cache_dir", "cache_path", "load_arrays", "save_arrays"]
 
 FORMAT_VERSION = 1
 
@@ -80,6 +80,6 @@ def load_arrays(path: str | os.PathLike, mmap: bool = True) -> dict[str, np.ndar
                                      order="F" if fortran else "C")
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise DataError(f"cache file {path} is damaged ({e}); delete it to rebuild it") from None
+    except Exception as e:  # noqa: BLE001 - a damaged zip or .npy header raises nearly anything (struct, tokenize, ...)
+        raise DataError(f"cache file {path} is damaged ({type(e).__name__}: {e}); delete it to rebuild it") from None
     return out
