@@ -9,6 +9,7 @@ repeat and medians are reported, so ratios hold even when the machine is shared.
     python bench/bench_speed.py                 # a few minutes: BC-100 train + inference, memory
     python bench/bench_speed.py --full          # + BC-250 k=24 and DenseNet-121 training and memory
     python bench/bench_speed.py --compile       # + torch.compile of the fast model (~5 min to compile)
+    python bench/bench_speed.py --levers        # + the layer-by-layer form, NCHW and channels_last
 """
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def build(impl: str, name: str) -> torch.nn.Module:
         return create_model(name, num_classes=10 if "bc" in name else 1000)
     if impl == "ours_me":
         return create_model(name, num_classes=10 if "bc" in name else 1000, memory_efficient=True)
-    if impl == "ours_ref":
+    if impl == "ours_ref":  # the paper's layer-by-layer form (concatenation per layer), NCHW
         return create_model(name, num_classes=10 if "bc" in name else 1000, fast=False)
+    if impl == "ours_ref_cl":  # the same in channels_last: the layout lever alone
+        return create_model(name, num_classes=10 if "bc" in name else 1000, fast=False).to(memory_format=torch.channels_last)
     raise ValueError(impl)
 
 
@@ -165,6 +168,8 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast model for training (~300 s compile)")
+    p.add_argument("--levers", action="store_true",
+                   help="also train the layer-by-layer form of this project (NCHW and channels_last), to separate the levers")
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -191,7 +196,8 @@ def main() -> None:
         results[title] = per_s
 
     # ---------------------------------------------------------------- training throughput
-    train_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"], args.repeats)] if not args.memory_only else []
+    bc100 = ["tv", "tv_me", "ours_ref", "ours_ref_cl", "ours", "ours_me"] if args.levers else ["tv", "tv_me", "ours", "ours_me"]
+    train_cases = [("bc100", 64, bc100, args.repeats)] if not args.memory_only else []
     if args.full:
         train_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"], 2), ("bc250", 64, ["tv_me", "ours", "ours_me"], 2),
                         ("d121", 16, ["tv", "ours", "ours_me"], 3)]
