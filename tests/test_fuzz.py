@@ -4,18 +4,21 @@ types. Only the project's own errors may come out (DataError, CheckpointError, W
 ConfigError), never another exception, a crash or a hang (an example running past 30 s fails).
 
 CI runs a bounded number of cases per reader, the same ones every time (``derandomize``); the slow
-variant runs 5x as many. Each test prints how many cases it tried and what came out of them.
+variant runs 5x as many. Each test prints how many cases it tried and what came out of them. For a
+longer search with fresh random cases: ``DENSENET_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py -k reader -s``.
 """
 from __future__ import annotations
 
 import collections
 import gzip
 import io
+import os
 import pickle
 import random
 import signal
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -45,9 +48,12 @@ from densenet.config import ConfigError, TrainConfig, resolve_config
 from densenet.data import DataError, build_data, decode_image
 from densenet.data.cache import load_arrays, save_arrays
 from densenet.data.cifar import find_cifar, read_cifar
+from densenet.data.matfile import read_mat_arrays
 from densenet.data.svhn import read_svhn_mat
 
-EXAMPLES = 100  # per reader in CI
+EXAMPLES = int(os.environ.get("DENSENET_FUZZ_EXAMPLES", "100"))  # per reader (100 in CI)
+FRESH = "DENSENET_FUZZ_EXAMPLES" in os.environ
+VERBOSE = bool(os.environ.get("DENSENET_FUZZ_VERBOSE"))  # print every error that came out  # new random cases each run instead of CI's fixed ones
 SLOW_FACTOR = 5
 MAX_PIXELS = 4_000_000  # keeps mutated image headers from allocating large images
 TIME_LIMIT = 30  # seconds per example: longer is a hang
@@ -126,27 +132,32 @@ def run_fuzz(reader: str, strategy: st.SearchStrategy, check, allowed: tuple[typ
     """Feed ``check`` the examples of ``strategy``; only ``allowed`` errors may come out of it."""
     counts = COUNTS[reader]
     counts.clear()
+    slowest = [0.0]
 
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=examples, deadline=None, derandomize=not FRESH, database=None,
               suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
     @given(strategy)
     def one(example) -> None:
         counts["cases"] += 1
         previous = signal.signal(signal.SIGALRM, _alarm)
         signal.alarm(TIME_LIMIT)
+        start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 check(example, Path(tmp))
             counts["read"] += 1
         except allowed as e:
             counts[type(e).__name__] += 1
+            if VERBOSE:
+                print(f"  {type(e).__name__}: {str(e)[-160:]}")
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
+            slowest[0] = max(slowest[0], time.perf_counter() - start)
 
     one()
     print(f"\nfuzz {reader}: {counts['cases']} cases; outcomes: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "cases"))
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "cases") + f"; slowest {slowest[0]:.2f} s")
     assert counts["cases"] >= min(examples, 20)
 
 
@@ -295,14 +306,23 @@ def images(seeds, examples):
 def image_folders(seeds, examples):
     names = st.lists(st.text(st.characters(codec="utf-8", exclude_characters="\0"), min_size=1, max_size=30),
                      min_size=1, max_size=6)
+    members = sorted(n for n in zipfile.ZipFile(io.BytesIO(seeds["image_zip"])).namelist() if not n.endswith("/"))
     payload = st.one_of(st.tuples(st.just("zip"), damaged(seeds["image_zip"])),
+                        st.tuples(st.just("folder"), st.tuples(st.sampled_from(members), st.data())),
+                        st.tuples(st.just("folder"), st.tuples(st.sampled_from(members), st.data())),
                         st.tuples(st.just("names"), names),
                         st.tuples(st.just("cifar-images"), mutated(seeds["image_zip"])))
 
     def check(example, tmp: Path):
         kind, content = example
         path = tmp / "data.zip"
-        if kind == "names":  # a zip of images under generated member names
+        if kind == "folder":  # a directory tree with one image damaged
+            path = tmp / "tree"
+            name, data = content
+            with zipfile.ZipFile(io.BytesIO(seeds["image_zip"])) as z:
+                z.extractall(path)
+            (path / name).write_bytes(data.draw(damaged((path / name).read_bytes())))
+        elif kind == "names":  # a zip of images under generated member names
             with zipfile.ZipFile(path, "w") as z:
                 for i, name in enumerate(content):
                     z.writestr(name, seeds["images"]["PNG"] if i % 2 else b"not an image")
@@ -400,6 +420,32 @@ def test_nasty_yaml_configs(tmp_path, text, message):
     with pytest.raises(ConfigError) as refused:
         resolve_config({}, tmp_path / "c.yaml")
     assert message in str(refused.value) and len(str(refused.value)) < 2000
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_reader_agrees_with_scipy(tmp_path, compressed):
+    """The own .mat reader gives what scipy.io.loadmat gives on valid files (several label types),
+    skipping variables that are not numeric matrices."""
+    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
+    for y in (np.array([[1], [10], [5], [3], [2]], np.uint8), np.array([[1.0], [10], [5], [3], [2]]), np.arange(1, 6)[:, None]):
+        scipy.io.savemat(tmp_path / "a.mat", {"note": "text", "cell": np.array([1, "a"], dtype=object), "X": x, "y": y},
+                         do_compression=compressed)
+        ours, theirs = read_mat_arrays(tmp_path / "a.mat", ("X", "y")), scipy.io.loadmat(tmp_path / "a.mat")
+        for k in ("X", "y"):
+            assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape
+            np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_mat_file_that_crashed_scipy(tmp_path):
+    """Found by the fuzzer: one altered type code (miUINT8 -> 127) made scipy.io.loadmat segfault."""
+    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)})
+    raw = bytearray((tmp_path / "train_32x32.mat").read_bytes())
+    at = raw.find(b"\x01\x00\x01\x00X\x00\x00\x00") + 8  # the name 'X' (a small element), then X's data tag
+    assert raw[at] == 2
+    raw[at] = 127
+    (tmp_path / "train_32x32.mat").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="not a readable MATLAB file.*data type code 127"):
+        read_svhn_mat(tmp_path / "train_32x32.mat")
 
 
 READERS = {f.__name__: f for f in (cifar_binary, cifar_python, cifar_archive, svhn_mat, images, image_folders,

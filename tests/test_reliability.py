@@ -104,10 +104,10 @@ def kill_writers(tmp_path: Path, rounds: int, seed: int, numel: int = 400_000) -
     errors = (tmp_path / "writers.err").open("w")  # (resume's fallback warnings land here)
     zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(out), str(progress), str(numel)], cwd=ROOT, env=ENV,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
-    counts = {"tried": 0, "lost": 0, "mid_write": 0, "between_renames": 0, "checkpoints_written": 0}
+    counts = {"tried": 0, "lost": 0, "resumed": 0, "mid_write": 0, "between_renames": 0, "checkpoints_written": 0}
     try:
         assert zygote.stdout.readline().strip() == "ready"
-        newest_reported = 0
+        newest_reported = resume_expected = 0
         for _ in range(rounds):
             assert zygote.poll() is None, (tmp_path / "writers.err").read_text()
             zygote.stdin.write("fork\n")
@@ -117,6 +117,9 @@ def kill_writers(tmp_path: Path, rounds: int, seed: int, numel: int = 400_000) -
             while f"start {pid} " not in (progress.read_text() if progress.exists() else ""):
                 assert time.time() < deadline, "writer did not start"
                 time.sleep(0.002)
+            resumed_at = int(progress.read_text().split(f"start {pid} ")[1].split()[0])
+            assert resumed_at == resume_expected, "the writer did not resume from the checkpoint found after the kill"
+            counts["resumed"] += resumed_at > 0
             time.sleep(rng.uniform(0, 0.25))  # a random moment of the write loop
             zygote.stdin.write(f"kill {pid}\n")
             zygote.stdin.flush()
@@ -138,6 +141,7 @@ def kill_writers(tmp_path: Path, rounds: int, seed: int, numel: int = 400_000) -
                 counts["lost"] += 1
             assert torch.equal(state["model"]["w"], torch.full((numel,), float(step)))
             assert torch.equal(state["optimizer"]["state"][0]["momentum_buffer"], torch.full((numel // 2,), -float(step)))
+            resume_expected = step
         counts["checkpoints_written"] = newest_reported
     finally:
         zygote.kill()
@@ -149,7 +153,7 @@ def kill_writers(tmp_path: Path, rounds: int, seed: int, numel: int = 400_000) -
 def test_sigkill_during_checkpoint_writes_loses_nothing(tmp_path):
     counts = kill_writers(tmp_path, rounds=30, seed=1)
     print(f"\nkill during checkpoint writes: {counts}")
-    assert counts["tried"] == 30 and counts["lost"] == 0
+    assert counts["tried"] == 30 and counts["lost"] == 0 and counts["resumed"] >= 29
     assert counts["checkpoints_written"] > 30  # the kills did land while checkpoints were being written
     assert counts["mid_write"] > 0  # and some in the middle of a write
 

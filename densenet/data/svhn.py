@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from .errors import DataError, DataNotFound
+from .matfile import read_mat_arrays
 
-__all__ = ["SVHN_FILES", "read_svhn_mat", "find_svhn", "read_svhn"]
+__all__ = ["SVHN_FILES", "find_svhn", "read_svhn", "read_svhn_mat"]
 
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
 
@@ -21,13 +21,15 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "ex
 def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN .mat file -> (images (N, 3, 32, 32) uint8, labels (N,) int64 with 10 mapped to 0)."""
     try:
-        m = scipy.io.loadmat(path, variable_names=["X", "y"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: file missing") from None
-    except Exception as e:  # scipy raises ValueError, TypeError, OSError, ... on damaged files
-        raise DataError(f"{path}: not a readable MATLAB file, truncated or corrupt ({type(e).__name__}: {e})") from None
+        m = read_mat_arrays(path, ("X", "y"))  # not scipy.io.loadmat: it crashes on some damaged files
+    except DataError as e:
+        if "file missing" in str(e) or "zip bomb" in str(e):
+            raise
+        raise DataError(f"{path}: not a readable MATLAB file, truncated or corrupt "
+                        f"({str(e).removeprefix(f'{path}: ')})") from None
     if "X" not in m or "y" not in m:
-        raise DataError(f"{path}: expected variables X (32, 32, 3, N) and y (N, 1); found {', '.join(k for k in m if not k.startswith('__'))}")
+        raise DataError(f"{path}: expected numeric variables X (32, 32, 3, N) and y (N, 1); found "
+                        f"{', '.join(m) or 'neither'}")
     x, y = np.asarray(m["X"]), np.asarray(m["y"]).reshape(-1)
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
         raise DataError(f"{path}: X is {x.dtype} {x.shape}, expected uint8 (32, 32, 3, N)")
