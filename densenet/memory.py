@@ -119,10 +119,12 @@ def _training_count(model: nn.Module, image_size: int, fast: bool, efficient: bo
         grad_peak = max(grad_peak, count.kept + grad)
         if i < len(blocks) - 1:
             c_out = math.floor(model.compression * c)
-            # transition: ReLU output (kept by ReLU and the conv), conv output (kept by the pool),
-            # pooled output (the next block's input)
-            count.stage(m * c + m * c_out + (m // 4) * c_out, m * c, m * c_out if drop > 0 else 0)
-            grad_peak = max(grad_peak, count.kept + 2 * m * c + m * c_out)
+            if fast:  # BN-ReLU-pool in one step keeping only its input; the conv keeps the pooled maps
+                count.stage((m // 4) * c, m * c)
+                grad_peak = max(grad_peak, count.kept + 2 * m * c + (m // 4) * c)
+            else:  # ReLU output (kept by ReLU and the conv), conv output (kept by the pool), pooled output
+                count.stage(m * c + m * c_out + (m // 4) * c_out, m * c, m * c_out if drop > 0 else 0)
+                grad_peak = max(grad_peak, count.kept + 2 * m * c + m * c_out)
     m, _, _, c = blocks[-1]
     count.stage(m * c, m * c)  # final BN-ReLU output (kept by ReLU and the global pool)
     count.peak = max(count.peak, grad_peak)
