@@ -69,6 +69,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "workers": "data-loading worker processes (image folders)",
         "checkpoint_every": "steps between mid-epoch checkpoints (0: epoch ends only)",
         "quiet": "no progress bar: one line per epoch, for log files",
+        "sync_bn": "synchronised BN over all processes (distributed training; matters for small per-process batches)",
+        "amp": "mixed precision: off, bf16, or fp16 (CUDA only, with a gradient scaler)",
+        "channels_last": "NHWC memory format for the model and its inputs (faster convolutions on GPUs)",
+        "dist_backend": "under torchrun: auto (nccl on CUDA, else gloo), nccl or gloo",
+        "dist_timeout": "seconds a collective waits for a peer process before the run stops (default 600)",
+        "memory_check": "refuse to start when a step's estimated memory clearly exceeds the available memory (default on)",
     }
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -57,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: epoch ends only)
     dist_backend: str = "auto"  # torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), nccl, gloo
     dist_timeout: int = 600  # seconds a collective waits for a peer before the run stops with an error
+    memory_check: bool = True  # refuse to start when a step's estimated memory clearly exceeds what is available
     quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +66,7 @@ class TrainConfig:
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
 RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every",
-                          "channels_last", "dist_backend", "dist_timeout"})
+                          "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 
 
 def paper_recipe(dataset: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+    local_world_size: int = 1  # processes on this machine (they share its memory)
     backend: str | None = None
 
     @property
@@ -90,7 +91,7 @@ def setup(device_name: str, backend: str = "auto", timeout_s: int = 600) -> tupl
     """
     world_size = _env_int("WORLD_SIZE", 1)
     d = Dist(rank=_env_int("RANK", 0), world_size=world_size, local_rank=_env_int("LOCAL_RANK", 0),
-             restart=_env_int("TORCHELASTIC_RESTART_COUNT", 0))
+             restart=_env_int("TORCHELASTIC_RESTART_COUNT", 0), local_world_size=_env_int("LOCAL_WORLD_SIZE", 1))
     if world_size <= 1:
         return d, device_name
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not os.environ.get(v)]

@@ -21,10 +21,12 @@ def count_macs(model: DenseNet, input_size: int) -> int:
     """Multiply-adds of one forward pass of one ``input_size`` x ``input_size`` image.
 
     Counted by ``torch.utils.flop_counter`` (which reports 2 FLOPs per multiply-add) on a copy of
-    the architecture on the meta device: no memory, no arithmetic, any model size.
+    the architecture on the meta device: no memory, no arithmetic, any model size. The count is
+    that of the paper's formulation (as torchvision's): transitions convolve, then pool. The fast
+    path pools first and does fewer multiply-adds than counted here.
     """
     with torch.device("meta"):
-        meta = DenseNet(**model.config()).eval()
+        meta = DenseNet(**{**model.config(), "fast": False, "memory_efficient": False}).eval()
         x = torch.empty(1, model.in_channels, input_size, input_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         meta(x)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,12 +27,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .atomic import atomic_write_text
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_rotating
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .curves import plot_curves
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .evaluate import evaluate, topk_correct
 from .registry import create_model, model_spec
+from .memory import check_memory, estimate_memory
+from .runlock import RunLock
 from .sync_bn import convert_sync_batchnorm
 from .weights import load_state_dict, read_state_dict
 
@@ -242,8 +244,6 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
 
 
 def _train(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, force: bool) -> dict[str, Any]:
-    from .data import build_data  # imported here: the model library does not need the data stack
-
     if config.batch_size % dd.world_size:
         raise ConfigError(f"batch_size {config.batch_size} (the global batch) is not divisible by the "
                           f"{dd.world_size} processes; each process takes batch_size / world_size images per step")
@@ -253,6 +253,20 @@ def _train(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, for
     if dd.restart > 0:  # torchrun restarted the job after a worker failed: continue from the last checkpoint
         resume = has_checkpoint(out)
         force = not resume
+    with ExitStack() as held:
+        if dd.main:
+            if resume and not out.is_dir():
+                raise ConfigError(f"cannot resume: {out} does not exist")
+            out.mkdir(parents=True, exist_ok=True)
+        # one training per run folder (a dead process's lock goes with it); taken before any file is touched
+        on_main(dd, lambda: held.enter_context(RunLock(out)) and None)
+        return _run(config, dd, device, amp_dtype, use_scaler, out, resume=resume, force=force)
+
+
+def _run(config: TrainConfig, dd: Dist, device: torch.device, amp_dtype: torch.dtype | None, use_scaler: bool,
+         out: Path, *, resume: bool, force: bool) -> dict[str, Any]:
+    from .data import build_data  # imported here: the model library does not need the data stack
+
     on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
     checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
     configure_runtime(config, device)
@@ -269,6 +283,10 @@ def _train(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, for
         model.features.requires_grad_(False)
     if config.sync_bn:
         convert_sync_batchnorm(model)
+    if config.memory_check:  # stop now, with advice, rather than be killed by the OS minutes later
+        estimate = estimate_memory(model, config.batch_size // dd.world_size, data.image_size,
+                                   amp=amp_dtype is not None, name=config.model)
+        check_memory(estimate, device=device, processes=1 if device.type == "cuda" else dd.local_world_size)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     # the dense blocks compute in channels_last, so their weight gradients come in that layout; under
     # DDP the weights take it too, so that gradients match DDP's buckets without a copy
@@ -308,15 +326,13 @@ def _train(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, for
     def snapshot(epoch: int, step: int, partial: dict) -> None:
         """Everything needed to continue bit-identically from batch ``step`` of ``epoch`` (every rank
         calls it; rank 0 writes)."""
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingStopped(f"the weights became NaN or infinite at epoch {epoch + 1}, step {step}: the run "
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise TrainingStopped(f"the weights or BN statistics became NaN or infinite at epoch {epoch + 1}, step {step}: the run "
                                   f"diverged; the last good checkpoint in {out} is kept (try a lower --lr)", 3)
         rngs = dd.gather(rng_state())
 
-        def write() -> None:
-            if (out / "checkpoint.pt").exists():
-                os.replace(out / "checkpoint.pt", out / "checkpoint.prev.pt")
-            save_checkpoint(out / "checkpoint.pt", {
+        def write() -> None:  # the new file complete on disk before the old one becomes checkpoint.prev.pt
+            save_rotating(out, {
                 "format": "densenet-checkpoint-v1", "config": config.to_dict(), "model_config": model_config(model),
                 "data": data_info, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "partial": partial,

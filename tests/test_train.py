@@ -224,3 +224,36 @@ def test_init_from_torchvision_state_dict_reinitialises_a_different_head(tmp_pat
     printed = capsys.readouterr().out
     assert re.search(r"imagenet test set, 12 images: top-1 error [\d.]+%, top-5 error 0.00%", printed)
     assert re.search(r"10-crop: top-1 error [\d.]+%", printed)
+
+
+def test_second_training_on_the_same_run_folder_is_refused(tmp_path, capsys):
+    """While one training holds a run folder, another (a resume, or a fresh start with --force) is
+    refused with the holder's pid; once the first is gone (even SIGKILLed) the folder is free."""
+    out = tmp_path / "busy"
+    proc = subprocess.Popen([sys.executable, "-m", "densenet", "train", *TINY, "--epochs", "50", "--checkpoint-every", "2",
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.02)
+        assert main(["train", "--resume", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training" in err and str(proc.pid) in err, err
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(out), "--force"]) == 2
+        assert str(proc.pid) in capsys.readouterr().err
+        assert (out / "checkpoint.pt").exists()  # --force deleted nothing of the running training
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out), "--force"]) == 0
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "huge"
+    code = main(["train", "--model", "densenet_bc250_k24", "--batch-size", "65536", "--epochs", "1", "--quiet",
+                 "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "--memory-efficient" in err and "--batch-size of at most" in err, err
+    assert not (out / "checkpoint.pt").exists()
