@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
 from .config import ConfigError
 
@@ -97,7 +96,7 @@ class RunLock:
             os.close(self._fd)  # closing drops the record lock
             self._fd = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "RunLock":
         self.acquire()
         return self
 
