@@ -116,6 +116,28 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, and wait until they are gone."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in _children(p)]
+        pids += frontier
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    for p in pids[1:]:  # the first is the caller's child: reaped by its wait()
+        while Path(f"/proc/{p}").exists() and time.time() < deadline:
+            try:
+                if (Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
+                    break  # dead, waiting for its parent to reap it
+            except OSError:
+                break
+            time.sleep(0.02)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -164,10 +186,10 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_back(tmp_path):
         else:
             cmd = [sys.executable, "-m", "densenet"]
         proc = subprocess.Popen([*cmd, *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=env(), start_new_session=True)
+                                env=env())
         try:
             _wait_for(out / "checkpoint.pt", proc)
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # torchrun and its workers (which it may start in sessions of their own)
         finally:
             proc.wait()
         stopped = load_checkpoint(out / "checkpoint.pt")
