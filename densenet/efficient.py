@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sync_bn import SyncBatchNorm2d, bn_backward, sync_active, sync_moments
+from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
 if TYPE_CHECKING:
     from .model import DenseBlock, DenseLayer
@@ -84,22 +84,6 @@ def can_use_fast_block(block: "DenseBlock", x: Tensor) -> bool:
         if layer.norm1.eps != eps:
             return False
     return True
-
-
-def _bn_factor(bn: nn.BatchNorm2d) -> float:
-    """Exponential-average factor of ``bn`` for this step, incrementing num_batches_tracked (as BatchNorm2d)."""
-    bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:
-        return 1.0 / float(bn.num_batches_tracked)
-    return bn.momentum
-
-
-def _update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """running = (1 - f) * running + f * batch statistic, with the unbiased variance."""
-    f = _bn_factor(bn)
-    with torch.no_grad():
-        bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
-        bn.running_var.mul_(1 - f).add_(var, alpha=f * count / (count - 1))
 
 
 def _nchw(t2d: Tensor, n: int, h: int, w: int) -> Tensor:
@@ -175,7 +159,7 @@ def _block_forward(
     for i, layer in enumerate(spec.layers):
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
-        _update_running(layer.norm1, mean[:c], var[:c], spec.total)
+        update_running(layer.norm1, mean[:c], var[:c], spec.total)
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
         t = torch.addcmul(shift, b2[:, :c], scale).relu_()
         if spec.bottleneck:
@@ -185,12 +169,12 @@ def _block_forward(
             if spec.sync:
                 v2, m2 = torch.var_mean(z, dim=0, correction=0)
                 m2, v2, total = sync_moments(m2, v2, m, spec.group)
-                _update_running(norm2, m2, v2, total)
+                update_running(norm2, m2, v2, total)
                 s2 = torch.rsqrt(v2 + norm2.eps)
                 sc2 = p[3] * s2
                 r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2).relu_(), n, h, w)
             else:
-                f = _bn_factor(norm2)
+                f = bn_factor(norm2)
                 u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
                 r = u.relu_()
             o = F.conv2d(r, p[5], padding=1)
@@ -351,7 +335,7 @@ class _BNReLUPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
-        f = _bn_factor(norm)
+        f = bn_factor(norm)
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f, norm.eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = norm.eps

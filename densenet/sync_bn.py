@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["SyncBatchNorm2d", "convert_sync_batchnorm", "sync_active", "sync_moments", "sync_sum", "bn_backward"]
+__all__ = ["SyncBatchNorm2d", "bn_backward", "bn_factor", "convert_sync_batchnorm", "sync_active", "sync_moments",
+           "sync_sum", "update_running"]
 
 
 def sync_active(group: Any = None) -> bool:
@@ -63,13 +64,28 @@ def bn_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, weight: Tensor | None,
     return gx, sum_dy_xhat, sum_dy
 
 
+def bn_factor(bn: nn.BatchNorm2d) -> float:
+    """Exponential-average factor of ``bn`` for this step, incrementing num_batches_tracked (as BatchNorm2d)."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def update_running(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """Running statistics of ``bn`` from one step's batch statistics over ``count`` values:
+    running = (1 - f) * running + f * statistic, with the unbiased variance."""
+    f = bn_factor(bn)
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - f).add_(mean, alpha=f)
+        bn.running_var.mul_(1 - f).add_(var, alpha=f * count / max(count - 1, 1))
+
+
 class _SyncBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, bn: "SyncBatchNorm2d") -> Tensor:  # type: ignore[override]
         rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): channel last, whatever x's memory layout
         var, mean = torch.var_mean(rows, dim=(0, 1, 2), correction=0)
         mean, var, total = sync_moments(mean, var, rows.numel() // rows.shape[-1], bn.process_group)
-        bn.update_running(mean, var, total)
+        update_running(bn, mean, var, total)
         invstd = torch.rsqrt(var + bn.eps)
         xhat = (rows - mean) * invstd
         ctx.save_for_backward(xhat, invstd, weight)
@@ -88,14 +104,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     (the default group when None). Outside distributed training it is exactly ``BatchNorm2d``."""
 
     process_group: Any = None
-
-    def update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
-        """Running statistics from one step's global batch statistics (unbiased variance)."""
-        self.num_batches_tracked.add_(1)
-        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        with torch.no_grad():
-            self.running_mean.mul_(1 - f).add_(mean, alpha=f)
-            self.running_var.mul_(1 - f).add_(var, alpha=f * count / max(count - 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and self.affine and self.track_running_stats and sync_active(self.process_group)):
