@@ -130,15 +130,29 @@ def _bn1_affine(invstd: Tensor, mean: Tensor, weight: Tensor, bias: Tensor) -> t
     return scale, bias - mean * scale
 
 
+def _moments(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased variance and mean over the rows of an (M, C) matrix, two passes (``torch.var_mean``
+    runs 2-4x slower on these column reductions on CPU; the two-pass variance is as exact)."""
+    mean = rows.mean(0)
+    d = rows - mean
+    return d.mul_(d).mean(0), mean
+
+
 def _chunk_stats(spec: "_Block", b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor) -> None:
     """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices
     (over all processes' batches with synchronised BN)."""
-    v, mu = torch.var_mean(b2[:, lo:hi], dim=0, correction=0)
+    v, mu = _moments(b2[:, lo:hi])
     if spec.sync:
         mu, v, spec.total = sync_moments(mu, v, spec.m, spec.group)
     mean[lo:hi] = mu
     var[lo:hi] = v
     invstd[lo:hi] = torch.rsqrt(v + spec.eps)
+
+
+def _workspace(like: Tensor, spec: "_Block") -> Tensor:
+    """Flat scratch memory for one (M, C_l) matrix of the widest layer, reused by every layer: a
+    fresh tensor per layer would cost its page faults each time (tens of ms per layer on a VM)."""
+    return like.new_empty(spec.m * spec.layers[-1].in_channels)
 
 
 def _block_forward(
@@ -156,12 +170,13 @@ def _block_forward(
     _chunk_stats(spec, b2, 0, c0, mean, var, invstd)
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
+    ws = _workspace(x, spec)
     for i, layer in enumerate(spec.layers):
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         update_running(layer.norm1, mean[:c], var[:c], spec.total)
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
-        t = torch.addcmul(shift, b2[:, :c], scale).relu_()
+        t = torch.addcmul(shift, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
         if spec.bottleneck:
             z = t @ p[2].view(-1, c).t()
             norm2 = layer.norm2
@@ -195,20 +210,24 @@ def _block_backward(
     n, h, w, k, c0 = spec.n, spec.h, spec.w, spec.k, spec.c0
     gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
     gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
-    # the normalised buffer, once per block: x_hat enters BN1's weight gradient (computing that as
-    # sum(g * x) - mean * sum(g) instead would lose precision when |mean| >> std)
-    xhat = (b2 - mean).mul_(invstd)
+    # x_hat (the normalised buffer) enters BN1's weight gradient (sum(g * x) - mean * sum(g) instead
+    # would lose precision when |mean| >> std). Standard mode computes it once per block; the
+    # memory-efficient mode recomputes each layer's prefix of it into a workspace instead.
+    xhat = None if spec.memory_efficient else (b2 - mean).mul_(invstd)
+    ws_t, ws_g = _workspace(b2, spec), _workspace(b2, spec)
+    m = spec.m
     per = 6 if spec.bottleneck else 3
     grads: list[Tensor] = [torch.empty(0)] * len(params)
 
+    def normalised(lo: int, hi: int, out: Tensor | None = None) -> Tensor:
+        if xhat is not None:
+            return xhat[:, lo:hi]
+        return torch.sub(b2[:, lo:hi], mean[lo:hi], out=out).mul_(invstd[lo:hi])
+
     def finish(lo: int, hi: int) -> Tensor:
         """Final gradient of buffer channels [lo, hi): direct + BN normalisation backward of gw."""
-        if spec.sync:
-            return gd[:, lo:hi] + bn_backward(gw[:, lo:hi], xhat[:, lo:hi], invstd[lo:hi], None, spec.total, spec.group)[0]
-        g_bn = _aten.native_batch_norm_backward(
-            _nchw(gw[:, lo:hi], n, h, w), _nchw(b2[:, lo:hi], n, h, w), None, None, None,
-            mean[lo:hi], invstd[lo:hi], True, spec.eps, [True, False, False])[0]
-        return gd[:, lo:hi] + _rows(g_bn)
+        g_bn = bn_backward(gw[:, lo:hi], normalised(lo, hi), invstd[lo:hi], None, spec.total, spec.group, spec.sync)[0]
+        return g_bn.add_(gd[:, lo:hi])
 
     for i in reversed(range(len(spec.layers))):
         layer = spec.layers[i]
@@ -216,8 +235,8 @@ def _block_backward(
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
         g_o = _nchw(g_o.contiguous(), n, h, w)
-        prefix = xhat[:, :c]
-        t = torch.addcmul(p[1], prefix, p[0]).relu_()
+        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+        t = torch.addcmul(shift, b2[:, :c], scale, out=ws_t[: m * c].view(m, c)).relu_()  # as in forward
         if spec.bottleneck:
             norm2 = layer.norm2
             if spec.memory_efficient:
@@ -238,7 +257,7 @@ def _block_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
                 g_z = _rows(g_z)
             g_w1 = (g_z.t() @ t).as_strided(p[2].shape, p[2].stride())  # the weight's own strides (DDP buckets)
-            g_t = g_z @ p[2].view(-1, c)
+            g_t = torch.mm(g_z, p[2].view(-1, c), out=ws_g[: m * c].view(m, c))
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
         else:
             g_t4, g_w1, _ = _aten.convolution_backward(
@@ -249,7 +268,7 @@ def _block_backward(
         g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
         g_b1 = g_a.sum(0)
         gw[:, :c].addcmul_(g_a, p[0])
-        g_w1n = g_a.mul_(prefix).sum(0)
+        g_w1n = g_a.mul_(normalised(0, c, out=t)).sum(0)  # t is no longer needed: its memory takes x_hat
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
     return _nchw(g_x.contiguous(), n, h, w), grads
@@ -343,13 +362,21 @@ class _BNReLUPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        # two full-resolution temporaries (g, y), the rest in place: each fresh full-size tensor costs
+        # its page faults, which on a VM take longer than the arithmetic
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        scale = (weight * invstd).view(1, -1, 1, 1)
-        y = torch.addcmul((bias - mean * weight * invstd).view(1, -1, 1, 1), x, scale).relu_()
+        per_channel = (1, -1, 1, 1)
+        scale = (weight * invstd).view(per_channel)
+        y = torch.addcmul((bias - mean * weight * invstd).view(per_channel), x, scale).relu_()
         g = _aten.avg_pool2d_backward(grad, y, [2, 2], [2, 2], [0, 0], False, True, None)
-        g = _aten.threshold_backward(g, y, 0)
-        gx, gw, gb = _aten.native_batch_norm_backward(g, x, weight, None, None, mean, invstd, True, ctx.eps,
-                                                      [True, True, True])
+        g = _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+        dims = (0, 2, 3)
+        xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))  # y's memory
+        gb = g.sum(dims)
+        gw = torch.mul(g, xhat, out=xhat).sum(dims)
+        count = g.numel() // g.shape[1]
+        xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))
+        gx = g.sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
         return gx, gw, gb, None
 
 

@@ -50,14 +50,15 @@ def sync_sum(t: Tensor, group: Any = None) -> Tensor:
 
 
 def bn_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, weight: Tensor | None, total: int,
-                group: Any = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode BN backward with statistics over all processes, on (M, C) row matrices
-    (or any layout whose last dimension is the channel). Returns (grad of x, local grad of weight,
-    local grad of bias)."""
+                group: Any = None, sync: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN backward with statistics over all processes (``sync``; else this process's
+    batch of ``total`` values per channel), on (M, C) row matrices (or any layout whose last
+    dimension is the channel). Returns (grad of x, local grad of weight, local grad of bias)."""
     dims = tuple(range(gy.dim() - 1))
     sum_dy = gy.sum(dims)
     sum_dy_xhat = (gy * xhat).sum(dims)
-    both = sync_sum(torch.cat([sum_dy, sum_dy_xhat]), group) / total
+    both = torch.cat([sum_dy, sum_dy_xhat])
+    both = (sync_sum(both, group) if sync else both) / total
     c = sum_dy.numel()
     scale = invstd if weight is None else weight * invstd
     gx = (gy - both[:c] - xhat * both[c:]) * scale
