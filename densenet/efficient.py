@@ -203,6 +203,27 @@ def _block_forward(
     return b2, mean, invstd, var, saved
 
 
+def _bn1_relu_backward_rows(
+    g_t: Tensor, prefix: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+    gw: Tensor, chunk_bytes: int = 1 << 22,
+) -> tuple[Tensor, Tensor]:
+    """Backward of ``relu(prefix * scale + shift)`` (one layer's BN1-ReLU) for the memory-efficient
+    mode, in chunks of rows so that every temporary is small. ``g_t`` (M, C_l), the gradient of the
+    ReLU output, becomes the masked gradient in place; BN1 weight * it is added to ``gw`` (M, C_l).
+    Returns the BN1 bias and weight gradients (sum of g and of g * x_hat over rows), each (C_l,)."""
+    c = prefix.shape[1]
+    rows = max(1, chunk_bytes // (4 * c))
+    g_b1, g_w1 = g_t.new_zeros(c), g_t.new_zeros(c)
+    for a in range(0, prefix.shape[0], rows):
+        g = g_t[a : a + rows]
+        pre = torch.addcmul(shift, prefix[a : a + rows], scale)
+        _aten.threshold_backward.grad_input(g, pre, 0, grad_input=g)  # relu(pre) > 0 exactly where pre > 0
+        g_b1 += g.sum(0)
+        gw[a : a + rows].addcmul_(g, weight)
+        g_w1 += g.mul_(torch.sub(prefix[a : a + rows], mean, out=pre).mul_(invstd)).sum(0)
+    return g_b1, g_w1
+
+
 def _block_backward(
     spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
@@ -214,7 +235,8 @@ def _block_backward(
     # would lose precision when |mean| >> std). Standard mode computes it once per block; the
     # memory-efficient mode recomputes each layer's prefix of it into a workspace instead.
     xhat = None if spec.memory_efficient else (b2 - mean).mul_(invstd)
-    ws_t, ws_g = _workspace(b2, spec), _workspace(b2, spec)
+    ws_t = _workspace(b2, spec)
+    ws_g = ws_t if spec.memory_efficient and spec.bottleneck else _workspace(b2, spec)
     m = spec.m
     per = 6 if spec.bottleneck else 3
     grads: list[Tensor] = [torch.empty(0)] * len(params)
@@ -257,8 +279,13 @@ def _block_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
                 g_z = _rows(g_z)
             g_w1 = (g_z.t() @ t).as_strided(p[2].shape, p[2].stride())  # the weight's own strides (DDP buckets)
-            g_t = torch.mm(g_z, p[2].view(-1, c), out=ws_g[: m * c].view(m, c))
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
+            if spec.memory_efficient:  # g_t overwrites t; ReLU's mask is recomputed from the buffer
+                g_t = torch.mm(g_z, p[2].view(-1, c), out=t)
+                g_b1, g_w1n = _bn1_relu_backward_rows(g_t, b2[:, :c], scale, shift, mean[:c], invstd[:c], p[0], gw[:, :c])
+                grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
+                continue
+            g_t = torch.mm(g_z, p[2].view(-1, c), out=ws_g[: m * c].view(m, c))
         else:
             g_t4, g_w1, _ = _aten.convolution_backward(
                 g_o, _nchw(t, n, h, w), p[2], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
@@ -302,11 +329,12 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
     buf = x.new_empty(n, h, w, spec.c)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     b2 = buf.view(m, spec.c)
+    ws = _workspace(x, spec)
     for layer in spec.layers:
         c = layer.in_channels
         n1 = layer.norm1
         scale = n1.weight * torch.rsqrt(n1.running_var + n1.eps)
-        t = torch.addcmul(n1.bias - n1.running_mean * scale, b2[:, :c], scale).relu_()
+        t = torch.addcmul(n1.bias - n1.running_mean * scale, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
         if spec.bottleneck:
             n2 = layer.norm2
             s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
