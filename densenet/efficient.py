@@ -203,16 +203,19 @@ def _block_forward(
     return b2, mean, invstd, var, saved
 
 
+ROW_CHUNK_BYTES = 1 << 22  # size of each row chunk's temporaries in the memory-efficient backward
+
+
 def _bn1_relu_backward_rows(
     g_t: Tensor, prefix: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
-    gw: Tensor, chunk_bytes: int = 1 << 22,
+    gw: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Backward of ``relu(prefix * scale + shift)`` (one layer's BN1-ReLU) for the memory-efficient
     mode, in chunks of rows so that every temporary is small. ``g_t`` (M, C_l), the gradient of the
     ReLU output, becomes the masked gradient in place; BN1 weight * it is added to ``gw`` (M, C_l).
     Returns the BN1 bias and weight gradients (sum of g and of g * x_hat over rows), each (C_l,)."""
     c = prefix.shape[1]
-    rows = max(1, chunk_bytes // (4 * c))
+    rows = max(1, ROW_CHUNK_BYTES // (prefix.element_size() * c))
     g_b1, g_w1 = g_t.new_zeros(c), g_t.new_zeros(c)
     for a in range(0, prefix.shape[0], rows):
         g = g_t[a : a + rows]
