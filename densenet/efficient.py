@@ -15,6 +15,11 @@ The 1x1 convolution of a bottleneck layer is one matrix product over the N*H*W r
   (4k maps); BN1-ReLU of the prefix is recomputed (one cheap elementwise pass);
 - memory-efficient mode saves only the block buffer and per-channel statistics, and recomputes
   BN1-ReLU, the 1x1 convolution and BN2-ReLU in backward: activation memory is linear in depth.
+  Its backward holds, besides the buffer and its gradient, one (M, C) workspace shared by every
+  layer (BN1-ReLU output, then its gradient) and walks BN1-ReLU's backward in row chunks.
+
+Every pass reuses workspaces instead of allocating a fresh full-size tensor per layer: on a VM a
+fresh large tensor costs page faults that take longer than the arithmetic on it.
 
 Running statistics are updated exactly once per forward, with ``nn.BatchNorm2d``'s semantics
 (momentum or cumulative average, unbiased running variance, ``num_batches_tracked`` + 1).
