@@ -38,7 +38,7 @@ from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_
 if TYPE_CHECKING:
     from .model import DenseBlock, DenseLayer
 
-__all__ = ["bn_relu_pool", "can_fuse_bn_relu_pool", "can_use_fast_block", "fast_block_forward"]
+__all__ = ["bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_use_fast_block", "fast_block_forward"]
 
 _aten = torch.ops.aten
 
@@ -338,6 +338,7 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     b2 = buf.view(m, spec.c)
     ws = _workspace(x, spec)
+    ws_r = x.new_empty(m, spec.layers[0].conv1.out_channels) if spec.bottleneck else None
     for layer in spec.layers:
         c = layer.in_channels
         n1 = layer.norm1
@@ -347,7 +348,7 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
             n2 = layer.norm2
             s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
             w1 = layer.conv1.weight.view(-1, c) * s2[:, None]
-            r = torch.addmm(n2.bias - n2.running_mean * s2, t, w1.t()).relu_()
+            r = torch.addmm(n2.bias - n2.running_mean * s2, t, w1.t(), out=ws_r).relu_()
             o = F.conv2d(_nchw(r, n, h, w), layer.conv2.weight, padding=1)
         else:
             o = F.conv2d(_nchw(t, n, h, w), layer.conv1.weight, padding=1)
@@ -420,3 +421,26 @@ def bn_relu_pool(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, H // 2, W // 2): training-mode BN (running statistics updated once),
     ReLU and 2x2 average pooling; call only when :func:`can_fuse_bn_relu_pool`."""
     return _BNReLUPool.apply(x, norm.weight, norm.bias, norm)
+
+
+def bn_relu_pool_eval(norm: nn.Module, relu: nn.Module, x: Tensor) -> Tensor | None:
+    """Eval-mode BN (running statistics), ReLU and 2x2 average pool without autograd, (N, C, H, W) ->
+    (N, C, H // 2, W // 2), a few images at a time so that no full-size temporary is allocated.
+    Returns None when it does not apply (training, gradients, hooks, no running statistics, autocast)."""
+    if (
+        not isinstance(norm, nn.BatchNorm2d) or norm.training or torch.is_grad_enabled() or x.dim() != 4
+        or x.dtype not in (torch.float32, torch.float64) or not norm.affine or norm.running_mean is None
+        or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+        or _global_hooks() or _has_hooks(norm) or _has_hooks(relu)
+    ):
+        return None
+    n, c, h, w = x.shape
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = (norm.bias - norm.running_mean * scale).view(1, -1, 1, 1)
+    scale = scale.view(1, -1, 1, 1)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device, memory_format=layout)
+    per = max(1, ROW_CHUNK_BYTES // (x.element_size() * c * h * w))
+    for a in range(0, n, per):
+        out[a : a + per] = F.avg_pool2d(torch.addcmul(shift, x[a : a + per], scale).relu_(), 2)
+    return out

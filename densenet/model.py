@@ -157,10 +157,13 @@ class Transition(nn.Sequential):
         drop = self.training and "drop" in self._modules
         if torch.jit.is_scripting() or not self.fast or drop or _has_hooks(self.conv) or _has_hooks(self.pool):
             return super().forward(x)
-        from .efficient import bn_relu_pool, can_fuse_bn_relu_pool
+        from .efficient import bn_relu_pool, bn_relu_pool_eval, can_fuse_bn_relu_pool
 
         if can_fuse_bn_relu_pool(self.norm, self.relu, x):
             return self.conv(bn_relu_pool(self.norm, x))
+        pooled = bn_relu_pool_eval(self.norm, self.relu, x)
+        if pooled is not None:
+            return self.conv(pooled)
         return self.conv(self.pool(self.relu(self.norm(x))))
 
 

@@ -77,6 +77,20 @@ def test_memory_efficient_backward_in_many_row_chunks(monkeypatch):
     compare(ref.train(), other.train(), torch.randn(3, 3, 12, 12, dtype=torch.float64), rtol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 10_000, 1 << 22])
+def test_eval_transitions_pool_a_few_images_at_a_time(monkeypatch, chunk_bytes):
+    """In eval without gradients, transitions run BN-ReLU-pool a few images at a time (one image, a
+    ragged last chunk, all at once): same outputs as the reference, odd spatial sizes included."""
+    import densenet.efficient as efficient
+
+    monkeypatch.setattr(efficient, "ROW_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(4)
+    ref, other = pair("fast")
+    x = torch.randn(5, 3, 13, 13, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), ref.eval()(x), rtol=1e-10, atol=1e-10)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
