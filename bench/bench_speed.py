@@ -10,6 +10,7 @@ repeat and medians are reported, so ratios hold even when the machine is shared.
     python bench/bench_speed.py --full          # + BC-250 k=24 and DenseNet-121 training and memory
     python bench/bench_speed.py --compile       # + torch.compile of the fast model (~5 min to compile)
     python bench/bench_speed.py --levers        # + the layer-by-layer form, NCHW and channels_last
+    python bench/bench_speed.py --no-train      # inference and memory only
 """
 from __future__ import annotations
 
@@ -166,6 +167,7 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="also BC-250 k=24 and DenseNet-121 training (slow: tens of minutes)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--no-train", action="store_true", help="skip the training throughput section")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--compile", action="store_true", help="also torch.compile the fast model for training (~300 s compile)")
     p.add_argument("--levers", action="store_true",
@@ -197,7 +199,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- training throughput
     bc100 = ["tv", "tv_me", "ours_ref", "ours_ref_cl", "ours", "ours_me"] if args.levers else ["tv", "tv_me", "ours", "ours_me"]
-    train_cases = [("bc100", 64, bc100, args.repeats)] if not args.memory_only else []
+    train_cases = [("bc100", 64, bc100, args.repeats)] if not (args.memory_only or args.no_train) else []
     if args.full:
         train_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"], 2), ("bc250", 64, ["tv_me", "ours", "ours_me"], 2),
                         ("d121", 16, ["tv", "ours", "ours_me"], 3)]
@@ -260,6 +262,9 @@ def main() -> None:
                 else:
                     print(f"  {case} batch {batch} {impl:8s} above baseline {r['above_baseline'] / 2**30:6.2f} GiB, "
                           f"peak RSS {r['peak'] / 2**30:6.2f} GiB")
+    after = matmul_gflops()
+    results["matmul_gflops_after"] = after
+    print(f"# fp32 2048^3 matrix product again at the end: {after:.1f} GFLOP/s (the shares above use the first)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

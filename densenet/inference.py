@@ -1,9 +1,10 @@
 """Fast inference: ``prepare_for_inference(model)`` gives a callable with the model's outputs (within
 1e-4 of eager fp32) that serves faster.
 
-- ``backend="eager"`` (default): the model's own eval path (shared channels_last buffer per block,
-  BN2 folded into the bottleneck 1x1 conv) plus transitions that average-pool *before* their 1x1
-  convolution (the two are linear and commute, so the conv runs on a quarter of the pixels).
+- ``backend="eager"`` (default): a frozen copy of the model on its fast eval path whatever its
+  settings (shared channels_last buffer per block, BN2 folded into the bottleneck 1x1 conv,
+  transitions that run BN-ReLU-pool a few images at a time and then their 1x1 convolution on a
+  quarter of the pixels: pooling and the convolution are linear and commute).
 - ``backend="onnx"``: the model exported to ONNX (layer-by-layer blocks, pool-first transitions) and
   run by ONNX Runtime.
 """
@@ -18,18 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import DenseNet, Transition
 
 __all__ = ["FastInference", "export_onnx", "load_onnx", "prepare_for_inference"]
-
-
-def _transition_pool_first(t: Transition, x: Tensor) -> Tensor:
-    """BN-ReLU-2x2 average pool-1x1 conv: equal to BN-ReLU-1x1 conv-2x2 average pool (no dropout in eval)."""
-    x = F.relu(t.norm(x))
-    return t.conv(F.avg_pool2d(x, 2, 2))
 
 
 class FastInference(nn.Module):
@@ -46,12 +40,7 @@ class FastInference(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        model = self.model
-        model.check_input(x)
-        x = x.contiguous(memory_format=torch.channels_last)
-        for module in model.features.children():
-            x = _transition_pool_first(module, x) if isinstance(module, Transition) else module(x)
-        return model.forward_head(x)
+        return self.model(x)
 
 
 def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
