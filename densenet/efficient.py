@@ -176,6 +176,7 @@ def _block_forward(
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
     ws = _workspace(x, spec)
+    ws_z, ws_r = _bottleneck_workspaces(x, spec)
     for i, layer in enumerate(spec.layers):
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
@@ -183,17 +184,23 @@ def _block_forward(
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
         t = torch.addcmul(shift, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
         if spec.bottleneck:
-            z = t @ p[2].view(-1, c).t()
             norm2 = layer.norm2
-            z4 = _nchw(z, n, h, w)
-            if spec.sync:
-                v2, m2 = torch.var_mean(z, dim=0, correction=0)
-                m2, v2, total = sync_moments(m2, v2, m, spec.group)
+            w1 = p[2].view(-1, c)
+            if spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
+                z = torch.mm(t, w1.t(), out=ws_z) if spec.memory_efficient else t @ w1.t()
+                r_rows = ws_r if spec.memory_efficient else torch.empty_like(z)
+                m2 = z.mean(0)
+                v2 = torch.sub(z, m2, out=r_rows).pow_(2).mean(0)  # two-pass variance
+                total = m
+                if spec.sync:
+                    m2, v2, total = sync_moments(m2, v2, m, spec.group)
                 update_running(norm2, m2, v2, total)
                 s2 = torch.rsqrt(v2 + norm2.eps)
                 sc2 = p[3] * s2
-                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2).relu_(), n, h, w)
+                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2, out=r_rows).relu_(), n, h, w)
+                z4 = _nchw(z, n, h, w)
             else:
+                z4 = _nchw(t @ w1.t(), n, h, w)
                 f = bn_factor(norm2)
                 u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
                 r = u.relu_()
@@ -206,6 +213,15 @@ def _block_forward(
         b2[:, lo:hi].copy_(_rows(o))
         _chunk_stats(spec, b2, lo, hi, mean, var, invstd)
     return b2, mean, invstd, var, saved
+
+
+def _bottleneck_workspaces(like: Tensor, spec: _Block) -> tuple[Tensor | None, Tensor | None]:
+    """Two (M, 4k) matrices for the memory-efficient mode's bottleneck output before and after BN2-ReLU
+    (reused by every layer); None otherwise (standard mode keeps each layer's own for backward)."""
+    if not (spec.memory_efficient and spec.bottleneck):
+        return None, None
+    width = spec.layers[0].conv1.out_channels
+    return like.new_empty(spec.m, width), like.new_empty(spec.m, width)
 
 
 ROW_CHUNK_BYTES = 1 << 22  # size of each row chunk's temporaries in the memory-efficient backward
@@ -244,6 +260,7 @@ def _block_backward(
     # memory-efficient mode recomputes each layer's prefix of it into a workspace instead.
     xhat = None if spec.memory_efficient else (b2 - mean).mul_(invstd)
     ws_t = _workspace(b2, spec)
+    ws_z, ws_r = _bottleneck_workspaces(b2, spec)
     ws_g = ws_t if spec.memory_efficient and spec.bottleneck else _workspace(b2, spec)
     m = spec.m
     per = 6 if spec.bottleneck else 3
@@ -271,18 +288,26 @@ def _block_backward(
             norm2 = layer.norm2
             if spec.memory_efficient:
                 m2, s2 = saved[i]
-                z = t @ p[2].view(-1, c).t()
+                z = torch.mm(t, p[2].view(-1, c).t(), out=ws_z)
                 sc2 = p[3] * s2
-                r = torch.addcmul(p[4] - m2 * sc2, z, sc2).relu_()
+                r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
                 z4, r4 = _nchw(z, n, h, w), _nchw(r, n, h, w)
             else:
                 m2, s2, z4, r4 = saved[i]
             g_r, g_w2, _ = _aten.convolution_backward(
                 g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-            g_u = _aten.threshold_backward(g_r, r4, 0)
-            if spec.sync:
+            if spec.memory_efficient and not spec.sync:  # BN2-ReLU backward in place, temporaries in the workspaces
+                g_u = _rows(g_r)
+                _aten.threshold_backward.grad_input(g_u, r, 0, grad_input=g_u)
+                zhat = torch.sub(z, m2, out=r).mul_(s2)  # r's memory
+                g_n2b = g_u.sum(0)
+                g_n2w = torch.mul(g_u, zhat, out=z).sum(0)  # z's memory (zhat holds what is needed of z)
+                g_z = g_u.sub_(g_n2b / m).sub_(zhat.mul_(g_n2w / m)).mul_(p[3] * s2)
+            elif spec.sync:
+                g_u = _aten.threshold_backward(g_r, r4, 0)
                 g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
             else:
+                g_u = _aten.threshold_backward(g_r, r4, 0)
                 g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
                 g_z = _rows(g_z)
