@@ -15,8 +15,9 @@ The 1x1 convolution of a bottleneck layer is one matrix product over the N*H*W r
   (4k maps); BN1-ReLU of the prefix is recomputed (one cheap elementwise pass);
 - memory-efficient mode saves only the block buffer and per-channel statistics, and recomputes
   BN1-ReLU, the 1x1 convolution and BN2-ReLU in backward: activation memory is linear in depth.
-  Its backward holds, besides the buffer and its gradient, one (M, C) workspace shared by every
-  layer (BN1-ReLU output, then its gradient) and walks BN1-ReLU's backward in row chunks.
+  Its backward holds the buffer, its gradient and the accumulated BN1 gradients (three (M, C)
+  matrices), runs BN1-ReLU and the 1x1 convolution over chunks of rows, and keeps each layer's
+  bottleneck maps in two (M, 4k) workspaces that every layer reuses.
 
 Every pass reuses workspaces instead of allocating a fresh full-size tensor per layer: on a VM a
 fresh large tensor costs page faults that take longer than the arithmetic on it.
@@ -175,19 +176,24 @@ def _block_forward(
     _chunk_stats(spec, b2, 0, c0, mean, var, invstd)
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
-    ws = _workspace(x, spec)
+    lean = spec.memory_efficient and spec.bottleneck
+    ws = None if lean else _workspace(x, spec)
     ws_z, ws_r = _bottleneck_workspaces(x, spec)
     for i, layer in enumerate(spec.layers):
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         update_running(layer.norm1, mean[:c], var[:c], spec.total)
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
-        t = torch.addcmul(shift, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
+        if not lean:
+            t = torch.addcmul(shift, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
         if spec.bottleneck:
             norm2 = layer.norm2
             w1 = p[2].view(-1, c)
+            if lean:  # BN1-ReLU and the 1x1 convolution a chunk of rows at a time, into a workspace
+                z = _bn_relu_matmul_rows(b2[:, :c], scale, shift, w1, ws_z)
+            elif spec.sync:
+                z = t @ w1.t()
             if spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
-                z = torch.mm(t, w1.t(), out=ws_z) if spec.memory_efficient else t @ w1.t()
                 r_rows = ws_r if spec.memory_efficient else torch.empty_like(z)
                 m2 = z.mean(0)
                 v2 = torch.sub(z, m2, out=r_rows).pow_(2).mean(0)  # two-pass variance
@@ -227,25 +233,55 @@ def _bottleneck_workspaces(like: Tensor, spec: _Block) -> tuple[Tensor | None, T
 ROW_CHUNK_BYTES = 1 << 22  # size of each row chunk's temporaries in the memory-efficient backward
 
 
-def _bn1_relu_backward_rows(
-    g_t: Tensor, prefix: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
-    gw: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Backward of ``relu(prefix * scale + shift)`` (one layer's BN1-ReLU) for the memory-efficient
-    mode, in chunks of rows so that every temporary is small. ``g_t`` (M, C_l), the gradient of the
-    ReLU output, becomes the masked gradient in place; BN1 weight * it is added to ``gw`` (M, C_l).
-    Returns the BN1 bias and weight gradients (sum of g and of g * x_hat over rows), each (C_l,)."""
-    c = prefix.shape[1]
-    rows = max(1, ROW_CHUNK_BYTES // (prefix.element_size() * c))
-    g_b1, g_w1 = g_t.new_zeros(c), g_t.new_zeros(c)
+def _bn_relu_matmul_rows(prefix: Tensor, scale: Tensor, shift: Tensor, w1: Tensor, out: Tensor) -> Tensor:
+    """relu(prefix * scale + shift) @ w1.T into ``out`` (M, 4k), a chunk of rows of the (M, C_l)
+    prefix at a time, so that no (M, C_l) temporary exists."""
+    rows = max(1, ROW_CHUNK_BYTES // (prefix.element_size() * prefix.shape[1]))
     for a in range(0, prefix.shape[0], rows):
-        g = g_t[a : a + rows]
-        pre = torch.addcmul(shift, prefix[a : a + rows], scale)
-        _aten.threshold_backward.grad_input(g, pre, 0, grad_input=g)  # relu(pre) > 0 exactly where pre > 0
+        torch.mm(torch.addcmul(shift, prefix[a : a + rows], scale).relu_(), w1.t(), out=out[a : a + rows])
+    return out
+
+
+def _lean_bottleneck_backward(
+    spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, p: Sequence[Tensor], m2: Tensor, s2: Tensor,
+    c: int, g_o: Tensor, gw: Tensor, ws_z: Tensor, ws_r: Tensor,
+) -> list[Tensor]:
+    """Backward of one bottleneck layer in the memory-efficient mode, recomputing its forward.
+
+    BN1-ReLU and the 1x1 convolution run over chunks of rows of the (M, C_l) prefix, so no (M, C_l)
+    temporary exists; the bottleneck output (M, 4k) before and after BN2-ReLU lives in ``ws_z`` and
+    ``ws_r``. Adds BN1 weight * (grad of the normalised prefix) to ``gw``; returns the layer's six
+    parameter gradients in :meth:`_Block.params` order."""
+    n, h, w, m = spec.n, spec.h, spec.w, spec.m
+    scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+    w1, prefix = p[2].view(-1, c), b2[:, :c]
+    rows = max(1, ROW_CHUNK_BYTES // (b2.element_size() * c))
+    z = _bn_relu_matmul_rows(prefix, scale, shift, w1, ws_z)
+    sc2 = p[3] * s2
+    r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
+    g_r, g_w2, _ = _aten.convolution_backward(
+        g_o, _nchw(r, n, h, w), p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    if spec.sync:
+        g_u = _aten.threshold_backward(g_r, _nchw(r, n, h, w), 0)
+        g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (z - m2) * s2, s2, p[3], spec.total, spec.group)
+    else:  # BN2-ReLU backward in place; temporaries in the workspaces
+        g_z = _rows(g_r)
+        _aten.threshold_backward.grad_input(g_z, r, 0, grad_input=g_z)
+        zhat = torch.sub(z, m2, out=r).mul_(s2)  # r's memory
+        g_n2b = g_z.sum(0)
+        g_n2w = torch.mul(g_z, zhat, out=z).sum(0)  # z's memory (zhat holds what is needed of z)
+        g_z.sub_(g_n2b / m).sub_(zhat.mul_(g_n2w / m)).mul_(sc2)
+    g_w1 = torch.zeros_like(w1)
+    g_b1, g_w1n = torch.zeros_like(scale), torch.zeros_like(scale)
+    for a in range(0, m, rows):
+        t = torch.addcmul(shift, prefix[a : a + rows], scale).relu_()
+        g_w1.addmm_(g_z[a : a + rows].t(), t)
+        g = g_z[a : a + rows] @ w1
+        _aten.threshold_backward.grad_input(g, t, 0, grad_input=g)
         g_b1 += g.sum(0)
-        gw[a : a + rows].addcmul_(g, weight)
-        g_w1 += g.mul_(torch.sub(prefix[a : a + rows], mean, out=pre).mul_(invstd)).sum(0)
-    return g_b1, g_w1
+        gw[a : a + rows, :c].addcmul_(g, p[0])
+        g_w1n += g.mul_(torch.sub(prefix[a : a + rows], mean[:c], out=t).mul_(invstd[:c])).sum(0)  # t's memory: x_hat
+    return [g_w1n, g_b1, g_w1.as_strided(p[2].shape, p[2].stride()), g_n2w, g_n2b, g_w2]
 
 
 def _block_backward(
@@ -257,11 +293,12 @@ def _block_backward(
     gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
     # x_hat (the normalised buffer) enters BN1's weight gradient (sum(g * x) - mean * sum(g) instead
     # would lose precision when |mean| >> std). Standard mode computes it once per block; the
-    # memory-efficient mode recomputes each layer's prefix of it into a workspace instead.
+    # memory-efficient mode recomputes each layer's prefix of it, a chunk of rows at a time.
     xhat = None if spec.memory_efficient else (b2 - mean).mul_(invstd)
-    ws_t = _workspace(b2, spec)
+    lean = spec.memory_efficient and spec.bottleneck
     ws_z, ws_r = _bottleneck_workspaces(b2, spec)
-    ws_g = ws_t if spec.memory_efficient and spec.bottleneck else _workspace(b2, spec)
+    ws_t = None if lean else _workspace(b2, spec)
+    ws_g = _workspace(b2, spec) if spec.bottleneck and not lean else None
     m = spec.m
     per = 6 if spec.bottleneck else 3
     grads: list[Tensor] = [torch.empty(0)] * len(params)
@@ -282,42 +319,26 @@ def _block_backward(
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
         g_o = _nchw(g_o.contiguous(), n, h, w)
+        if lean:
+            grads[per * i : per * (i + 1)] = _lean_bottleneck_backward(
+                spec, b2, mean, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
+            continue
         scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
         t = torch.addcmul(shift, b2[:, :c], scale, out=ws_t[: m * c].view(m, c)).relu_()  # as in forward
         if spec.bottleneck:
             norm2 = layer.norm2
-            if spec.memory_efficient:
-                m2, s2 = saved[i]
-                z = torch.mm(t, p[2].view(-1, c).t(), out=ws_z)
-                sc2 = p[3] * s2
-                r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
-                z4, r4 = _nchw(z, n, h, w), _nchw(r, n, h, w)
-            else:
-                m2, s2, z4, r4 = saved[i]
+            m2, s2, z4, r4 = saved[i]
             g_r, g_w2, _ = _aten.convolution_backward(
                 g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-            if spec.memory_efficient and not spec.sync:  # BN2-ReLU backward in place, temporaries in the workspaces
-                g_u = _rows(g_r)
-                _aten.threshold_backward.grad_input(g_u, r, 0, grad_input=g_u)
-                zhat = torch.sub(z, m2, out=r).mul_(s2)  # r's memory
-                g_n2b = g_u.sum(0)
-                g_n2w = torch.mul(g_u, zhat, out=z).sum(0)  # z's memory (zhat holds what is needed of z)
-                g_z = g_u.sub_(g_n2b / m).sub_(zhat.mul_(g_n2w / m)).mul_(p[3] * s2)
-            elif spec.sync:
-                g_u = _aten.threshold_backward(g_r, r4, 0)
+            g_u = _aten.threshold_backward(g_r, r4, 0)
+            if spec.sync:
                 g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
             else:
-                g_u = _aten.threshold_backward(g_r, r4, 0)
                 g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
                 g_z = _rows(g_z)
             g_w1 = (g_z.t() @ t).as_strided(p[2].shape, p[2].stride())  # the weight's own strides (DDP buckets)
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
-            if spec.memory_efficient:  # g_t overwrites t; ReLU's mask is recomputed from the buffer
-                g_t = torch.mm(g_z, p[2].view(-1, c), out=t)
-                g_b1, g_w1n = _bn1_relu_backward_rows(g_t, b2[:, :c], scale, shift, mean[:c], invstd[:c], p[0], gw[:, :c])
-                grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
-                continue
             g_t = torch.mm(g_z, p[2].view(-1, c), out=ws_g[: m * c].view(m, c))
         else:
             g_t4, g_w1, _ = _aten.convolution_backward(
