@@ -19,12 +19,15 @@ from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "MemoryEstimate", "MemoryLimitError", "available_memory",
+__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "FAST_EVAL_ALLOCATOR_FACTOR", "MemoryEstimate", "MemoryLimitError", "available_memory",
            "check_memory", "estimate_memory"]
 
 #: measured peak RSS over counted tensor bytes on CPU (glibc malloc keeps freed blocks, the
 #: convolution library its scratch space); see tests/test_reliability.py for the measurements
 ALLOCATOR_FACTOR = 1.6
+#: the same for an evaluation forward of the fast blocks, which reuse a few workspaces per block
+#: instead of allocating per layer (little for the allocator to keep)
+FAST_EVAL_ALLOCATOR_FACTOR = 1.1
 #: bytes a first training step adds besides tensors (kernel caches, thread pools)
 BASE_OVERHEAD = 32 << 20
 
@@ -103,10 +106,15 @@ def _training_count(model: nn.Module, image_size: int, fast: bool, efficient: bo
         if fast:
             # the shared (M, C) buffer; standard mode adds each bottleneck layer's BN2 input and ReLU output
             kept = m * c + (0 if efficient else 2 * layers * m * inter)
-            count.stage(kept, m * c0 + 2 * m * c + m * inter * 2)
-            # backward: incoming gradient, x_hat, summed BN1 gradients (each M x C), a layer's
-            # BN1-ReLU output and its gradient (M x c), bottleneck gradients (+ recomputation)
-            grad = 3 * m * c + 2 * m * widths[-1] + (5 if efficient else 3) * m * inter
+            count.stage(kept, m * c0 + (0 if efficient else 2 * m * c) + m * inter * 2)
+            if efficient:
+                # backward: incoming gradient and summed BN1 gradients (each M x C), the two
+                # bottleneck workspaces and one bottleneck gradient (M x 4k); BN1-ReLU in row chunks
+                grad = 2 * m * c + 3 * m * inter
+            else:
+                # backward: incoming gradient, x_hat, summed BN1 gradients (each M x C), a layer's
+                # BN1-ReLU output and its gradient (M x c), bottleneck gradients
+                grad = 3 * m * c + 2 * m * widths[-1] + 3 * m * inter
         else:
             # layer by layer: each layer's concatenated input (kept by BN1), its ReLU output,
             # the bottleneck's two 4k-map tensors, the k new maps; the block's concatenated output
@@ -177,8 +185,8 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, train
     name = name or f"DenseNet(k={model.growth_rate}, blocks={list(model.block_config)})"
     what = (f"{'a training step' if training else 'an evaluation batch'} of {name}, batch {batch_size} at "
             f"{image_size}x{image_size} ({mode})")
-    def per_image(count: _Count) -> int:
-        return math.ceil((count.peak * act_bytes + count.extra_bytes) * ALLOCATOR_FACTOR)
+    def per_image(count: _Count, factor: float = ALLOCATOR_FACTOR) -> int:
+        return math.ceil((count.peak * act_bytes + count.extra_bytes) * factor)
 
     momentum_copies = 2 if momentum else 1
     if training and _trainable(model):
@@ -188,7 +196,8 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, train
             lean = fixed + per_image(_training_count(model, image_size, True, True)) * batch_size
         return MemoryEstimate(what, batch_size, fixed, per_image(_training_count(model, image_size, fast, efficient)), lean)
     fixed = weights + (trainable * momentum_copies if training else 0) + BASE_OVERHEAD
-    return MemoryEstimate(what, batch_size, fixed, per_image(_inference_count(model, image_size, fast)))
+    factor = FAST_EVAL_ALLOCATOR_FACTOR if fast and not training else ALLOCATOR_FACTOR
+    return MemoryEstimate(what, batch_size, fixed, per_image(_inference_count(model, image_size, fast), factor))
 
 
 # ---------------------------------------------------------------------------- what is available
