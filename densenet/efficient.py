@@ -233,10 +233,15 @@ def _bottleneck_workspaces(like: Tensor, spec: _Block) -> tuple[Tensor | None, T
 ROW_CHUNK_BYTES = 1 << 22  # size of each row chunk's temporaries in the memory-efficient backward
 
 
+def _rows_per_chunk(t: Tensor, row_numel: int) -> int:
+    """How many rows of ``row_numel`` elements of ``t``'s dtype make one chunk of ROW_CHUNK_BYTES."""
+    return max(1, ROW_CHUNK_BYTES // (t.element_size() * row_numel))
+
+
 def _bn_relu_matmul_rows(prefix: Tensor, scale: Tensor, shift: Tensor, w1: Tensor, out: Tensor) -> Tensor:
     """relu(prefix * scale + shift) @ w1.T into ``out`` (M, 4k), a chunk of rows of the (M, C_l)
     prefix at a time, so that no (M, C_l) temporary exists."""
-    rows = max(1, ROW_CHUNK_BYTES // (prefix.element_size() * prefix.shape[1]))
+    rows = _rows_per_chunk(prefix, prefix.shape[1])
     for a in range(0, prefix.shape[0], rows):
         torch.mm(torch.addcmul(shift, prefix[a : a + rows], scale).relu_(), w1.t(), out=out[a : a + rows])
     return out
@@ -255,7 +260,7 @@ def _lean_bottleneck_backward(
     n, h, w, m = spec.n, spec.h, spec.w, spec.m
     scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
     w1, prefix = p[2].view(-1, c), b2[:, :c]
-    rows = max(1, ROW_CHUNK_BYTES // (b2.element_size() * c))
+    rows = _rows_per_chunk(b2, c)
     z = _bn_relu_matmul_rows(prefix, scale, shift, w1, ws_z)
     sc2 = p[3] * s2
     r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
@@ -458,6 +463,7 @@ class _BNReLUPool(torch.autograd.Function):
         gb = g.sum(dims)
         gw = torch.mul(g, xhat, out=xhat).sum(dims)
         count = g.numel() // g.shape[1]
+        # x_hat again: its first copy became g * x_hat (recomputing is cheaper than a third temporary)
         xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))
         gx = g.sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
         return gx, gw, gb, None
@@ -486,7 +492,7 @@ def bn_relu_pool_eval(norm: nn.Module, relu: nn.Module, x: Tensor) -> Tensor | N
     scale = scale.view(1, -1, 1, 1)
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device, memory_format=layout)
-    per = max(1, ROW_CHUNK_BYTES // (x.element_size() * c * h * w))
+    per = _rows_per_chunk(x, c * h * w)
     for a in range(0, n, per):
         out[a : a + per] = F.avg_pool2d(torch.addcmul(shift, x[a : a + per], scale).relu_(), 2)
     return out

@@ -47,12 +47,12 @@ def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
     """ONNX bytes of ``model`` in eval mode (dynamic batch size), exported from the layer-by-layer form
     of the dense blocks, with transitions that pool before their 1x1 convolution (equal outputs,
     4x fewer multiply-adds in the transitions)."""
-    ref = copy.deepcopy(model).eval()
+    from .export import standard_model
+
+    ref = standard_model(model)
     for m in ref.modules():
-        if hasattr(m, "fast"):
-            m.fast = isinstance(m, Transition)
-        if hasattr(m, "memory_efficient"):
-            m.memory_efficient = False
+        if isinstance(m, Transition):
+            m.fast = True
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks become constants: fine

@@ -19,8 +19,8 @@ from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "FAST_EVAL_ALLOCATOR_FACTOR", "MemoryEstimate", "MemoryLimitError", "available_memory",
-           "check_memory", "estimate_memory"]
+__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "FAST_EVAL_ALLOCATOR_FACTOR", "MemoryEstimate", "MemoryLimitError",
+           "available_memory", "check_memory", "estimate_memory"]
 
 #: measured peak RSS over counted tensor bytes on CPU (glibc malloc keeps freed blocks, the
 #: convolution library its scratch space); see tests/test_reliability.py for the measurements
