@@ -78,7 +78,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     loss = 1 - med["real"] / med["synthetic"]
     print(f"{args.model}, batch {args.batch_size}, {args.repeats} alternating blocks of {args.steps} steps (median):")
-    print(f"  synthetic in-memory batches: {med['synthetic']:.1f} img/s   (all: {', '.join(f'{r:.1f}' for r in rates['synthetic'])})")
+    print(f"  synthetic in-memory batches: {med['synthetic']:.1f} img/s   "
+          f"(all: {', '.join(f'{r:.1f}' for r in rates['synthetic'])})")
     print(f"  real CIFAR-10 loader:        {med['real']:.1f} img/s   (all: {', '.join(f'{r:.1f}' for r in rates['real'])})")
     print(f"  lost to data loading: {100 * loss:.1f}%")
 

@@ -32,7 +32,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
-from densenet.inference import prepare_for_inference  # noqa: E402
+from densenet.serving.inference import prepare_for_inference  # noqa: E402
 
 CASES = {  # name: (model, image side, batch)
     "bc100": ("densenet_bc100_k12", 32, 64),
@@ -242,7 +242,7 @@ def main() -> None:
             for k, fn in fns.items():
                 err = (fn(x) - ref).abs().max().item() / ref.abs().max().item()
                 results[f"max rel diff {k} {name}"] = err
-            sec = timed_alternating({k: (lambda fn=fn: fn(x)) for k, fn in fns.items()}, args.repeats)
+            sec = timed_alternating({k: (lambda fn=fn, x=x: fn(x)) for k, fn in fns.items()}, args.repeats)
         report(f"inference {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
                forward_gflop(name, size), "tv")
         print("  max |diff| / max |logit| against torchvision:",

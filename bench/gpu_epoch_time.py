@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model
-from densenet.paper import TABLE2, TABLE3
+from densenet.analysis.paper import TABLE2, TABLE3
 
 
 def timed(fn, steps: int, warmup: int) -> float:
@@ -99,7 +99,8 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     out = os.environ.get("OUT")
     if out:
-        Path(out, f"gpu_epoch_time_drop{args.drop_rate}.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+        Path(out, f"gpu_epoch_time_drop{args.drop_rate}.json").write_text(
+            json.dumps({"info": info, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
 """DenseNet (Huang et al., CVPR 2017): every architecture of the paper, in PyTorch."""
-from .model import STEMS, DenseBlock, DenseLayer, DenseNet, Transition
-from .registry import cifar_densenet, create_model, list_models, model_spec
-from .summary import count_macs, count_parameters
-from .weights import (
+from .errors import DenseNetError
+from .models import (
+    STEMS,
+    DenseBlock,
+    DenseLayer,
+    DenseNet,
+    Transition,
     WeightsError,
+    cifar_densenet,
+    count_macs,
+    count_parameters,
+    create_model,
+    list_models,
     load_state_dict,
     load_torchvision_weights,
+    model_spec,
     read_state_dict,
     to_torchvision_state_dict,
 )
@@ -14,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseLayer", "DenseBlock", "Transition", "DenseNet", "STEMS",
     "create_model", "list_models", "model_spec", "cifar_densenet",
-    "count_parameters", "count_macs",
+    "count_parameters", "count_macs", "DenseNetError",
     "WeightsError", "read_state_dict", "load_state_dict", "load_torchvision_weights", "to_torchvision_state_dict",
 ]

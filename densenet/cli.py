@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import io
 import os
 import sys
+import traceback
+import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from .registry import create_model, list_models, model_spec
-from .reports import markdown_table as _table
-from .summary import count_macs, count_parameters, stage_summary
+from .analysis import (
+    TABLE2,
+    TABLE2_DATASETS,
+    feature_reuse,
+    load_run,
+    markdown_table,
+    plot_curves,
+    plot_efficiency,
+    plot_reuse,
+    render_csv,
+    render_markdown,
+    table_records,
+    write_reuse_csv,
+)
+from .data import DataError, build_data
+from .errors import DenseNetError, MissingFile
+from .io.atomic import atomic_write_text
+from .models import count_macs, count_parameters, create_model, list_models, model_spec, stage_summary
+from .serving import export_checkpoint, load_predictor, model_from_checkpoint, predict_images
+from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
+from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
+from .training.loop import resolve_device
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -24,14 +49,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         macs = count_macs(model, spec.input_size)
         rows.append([name, spec.depth, spec.growth_rate, spec.family, f"{params:,}",
                      f"{spec.paper_params:,}", f"{spec.input_size}x{spec.input_size}", f"{macs / 1e9:.3f}"])
-    print(_table(["name", "depth", "k", "layout", "parameters", "paper", "input", "GMACs"], rows))
+    print(markdown_table(["name", "depth", "k", "layout", "parameters", "paper", "input", "GMACs"], rows))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     spec = model_spec(args.name)
     with torch.device("meta"):
-        model = create_model(args.name, num_classes=args.num_classes or spec.kwargs["num_classes"])
+        classes = spec.kwargs["num_classes"] if args.num_classes is None else args.num_classes
+        model = create_model(args.name, num_classes=classes)
     size = args.input_size or spec.input_size
     model.check_input_size(size)
     print(f"{args.name}: {model.extra_repr()}")
@@ -39,85 +65,44 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{count_macs(model, size) / 1e9:.3f} G\n")
     rows = [[s.name, s.in_channels, s.out_channels, f"{s.size}x{s.size}", f"{s.params:,}"]
             for s in stage_summary(model, size)]
-    print(_table(["stage", "in", "out", "output size", "parameters"], rows))
+    print(markdown_table(["stage", "in", "out", "output size", "parameters"], rows))
     return 0
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--batch-size``, ``--no-nesterov``, ...); absent flags leave
-    the recipe's value, so only what the user typed overrides it."""
-    import dataclasses
-
-    from .config import TrainConfig
-
-    help_text = {
-        "model": "registered name or densenet_bc{L}_k{k} (default densenet_bc100_k12)",
-        "dataset": "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet or folder (default cifar10+)",
-        "data": "dataset directory or archive (default: the bundled CIFAR-10 sample)",
-        "out": "run directory", "epochs": "default: the paper's (300 CIFAR, 40 SVHN, 90 ImageNet)",
-        "lr_milestones": "epochs at which lr is divided by 10 (default: 50%% and 75%% of the epochs; 30 60 for ImageNet)",
-        "drop_rate": "default 0.2 without augmentation (cifar10, cifar100, svhn), else 0",
-        "val_size": "training images held out for validation (paper: 5000 CIFAR, 6000 SVHN); default none",
-        "train_subset": "train on this many training images, chosen by the seed",
-        "test_subset": "evaluate on this many test images, chosen by the seed",
-        "init": "start from this project's checkpoint or a torchvision DenseNet state dict",
-        "freeze_features": "train the classifier only",
-        "download": "download missing official CIFAR/SVHN files (MD5-checked); needs internet",
-        "image_size": "image side in pixels for folder datasets (default 224)",
-        "deterministic": "deterministic algorithms (bit-identical reruns and resumes)",
-        "device": "auto (CUDA when present), cpu, cuda, cuda:N", "threads": "CPU threads",
-        "workers": "data-loading worker processes (image folders)",
-        "checkpoint_every": "steps between mid-epoch checkpoints (0: epoch ends only)",
-        "quiet": "no progress bar: one line per epoch, for log files",
-        "sync_bn": "synchronised BN over all processes (distributed training; matters for small per-process batches)",
-        "amp": "mixed precision: off, bf16, or fp16 (CUDA only, with a gradient scaler)",
-        "channels_last": "NHWC memory format for the model and its inputs (faster convolutions on GPUs)",
-        "dist_backend": "under torchrun: auto (nccl on CUDA, else gloo), nccl or gloo",
-        "dist_timeout": "seconds a collective waits for a peer process before the run stops (default 600)",
-        "memory_check": "refuse to start when a step's estimated memory clearly exceeds the available memory (default on)",
-    }
+    """One flag per TrainConfig field (``--batch-size``, ``--no-nesterov``, ...), typed by the field's
+    annotation and described by its help text; absent flags leave the recipe's value, so only what
+    the user typed overrides it."""
+    types = field_types()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text.get(f.name)}
-        t = str(f.type)
-        if t == "bool":
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": field_help(f.name)}
+        annotation = types[f.name]
+        base = [a for a in typing.get_args(annotation) if a is not type(None)][0] if typing.get_args(annotation) else annotation
+        if annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif t.startswith("list"):
-            p.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kw)
+        elif typing.get_origin(annotation) is list:
+            p.add_argument(flag, type=typing.get_args(annotation)[0], nargs="*", metavar="EPOCH", **kw)
         else:
-            base = t.split(" | ")[0]
-            p.add_argument(flag, type={"int": int, "float": float}.get(base, str), metavar=base.upper(), **kw)
+            p.add_argument(flag, type=base, metavar=type_name(base).upper(), **kw)
     p.add_argument("--config", help="YAML file of the same keys (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over in an --out directory that holds another run")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .config import resolve_config
-    from .train import TrainingStopped, load_run_config, train
-
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "resume", "force")}
     if args.resume:
         if args.config:
-            raise ValueError("--resume takes the configuration of the run it continues; drop --config")
+            raise ConfigError("--resume takes the configuration of the run it continues; drop --config")
         config = load_run_config(Path(args.resume), overrides)
     else:
         config = resolve_config(overrides, args.config)
-    try:
-        train(config, resume=bool(args.resume), force=args.force)
-    except TrainingStopped as e:
-        print(f"densenet train: {e}", file=sys.stderr)
-        return e.exit_code
+    train(config, resume=bool(args.resume), force=args.force)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import build_data
-    from .evaluate import evaluate, model_from_checkpoint
-    from .train import resolve_device
-
     model, info = model_from_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -125,23 +110,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                       workers=args.workers, image_size=info["image_size"])
     if data.num_classes != model.num_classes:
-        raise ValueError(f"{dataset} has {data.num_classes} classes but the checkpoint's model has {model.num_classes}")
+        raise DataError(f"{dataset} has {data.num_classes} classes but the checkpoint's model has {model.num_classes}")
     result = evaluate(model, data.test.batches(0), device)
-    print(f"{dataset} test set, {result['images']} images: top-1 error {result['top1_error']:.2f}%, "
-          f"top-5 error {result['top5_error']:.2f}%")
+    print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%, "
+          f"top-5 error {result.top5_error:.2f}%")
     if dataset == "imagenet":
         crops = evaluate(model, data.test.batches(0, ten_crop=True), device)
-        print(f"10-crop: top-1 error {crops['top1_error']:.2f}%, top-5 error {crops['top5_error']:.2f}%")
+        print(f"10-crop: top-1 error {crops.top1_error:.2f}%, top-5 error {crops.top5_error:.2f}%")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import csv
-    import io
-
-    from .atomic import atomic_write_text
-    from .evaluate import load_predictor, predict_images
-
     model, info = load_predictor(args.model, args.image_size)
     skipped = []
 
@@ -154,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
         rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
     if not rows:
-        raise ValueError(f"no image could be scored in {', '.join(args.images)}"
+        raise DataError(f"no image could be scored in {', '.join(args.images)}"
                          + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
     if args.csv:
         _check_out_folder(args.csv)
@@ -167,16 +146,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _check_out_folder(path: str) -> None:
-    from pathlib import Path
-
     folder = Path(path).parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
+        raise MissingFile(f"cannot write {path}: the folder {folder} does not exist")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
-
     result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset)
     files = ", ".join(map(str, result["files"]))
     print(f"wrote {files} ({args.format}; outputs within {result['max_abs_diff']:.1e} of PyTorch on a test batch)")
@@ -184,11 +159,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_reuse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .evaluate import model_from_checkpoint
-    from .reuse import feature_reuse, plot_reuse, write_reuse_csv
-
     _check_out_folder(args.out)
     csv_path = args.csv or str(Path(args.out).with_suffix(".csv"))
     _check_out_folder(csv_path)
@@ -203,9 +173,6 @@ def cmd_reuse(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
-    from .reports import load_run, render_csv, render_markdown, table_records
-
     runs = [load_run(d) for d in args.runs]
     records = table_records(runs, all_paper_rows=args.all)
     markdown = render_markdown(records)
@@ -218,13 +185,6 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .curves import plot_curves, plot_efficiency
-    from .paper import TABLE2, TABLE2_DATASETS
-    from .registry import model_spec
-    from .reports import load_run
-
     runs = [load_run(d, need_metrics=True) for d in args.runs]
     _check_out_folder(args.out)
     models = {r.model for r in runs}
@@ -246,14 +206,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def _count(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _count(text, 1)
+
+
+def _non_negative(text: str) -> int:
+    return _count(text, 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="per-block structure of one model")
     p.add_argument("name", help="a registered name (see `densenet models`) or densenet_bc{L}_k{k} / densenet{L}_k{k}")
-    p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the model's native size)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--input-size", type=_positive, default=None, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--num-classes", type=_non_negative, default=None,
+                   help="outputs of the classifier (0: none; default: the model's)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model with the paper's recipe for a dataset",
@@ -278,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data", help="dataset directory or archive (default: the bundled sample)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=_positive, default=256)
+    p.add_argument("--workers", type=_non_negative, default=2)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -332,15 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``densenet`` command. This project's own errors (bad input, files, configurations)
+    are one line on stderr and exit code 2 (``DENSENET_DEBUG=1`` shows their traceback); anything
+    else is a bug: its traceback is shown with a request to report it, exit code 1."""
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except TrainingStopped as e:
+        print(f"densenet {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except DenseNetError as e:
         if os.environ.get("DENSENET_DEBUG"):
             raise
         print(f"densenet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - a bug: show where, and ask for a report
+        traceback.print_exc()
+        print(f"densenet {args.command}: internal error (a bug in densenet, not in your input); please report it "
+              "to the densenet maintainers with the traceback above and the command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

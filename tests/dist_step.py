@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from densenet import create_model
-from densenet.sync_bn import convert_sync_batchnorm
+from densenet.models.sync_bn import convert_sync_batchnorm
 
 
 def main() -> None:
@@ -24,9 +24,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model("densenet_bc16_k12", num_classes=10, memory_efficient=me).double()
     if "--reference-path" in sys.argv:  # the paper's layer-by-layer path instead of the shared buffer
-        for m in model.modules():
-            if hasattr(m, "fast"):
-                m.fast = False
+        model.set_execution(fast=False, memory_efficient=False)
     single = create_model("densenet_bc16_k12", num_classes=10).double()
     single.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)

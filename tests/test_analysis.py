@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from densenet import DenseNet
+from densenet.analysis.reuse import feature_reuse
 from densenet.cli import main
-from densenet.evaluate import model_from_checkpoint
-from densenet.reuse import feature_reuse
+from densenet.serving import model_from_checkpoint
 
 TINY = ["--dataset", "cifar10+", "--batch-size", "32", "--train-subset", "128", "--test-subset", "64",
         "--eval-batch-size", "64", "--threads", "1", "--quiet", "--seed", "3"]
@@ -198,19 +198,19 @@ def test_plot_overlays_curves_and_parameter_efficiency(runs, tmp_path, capsys):
 
 def test_plot_draws_what_it_says(runs, tmp_path, monkeypatch):
     """The figure's lines are the runs' metrics: capture what reaches matplotlib."""
-    from densenet import curves
+    import densenet.cli as cli
 
     drawn = []
-    real = curves.plot_curves
+    real = cli.plot_curves
 
     def spy(path, series, title=""):
         drawn.extend(series)
         real(path, series, title)
 
-    monkeypatch.setattr(curves, "plot_curves", spy)
+    monkeypatch.setattr(cli, "plot_curves", spy)
     assert main(["plot", *map(str, runs), "--out", str(tmp_path / "c.png")]) == 0
     assert [label.split(" ")[0] for label, _ in drawn] == ["densenet_bc16_k8", "densenet16_k8"]
-    for (label, rows), run in zip(drawn, runs):
+    for (_label, rows), run in zip(drawn, runs):
         expected = list(csv.DictReader((run / "metrics.csv").open()))
         assert [r["test_error"] for r in rows] == [float(e["test_error"]) for e in expected]
         assert [r["train_loss"] for r in rows] == [float(e["train_loss"]) for e in expected]
@@ -218,7 +218,7 @@ def test_plot_draws_what_it_says(runs, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- docs/REPRODUCING.md
 def test_reproducing_doc_has_every_row_of_tables_2_and_3():
-    from densenet.paper import TABLE2, TABLE2_DATASETS, TABLE3
+    from densenet.analysis.paper import TABLE2, TABLE2_DATASETS, TABLE3
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "REPRODUCING.md").read_text()
     lines = [line for line in doc.splitlines() if line.startswith("| densenet")]

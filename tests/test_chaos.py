@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet.checkpoint import load_checkpoint
+from densenet.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_ZIP = Path(os.environ.get("DENSENET_CIFAR10_ZIP", ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip"))

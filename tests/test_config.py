@@ -1,8 +1,8 @@
 """The paper's recipes, YAML configs and their validation."""
 import pytest
 
-from densenet.config import ConfigError, TrainConfig, milestones, paper_recipe, resolve_config
-from densenet.train import learning_rate
+from densenet.training.config import ConfigError, TrainConfig, milestones, paper_recipe, resolve_config
+from densenet.training.loop import learning_rate
 
 
 @pytest.mark.parametrize(
@@ -17,11 +17,24 @@ from densenet.train import learning_rate
     ],
 )
 def test_paper_recipe(dataset, epochs, batch, drop, lr_at):
-    config = resolve_config({"dataset": dataset})
-    assert (config.epochs, config.batch_size, config.drop_rate) == (epochs, batch, drop)
+    config = resolve_config({"dataset": dataset, "data": "data/" + dataset})
+    assert (config.model, config.epochs, config.batch_size, config.drop_rate) == ("densenet_bc100_k12", epochs, batch, drop)
     assert (config.lr, config.momentum, config.nesterov, config.weight_decay) == (0.1, 0.9, True, 1e-4)
     for epoch, lr in lr_at.items():
         assert learning_rate(config, epoch) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("given", [{}, {"dataset": "cifar10"}, {"dataset": "cifar100+"}])
+def test_the_bundled_sample_gets_a_short_demo_recipe(given):
+    """No --data: the bundled 1,000-image sample, trained briefly by a small model (not 300 epochs of
+    BC-100); what the user gives still wins, and --data brings the paper's recipe back."""
+    config = resolve_config(given)
+    assert (config.model, config.epochs, config.data) == ("densenet_bc40_k12", 8, None)
+    assert (config.lr, config.batch_size, config.nesterov) == (0.1, 64, True)  # the paper's optimiser
+    assert milestones(config) == [4, 6]
+    assert resolve_config({**given, "epochs": 30, "model": "densenet40_k12"}).epochs == 30
+    paper = resolve_config({**given, "data": "cifar-10-binary.tar.gz"})
+    assert (paper.model, paper.epochs) == ("densenet_bc100_k12", 300)
 
 
 def test_schedule_follows_overridden_epochs():

@@ -13,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import (
+    CIFAR10_NAMES,
+    SHARED_ZIP,
+    image_bytes,
+    unnormalise,
+    write_cifar10_binary,
+    write_cifar10_python,
+    write_cifar100,
+    write_image_tree,
+    write_svhn,
+)
 
 import densenet.data.build as build_mod
-from data_helpers import (CIFAR10_NAMES, SHARED_ZIP, image_bytes, unnormalise, write_cifar10_binary,
-                          write_cifar10_python, write_cifar100, write_image_tree, write_svhn)
 from densenet.data import DATASETS, DataError, build_data, safe_extract
 from densenet.data.cache import cache_path, load_arrays, save_arrays
 from densenet.data.download import download, md5sum
@@ -288,6 +297,24 @@ def test_svhn_mat_files(tmp_path):
 
 def all_u8(x: torch.Tensor) -> np.ndarray:
     return x.mul(255).round().to(torch.uint8).numpy()
+
+
+def test_svhn_errors_are_told_apart_by_type_not_by_message_text(tmp_path):
+    """A damaged file in a folder whose name holds words of other errors ("zip bomb", "file missing")
+    is still reported as damaged; a missing file and a refused expansion keep their own types."""
+    from densenet.data import DataNotFound, ExpansionRefused
+    from densenet.data.archive import check_expansion
+    from densenet.data.svhn import read_svhn_mat
+
+    folder = tmp_path / "zip bomb file missing"
+    folder.mkdir()
+    (folder / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\0" * 50)
+    with pytest.raises(DataError, match="train_32x32.mat: not a readable MATLAB file, truncated or corrupt"):
+        read_svhn_mat(folder / "train_32x32.mat")
+    with pytest.raises(DataNotFound, match="test_32x32.mat: file missing"):
+        read_svhn_mat(folder / "test_32x32.mat")
+    with pytest.raises(ExpansionRefused, match="possible zip bomb"):
+        check_expansion("a.mat", "variable X", 10**9, 10)
 
 
 def test_svhn_bad_input(tmp_path):

@@ -4,12 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from data_helpers import unnormalise, write_cifar10_binary, write_image_tree
 from PIL import Image
 
-from data_helpers import unnormalise, write_cifar10_binary, write_image_tree
 from densenet.data import ArrayLoader, DataError, build_data
-from densenet.data.transforms import (crop_flip_params, eval_image, generator, normalize, pad_crop_flip,
-                                      random_resized_crop_box, ten_crop_image, train_image)
+from densenet.data.transforms import (
+    crop_flip_params,
+    eval_image,
+    generator,
+    normalize,
+    pad_crop_flip,
+    random_resized_crop_box,
+    ten_crop_image,
+    train_image,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet.checkpoint import load_checkpoint
+from densenet.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # a tiny model on the bundled sample; 64 images per (global) batch
@@ -207,6 +207,17 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path):
     assert p.returncode != 0
     assert "batch_size 63 (the global batch) is not divisible by the 2 processes" in p.stderr
     assert f'File "{ROOT / "densenet"}' not in p.stderr  # our message, not a traceback from our code (torchrun adds its own)
+
+
+def test_an_error_found_by_rank_0_reaches_every_rank_as_itself(tmp_path):
+    """Rank 0 alone checks the run folder; what it finds wrong is every rank's message (not a peer
+    failure on the others)."""
+    missing = tmp_path / "never-made"
+    p = torchrun(["train", *SMALL, "--epochs", "1", "--resume", str(missing)])
+    assert p.returncode != 0
+    assert f"cannot resume: {missing} does not exist" in p.stderr
+    assert f"rank 0 stopped: cannot resume: {missing} does not exist" in p.stderr  # rank 1's own message
+    assert "peer process stopped answering" not in p.stderr
 
 
 def test_world_size_without_rendezvous_is_refused(tmp_path):

@@ -9,18 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from densenet import DenseBlock, DenseNet, create_model
-from densenet.efficient import can_use_fast_block
+from densenet.models.efficient import can_use_fast_block
 
 torch.set_num_threads(2)
 
 MODES = {"fast": dict(fast=True), "memory_efficient": dict(memory_efficient=True), "both": dict(fast=True, memory_efficient=True)}
 
 
-def set_mode(model: nn.Module, fast: bool = False, memory_efficient: bool = False) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, (DenseNet, DenseBlock)):
-            m.fast, m.memory_efficient = fast, memory_efficient
-    return model
+def set_mode(model: DenseNet, fast: bool = False, memory_efficient: bool = False) -> DenseNet:
+    return model.set_execution(fast=fast, memory_efficient=memory_efficient)
 
 
 def pair(mode: str, dtype=torch.float64, **kw):
@@ -69,7 +66,7 @@ def test_same_outputs_gradients_and_statistics_float64(mode, bottleneck, stem):
 def test_memory_efficient_backward_in_many_row_chunks(monkeypatch):
     """The memory-efficient backward walks each layer's BN1-ReLU gradient in row chunks; with tiny
     chunks (many per layer, a ragged last one) it still matches the reference exactly (fp64)."""
-    import densenet.efficient as efficient
+    import densenet.models.efficient as efficient
 
     monkeypatch.setattr(efficient, "ROW_CHUNK_BYTES", 1000)
     torch.manual_seed(3)
@@ -81,7 +78,7 @@ def test_memory_efficient_backward_in_many_row_chunks(monkeypatch):
 def test_eval_transitions_pool_a_few_images_at_a_time(monkeypatch, chunk_bytes):
     """In eval without gradients, transitions run BN-ReLU-pool a few images at a time (one image, a
     ragged last chunk, all at once): same outputs as the reference, odd spatial sizes included."""
-    import densenet.efficient as efficient
+    import densenet.models.efficient as efficient
 
     monkeypatch.setattr(efficient, "ROW_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(4)
@@ -222,7 +219,7 @@ def test_modes_keep_state_dict_keys_and_config():
     assert ref.config()["fast"] is False and plain.config()["fast"] is True
     again = DenseNet(**lean.config())
     assert again.config() == lean.config()
-    assert all(b.memory_efficient for b in again.modules() if isinstance(b, DenseBlock))
+    assert all(b.execution == "memory_efficient" for b in again.modules() if isinstance(b, DenseBlock))
 
 
 def test_channels_last_and_non_contiguous_input():
@@ -283,3 +280,51 @@ def test_memory_efficient_saved_activations_grow_linearly_with_depth(bottleneck)
     assert ref_per_layer == sorted(ref_per_layer) and ref_per_layer[-1] > 2 * ref_per_layer[0]
     assert lean[-1] * 4 < fast[-1] or not bottleneck
     assert lean[-1] * 8 < ref[-1]
+
+
+def counting(monkeypatch, module, name: str) -> list:
+    """Count the calls of ``module.name`` (results passed through)."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["reference", *MODES])
+def test_the_intended_path_is_taken(mode, monkeypatch):
+    """Spies on the fast kernels: the shared-buffer blocks and the fused transitions run in every
+    mode but the reference one, in training and in eval, so that a silent fall-back fails here."""
+    import densenet.models.densenet as dn
+
+    torch.manual_seed(12)
+    ref, other = pair("fast")
+    model = ref if mode == "reference" else set_mode(other, **MODES[mode])
+    blocks = counting(monkeypatch, dn, "fast_block_forward")
+    fused = counting(monkeypatch, dn, "bn_relu_pool")
+    pooled = counting(monkeypatch, dn, "bn_relu_pool_eval")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model.train()(x).sum().backward()
+    with torch.no_grad():
+        model.eval()(x)
+    if mode == "reference":
+        assert blocks == fused == pooled == []
+    else:
+        assert len(blocks) == 6 and fused == [True, True] and pooled == [True, True]
+
+
+def test_one_value_per_channel_in_training_raises_as_the_reference_does():
+    """BN cannot train on one value per channel: every mode raises there (none runs silently)."""
+    for fast, memory_efficient in [(False, False), (True, False), (True, True)]:
+        block = DenseBlock(2, 8, 4, fast=fast, memory_efficient=memory_efficient).train()
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            block(torch.randn(1, 8, 1, 1))
+    torch.manual_seed(13)
+    _, model = pair("fast")
+    transition = model.features.transition1.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        transition(torch.randn(1, transition.in_channels, 1, 1))

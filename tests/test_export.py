@@ -18,8 +18,8 @@ from torch import nn
 
 from densenet import DenseNet, create_model
 from densenet.cli import main
-from densenet.evaluate import evaluate, model_from_checkpoint
-from densenet.export import export_model, model_from_safetensors
+from densenet.serving import export_model, model_from_checkpoint, model_from_safetensors
+from densenet.training import evaluate
 
 TINY = ["--model", "densenet_bc16_k8", "--dataset", "cifar10+", "--batch-size", "32", "--train-subset", "128",
         "--test-subset", "64", "--eval-batch-size", "64", "--threads", "1", "--quiet", "--seed", "3"]
@@ -89,13 +89,14 @@ def test_onnx_export_of_an_imagenet_model_memory_efficient_as_standard_graph(tmp
     export_model(plain, tmp_path / "plain.onnx", "onnx", image_size=64)
     result = export_model(lean, tmp_path / "lean.onnx", "onnx", image_size=64, data={"class_names": list("abcde")})
     assert result["max_abs_diff"] <= 1e-4
-    ops = lambda p: collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node)
+    def ops(p):
+        return collections.Counter(n.op_type for n in onnx.load(str(p)).graph.node)
     assert ops(tmp_path / "lean.onnx") == ops(tmp_path / "plain.onnx")
     assert {"Conv", "Concat", "MaxPool", "AveragePool", "Gemm"} <= set(ops(tmp_path / "lean.onnx"))
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ort_run(tmp_path / "lean.onnx", x), plain(x), rtol=1e-4, atol=1e-4)
-    assert lean.memory_efficient and lean.features.denseblock1.memory_efficient  # the model itself is untouched
+    assert lean.memory_efficient and lean.features.denseblock1.execution == "memory_efficient"  # the model itself is untouched
 
 
 def test_torchscript_export_loads_without_this_package(run, tmp_path):
@@ -114,7 +115,8 @@ def test_torchscript_export_loads_without_this_package(run, tmp_path):
         io = torch.load({str(tmp_path / "io.pt")!r})
         torch.testing.assert_close(m(io["x"]), io["y"], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(m(io["x"][:1]), io["y"][:1], rtol=1e-4, atol=1e-4)
-        print(json.loads(extra["densenet.json"])["data"]["class_names"][3], "densenet" in sys.modules and sys.modules["densenet"] is None)
+        print(json.loads(extra["densenet.json"])["data"]["class_names"][3],
+              "densenet" in sys.modules and sys.modules["densenet"] is None)
     """)
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -183,7 +185,7 @@ def corrupt(run: Path, tmp_path: Path, kind: str) -> Path:
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     else:
-        from densenet.checkpoint import load_checkpoint, save_checkpoint
+        from densenet.io.checkpoint import load_checkpoint, save_checkpoint
 
         state = load_checkpoint(run / "checkpoint.pt")
         state["model_config"]["growth_rate"] = 12

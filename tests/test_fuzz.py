@@ -38,22 +38,22 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from densenet import WeightsError, read_state_dict
-from densenet.checkpoint import (
-    CheckpointError,
-    content_digest,
-    load_checkpoint,
-    save_checkpoint,
-)
-from densenet.config import ConfigError, TrainConfig, resolve_config
 from densenet.data import DataError, build_data, decode_image
 from densenet.data.cache import load_arrays, save_arrays
 from densenet.data.cifar import find_cifar, read_cifar
 from densenet.data.matfile import read_mat_arrays
 from densenet.data.svhn import read_svhn_mat
+from densenet.io.checkpoint import (
+    CheckpointError,
+    content_digest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from densenet.training.config import ConfigError, TrainConfig, resolve_config
 
 EXAMPLES = int(os.environ.get("DENSENET_FUZZ_EXAMPLES", "100"))  # per reader (100 in CI)
 FRESH = "DENSENET_FUZZ_EXAMPLES" in os.environ
-VERBOSE = bool(os.environ.get("DENSENET_FUZZ_VERBOSE"))  # print every error that came out  # new random cases each run instead of CI's fixed ones
+VERBOSE = bool(os.environ.get("DENSENET_FUZZ_VERBOSE"))  # print every error that came out
 SLOW_FACTOR = 5
 MAX_PIXELS = 4_000_000  # keeps mutated image headers from allocating large images
 TIME_LIMIT = 30  # seconds per example: longer is a hang

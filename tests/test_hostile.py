@@ -24,10 +24,10 @@ import torch
 from data_helpers import image_bytes, write_image_tree
 
 from densenet import WeightsError, read_state_dict
-from densenet.checkpoint import CheckpointError, load_checkpoint
 from densenet.cli import main
 from densenet.data import DataError, build_data, decode_image, safe_extract
 from densenet.data.archive import DEFAULT_MAX_EXPANSION, EXPANSION_ENV
+from densenet.io.checkpoint import CheckpointError, load_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +137,43 @@ def test_image_claiming_huge_dimensions_is_refused_before_decoding(tmp_path):
     # a limit the user raised lets the image through to the decoder (which then finds it truncated)
     with pytest.raises(DataError, match="bomb.png: cannot decode image"):
         decode_image(png_header(3000, 3000), "bomb.png", max_pixels=10_000_000)
+
+
+class _PillowSpy:
+    """Stands in for the PIL.Image module inside densenet.data.folder: records every change of
+    ``MAX_IMAGE_PIXELS`` and whether the project's lock was held at that moment."""
+
+    def __init__(self, image_module, lock) -> None:
+        object.__setattr__(self, "_module", image_module)
+        object.__setattr__(self, "_lock", lock)
+        object.__setattr__(self, "changes", [])
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def __setattr__(self, name, value):
+        self.changes.append((name, value, self._lock.locked()))
+        setattr(self._module, name, value)
+
+
+def test_pillow_global_limit_untouched_unless_raised_and_then_only_under_the_lock(monkeypatch):
+    """Decoding with the default limit (and any limit up to Pillow's own) changes no global state that
+    other threads read; a limit raised above Pillow's turns its check off only under the lock."""
+    from PIL import Image
+
+    import densenet.data.folder as folder
+
+    spy = _PillowSpy(Image, folder._PILLOW_LIMIT)
+    monkeypatch.setattr(folder, "Image", spy)
+    decode_image(image_bytes("PNG", (8, 8), "RGB"), "ok.png")
+    decode_image(image_bytes("PNG", (8, 8), "RGB"), "ok.png", max_pixels=1000)
+    decode_image(image_bytes("PNG", (8, 8), "RGB"), "ok.png", max_pixels=None)
+    assert spy.changes == []
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(DataError, match="bomb.png: cannot decode image"):
+        decode_image(png_header(20_000, 20_000), "bomb.png", max_pixels=10**9)  # above Pillow's 2x89M
+    assert [(name, locked) for name, _, locked in spy.changes] == [("MAX_IMAGE_PIXELS", True)] * 2
+    assert [value for _, value, _ in spy.changes] == [None, before] and Image.MAX_IMAGE_PIXELS == before
 
 
 ZEROS = 80 << 20  # 80 MiB of zeros deflate to ~80 KB (1000x)

@@ -134,7 +134,8 @@ def test_dropout_is_active_in_training_only():
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("stem, size", [("cifar", (32, 32)), ("cifar", (17, 45)), ("cifar", (4, 4)), ("imagenet", (224, 224)), ("imagenet", (97, 130)), ("imagenet", (29, 29))])
+@pytest.mark.parametrize("stem, size", [("cifar", (32, 32)), ("cifar", (17, 45)), ("cifar", (4, 4)), ("imagenet", (224, 224)),
+                                        ("imagenet", (97, 130)), ("imagenet", (29, 29))])
 def test_any_input_size_the_stem_allows(stem, size):
     model = small(stem=stem).eval()
     assert model(torch.randn(2, 3, *size)).shape == (2, 5)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from densenet import count_parameters, create_model, list_models, model_spec
-from densenet.registry import cifar_densenet
+from densenet.models.registry import cifar_densenet
 
 PAPER = {
     "densenet40_k12": 1_019_722,
@@ -49,7 +49,8 @@ def test_overrides():
 
 @pytest.mark.parametrize(
     "name, params, blocks",
-    [("densenet_bc40_k12", 176_122, (6, 6, 6)), ("densenet_bc100_k12", 769_162, (16, 16, 16)), ("densenet40_k12", 1_019_722, (12, 12, 12)), ("densenet_bc52_k16", None, (8, 8, 8)), ("densenet22_k8", None, (6, 6, 6))],
+    [("densenet_bc40_k12", 176_122, (6, 6, 6)), ("densenet_bc100_k12", 769_162, (16, 16, 16)),
+     ("densenet40_k12", 1_019_722, (12, 12, 12)), ("densenet_bc52_k16", None, (8, 8, 8)), ("densenet22_k8", None, (6, 6, 6))],
 )
 def test_generic_depth_names(name, params, blocks):
     model = create_model(name)
@@ -64,7 +65,10 @@ def test_cifar_densenet_function():
     assert count_parameters(cifar_densenet(40, 12, bc=False)) == 1_019_722
 
 
-@pytest.mark.parametrize("name, match", [("densenet_bc101_k12", "L - 4 must be a positive multiple of 6"), ("densenet41_k12", "L - 4 must be a positive multiple of 3"), ("densenet_bc4_k12", "depth 4"), ("densenet_bc100_k0", "growth_rate must be a positive")])
+@pytest.mark.parametrize("name, match", [("densenet_bc101_k12", "L - 4 must be a positive multiple of 6"),
+                                         ("densenet41_k12", "L - 4 must be a positive multiple of 3"),
+                                         ("densenet_bc4_k12", "depth 4"),
+                                         ("densenet_bc100_k0", "growth_rate must be a positive")])
 def test_depth_no_layout_fits(name, match):
     with pytest.raises(ValueError, match=match):
         create_model(name)

@@ -16,25 +16,25 @@ from pathlib import Path
 import pytest
 import torch
 
-import densenet.atomic as atomic_mod
+import densenet.io.atomic as atomic_mod
 from densenet import create_model, read_state_dict
-from densenet.checkpoint import (
+from densenet.io.checkpoint import (
     CheckpointError,
     content_digest,
     load_checkpoint,
     save_checkpoint,
     save_rotating,
 )
-from densenet.config import ConfigError
-from densenet.memory import (
+from densenet.models.weights import WeightsError
+from densenet.training.config import ConfigError
+from densenet.training.loop import load_checkpoint_for_resume
+from densenet.training.memory import (
     MemoryLimitError,
     available_memory,
     check_memory,
     estimate_memory,
 )
-from densenet.runlock import RunLock, RunLockError
-from densenet.train import load_checkpoint_for_resume
-from densenet.weights import WeightsError
+from densenet.training.runlock import RunLock, RunLockError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -63,9 +63,9 @@ ZYGOTE = r"""
 import os, sys
 from pathlib import Path
 import torch
-from densenet.checkpoint import save_rotating
-from densenet.config import ConfigError
-from densenet.train import load_checkpoint_for_resume
+from densenet.io.checkpoint import save_rotating
+from densenet.training.config import ConfigError
+from densenet.training.loop import load_checkpoint_for_resume
 out, progress, numel = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)
 for command in sys.stdin:
@@ -291,7 +291,7 @@ FULL_DISK = r"""
 import resource, signal, sys
 from pathlib import Path
 import torch
-from densenet.checkpoint import CheckpointError, save_rotating
+from densenet.io.checkpoint import CheckpointError, save_rotating
 out = Path(sys.argv[1])
 state = lambda n: {"config": {}, "model": {"w": torch.full((200_000,), float(n))}, "step": n}
 save_rotating(out, state(1))
@@ -392,7 +392,7 @@ def test_digest_mismatch_message_and_resume_falls_back(tmp_path, capsys):
 # ----------------------------------------------------------------------------------- 5: run-folder lock
 HOLDER = r"""
 import os, sys, time
-from densenet.runlock import RunLock
+from densenet.training.runlock import RunLock
 RunLock(sys.argv[1]).acquire()
 child = os.fork()
 if child == 0:  # a forked worker (as data loaders have) must not keep the lock alive
@@ -432,7 +432,7 @@ def test_second_training_in_a_run_folder_is_refused_until_the_holder_dies(tmp_pa
 
 PROBE = r"""
 import sys
-from densenet.runlock import RunLock, RunLockError
+from densenet.training.runlock import RunLock, RunLockError
 try:
     RunLock(sys.argv[1]).acquire()
 except RunLockError as e:
@@ -458,8 +458,9 @@ MEASURE = r"""
 import ctypes, gc, json, sys
 import torch, torch.nn.functional as F
 from densenet import create_model
-from densenet.memory import estimate_memory
-name, batch, size, efficient, drop, training = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", float(sys.argv[5]), sys.argv[6] == "1"
+from densenet.training.memory import estimate_memory
+name, batch, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+efficient, drop, training = sys.argv[4] == "1", float(sys.argv[5]), sys.argv[6] == "1"
 torch.set_num_threads(1)
 def kib(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -517,7 +518,8 @@ def check_estimates(cases: list[tuple]) -> None:
     for (name, batch, size, efficient, drop, training), r in zip(cases, results):
         mode = "eval" if not training else "memory-efficient" if efficient else "dropout (layered)" if drop else "fast"
         ratio = r["estimate"] / r["measured"]
-        rows.append(f"{name:19s} {batch:5d} {size:5d}  {mode:18s} {r['measured'] / 2**20:8.0f} MiB {r['estimate'] / 2**20:6.0f} MiB"
+        rows.append(f"{name:19s} {batch:5d} {size:5d}  {mode:18s} {r['measured'] / 2**20:8.0f} MiB "
+                    f"{r['estimate'] / 2**20:6.0f} MiB"
                     f"  {ratio:5.2f}")
         r["ratio"] = ratio
     print("\npeak memory of one step (fresh process, 1 thread), measured as VmHWM above the RSS before it:\n"

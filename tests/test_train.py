@@ -14,8 +14,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from densenet.checkpoint import load_checkpoint
 from densenet.cli import main
+from densenet.io.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "densenet_bc16_k8", "--dataset", "cifar10+", "--batch-size", "32", "--train-subset", "256",
@@ -49,7 +49,8 @@ def test_run_directory_holds_everything(sample_run):
     assert {"config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "report.json", "tensorboard"} <= names
     rows = list(csv.DictReader((sample_run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds", "images_per_s"}
+    assert set(rows[0]) == {"epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
+                            "images_per_s"}
     assert [float(r["lr"]) for r in rows] == [0.1, 0.1, 0.1]  # 3 epochs: milestones 50%/75% need >= 4
     assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["test_error"]) <= 100 for r in rows)
     report = json.loads((sample_run / "report.json").read_text())
@@ -61,6 +62,36 @@ def test_run_directory_holds_everything(sample_run):
     assert list((sample_run / "tensorboard").glob("events.out.tfevents.*"))
     config = (sample_run / "config.yaml").read_text()
     assert "model: densenet_bc16_k8" in config and "nesterov: true" in config and "weight_decay: 0.0001" in config
+
+
+def test_the_plan_and_an_estimated_time_come_before_training(tmp_path, capsys):
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    plan = out.index("plan: densenet_bc16_k8 (")
+    assert ("on cifar10+ from the bundled CIFAR-10 sample: 256 training images, 1 epochs x 8 steps = 8 steps of "
+            "batch 32, device cpu") in out
+    assert "give --data for a real dataset and the paper's recipe" in out
+    estimate = re.search(r"estimated training time: \d+ s for the remaining 2 steps \(\d+\.\d\d s per step", out)
+    assert estimate and plan < estimate.start() < out.index("epoch 1/1:")
+
+
+def test_a_signal_during_backward_stops_every_rank_at_the_same_next_step(tmp_path, capsys, monkeypatch):
+    """The stop decision comes from the all-reduced flag only: a SIGTERM that arrives after a step's
+    all-reduce (here during its optimizer step) is acted on at the next step, on every rank alike,
+    never by the signalled rank alone (its collectives would no longer match the others')."""
+    real, calls = torch.optim.SGD.step, []
+
+    def step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "stopped by signal 15 at epoch 1, step 4; checkpoint written" in capsys.readouterr().err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4 and len(calls) == 4
 
 
 def test_training_learns_on_the_sample(sample_run):
@@ -125,7 +156,8 @@ def test_resume_refuses_missing_corrupted_or_changed(sample_run, tmp_path, capsy
         (["--model", "densenet12"], "did you mean 'densenet121'"),
         (["--dataset", "svhn", "--data", "/nonexistent/svhn"], "/nonexistent/svhn"),
         (["--epochs", "0"], "epochs must be at least 1"),
-        (["--dataset", "cifar10", "--data", "{tmp}/cifar-10-binary.tar.gz"], "neither a tar archive (the official cifar10 release) nor a zip"),
+        (["--dataset", "cifar10", "--data", "{tmp}/cifar-10-binary.tar.gz"],
+         "neither a tar archive (the official cifar10 release) nor a zip"),
         (["--dataset", "cifar100", "--data", "{tmp}"], "Expected one of: cifar-100-binary.tar.gz"),
     ],
 )

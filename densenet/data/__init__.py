@@ -9,13 +9,16 @@ releases), SVHN (.mat), image-folder trees (ImageNet layout, directories or zips
 from .archive import safe_extract
 from .build import DATASETS, IMAGENET_MEAN, IMAGENET_STD, SAMPLE_PATH, Data, build_data, channel_stats
 from .cache import cache_dir
-from .download import RESOURCES, download as download_dataset
-from .errors import DataError, DataNotFound
-from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image, scan_tree
+from .download import RESOURCES
+from .download import download as download_dataset
+from .errors import DataError, DataNotFound, ExpansionRefused, check_finite
+from .folder import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTree, decode_image, open_image, scan_tree
 from .loader import ArrayLoader, FolderLoader
+from .transforms import eval_image
 
 __all__ = [
     "DATASETS", "Data", "build_data", "DataError", "DataNotFound", "ArrayLoader", "FolderLoader", "ImageTree", "scan_tree",
     "decode_image", "safe_extract", "download_dataset", "RESOURCES", "cache_dir", "channel_stats", "SAMPLE_PATH",
-    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ExpansionRefused", "check_finite", "IMAGE_SUFFIXES",
+    "open_image", "eval_image",
 ]

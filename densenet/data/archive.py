@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from .errors import DataError
+from .errors import DataError, ExpansionRefused
 
 __all__ = ["ARCHIVE_ERRORS", "DEFAULT_MAX_EXPANSION", "check_expansion", "check_member_name", "is_tar", "is_zip",
            "iter_tar_files", "max_expansion", "safe_extract"]
@@ -44,11 +44,11 @@ def max_expansion() -> float:
 
 def check_expansion(archive: str | os.PathLike, what: str, size: int, compressed: int,
                     limit: float | None = None) -> None:
-    """:class:`DataError` if ``size`` uncompressed bytes from ``compressed`` bytes exceed the limit."""
+    """:class:`ExpansionRefused` if ``size`` uncompressed bytes from ``compressed`` bytes exceed the limit."""
     limit = max_expansion() if limit is None else limit
     if size > EXPANSION_FREE_BYTES and size > limit * max(compressed, 1):
         ratio = size / max(compressed, 1)
-        raise DataError(f"{archive}: refused {what}: {size:,} bytes from {compressed:,} compressed ({ratio:,.0f}x), "
+        raise ExpansionRefused(f"{archive}: refused {what}: {size:,} bytes from {compressed:,} compressed ({ratio:,.0f}x), "
                         f"more than the limit of {limit:g}x (a possible zip bomb); if you trust this archive, raise "
                         f"the limit with {EXPANSION_ENV}={math.ceil(ratio) + 1}")
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from .cache import cache_path, load_arrays, save_arrays
 from .cifar import LAYOUTS, find_cifar, read_cifar, read_image_tree_32
-from .download import RESOURCES, download as download_files, missing_message
+from .download import RESOURCES, missing_message
+from .download import download as download_files
 from .errors import DataError, DataNotFound
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree
 from .loader import ArrayLoader, FolderLoader
@@ -128,10 +129,13 @@ def _array_source(base: str, root, *, cache_dir, skip_bad_images: bool, max_pixe
         return arrays, label
 
 
-def _folder_trees(name: str, root, val_fraction: float | None, seed: int) -> tuple[ImageTree, ImageTree | None, ImageTree, np.ndarray | None, np.ndarray | None]:
+def _folder_trees(name: str, root, val_fraction: float | None, seed: int
+                  ) -> tuple[ImageTree, ImageTree | None, ImageTree, np.ndarray | None, np.ndarray | None]:
     """(train tree, val tree or None, test tree, train indices, test indices) of an image-folder dataset."""
     if root is None or str(root) == "sample":
-        raise DataError(f"{name} needs root: {missing_message(name, '<root>') if name == 'imagenet' else 'a folder or zip of train/<class>/<image> (and val/ or test/), or of <class>/<image>'}")
+        need = (missing_message(name, "<root>") if name == "imagenet" else
+                "a folder or zip of train/<class>/<image> (and val/ or test/), or of <class>/<image>")
+        raise DataError(f"{name} needs root: {need}")
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such file or directory. " + (missing_message(name, root) if name == "imagenet" else ""))

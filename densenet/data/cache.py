@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_open
+from ..io.atomic import atomic_open
 from .errors import DataError
 
 __all__ = ["FORMAT_VERSION", "cache_dir", "cache_path", "load_arrays", "save_arrays"]

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .archive import ARCHIVE_ERRORS, check_expansion, check_member_name, is_zip
 from .errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTree", "decode_image", "scan_tree"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTree", "decode_image", "open_image", "scan_tree"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 #: refuse images with more pixels than this (decompression bombs); Pillow's own default limit
@@ -30,39 +30,53 @@ DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 _PILLOW_LIMIT = threading.Lock()
 
 
-def _open(data: bytes, own_limit: bool) -> Image.Image:
-    """``Image.open`` (which reads the header only); with ``own_limit`` Pillow's global pixel limit
-    is off meanwhile, so that the caller's limit (which a user may raise above Pillow's) decides."""
-    if not own_limit:
-        return Image.open(io.BytesIO(data))
-    with _PILLOW_LIMIT:
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(io.BytesIO(data))
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """``Image.open`` of ``data`` (reads the header only), with ``max_pixels`` (None: Pillow's own
+    limit) deciding which sizes are refused; :class:`DataError` above it. Every image this project
+    opens goes through here.
+
+    Pillow refuses images over twice its global ``Image.MAX_IMAGE_PIXELS``; only a limit raised
+    above that needs Pillow's check off meanwhile, and that global is then changed under a lock, here
+    alone. Limits up to it (the default among them) change no global state."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if max_pixels is None or pillow is None or max_pixels <= 2 * pillow:
+            im = Image.open(io.BytesIO(data))
+        else:
+            with _PILLOW_LIMIT:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    im = Image.open(io.BytesIO(data))
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        raise DataError(f"{im.width}x{im.height} image exceeds the limit of {max_pixels:,} pixels "
+                        "(possible decompression bomb; raise max_image_pixels to accept it)")
+    return im
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """The image in ``data`` as an RGB Pillow image; :class:`DataError` naming ``name`` if it cannot be
-    decoded or has more than ``max_pixels`` pixels (None: Pillow's limit only)."""
+    decoded, has more than ``max_pixels`` pixels (None: Pillow's limit only) or is a floating-point
+    image with NaN or infinite pixels (which conversion to 8 bits would silently turn into numbers)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = _open(data, own_limit=max_pixels is not None)
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{name}: {im.width}x{im.height} image exceeds the limit of {max_pixels:,} pixels "
-                                "(possible decompression bomb; raise max_image_pixels to accept it)")
+            im = open_image(data, max_pixels)
             im.load()
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):  # 16-bit / float greyscale -> 8 bit
             a = np.asarray(im, dtype=np.float64)
+            bad = int((~np.isfinite(a)).sum())
+            if bad:
+                raise DataError(f"{bad} NaN or infinite pixel value(s) in a floating-point image; refusing to use it")
             a = a / 257.0 if im.mode.startswith("I;16") or a.max() > 255 else a
             im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
         return im if im.mode == "RGB" else im.convert("RGB")
-    except DataError:
-        raise
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
@@ -168,7 +182,8 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
     trees: dict[str, ImageTree] = {}
     for split in wanted:
         prefix = base + split + "/" if split else base
-        classes = sorted(n[len(prefix):] for n in dirs if n.startswith(prefix) and "/" not in n[len(prefix):] and n != prefix[:-1])
+        classes = sorted(n[len(prefix):] for n in dirs
+                         if n.startswith(prefix) and "/" not in n[len(prefix):] and n != prefix[:-1])
         classes = [c for c in classes if c and not c.startswith(".")]
         if not classes:
             raise DataError(f"{root}: {prefix or 'top level'} holds no class folders (expected {prefix}<class>/<image>)")
@@ -188,7 +203,7 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
                             f"{' ...' if len(empty) > 10 else ''} (no images with suffix {', '.join(IMAGE_SUFFIXES)})")
         trees[split] = ImageTree(root, prefix, classes, names, np.asarray(labels, np.int64))
     first = next(iter(trees.values()))
-    for split, t in trees.items():
+    for t in trees.values():
         if t.class_names != first.class_names:
             diff = sorted(set(t.class_names) ^ set(first.class_names))
             raise DataError(f"{root}: the class folders of {t.prefix} and {first.prefix} differ: {', '.join(diff[:10])}")

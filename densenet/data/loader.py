@@ -23,8 +23,16 @@ from torch import Tensor
 
 from .errors import DataError
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image
-from .transforms import (crop_flip_params, derive_seed, eval_image, generator, normalize, pad_crop_flip,
-                         ten_crop_image, train_image)
+from .transforms import (
+    crop_flip_params,
+    derive_seed,
+    eval_image,
+    generator,
+    normalize,
+    pad_crop_flip,
+    ten_crop_image,
+    train_image,
+)
 
 __all__ = ["ArrayLoader", "FolderLoader"]
 
@@ -99,7 +107,7 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
                 if not put(item):
                     return
             put(done)
-        except BaseException as e:  # re-raised in the consumer
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
             put(e)
 
     t = threading.Thread(target=work, daemon=True)

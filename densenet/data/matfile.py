@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .archive import check_expansion
-from .errors import DataError
+from .errors import DataError, DataNotFound
 
 __all__ = ["read_mat_arrays"]
 
@@ -106,7 +106,7 @@ def read_mat_arrays(path: str | os.PathLike, names: tuple[str, ...]) -> dict[str
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: file missing") from None
+        raise DataNotFound(f"{path}: file missing") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.startswith(b"MATLAB 7.3"):

@@ -64,6 +64,6 @@ def safe_loads(data: bytes, name: str) -> Any:
         _check(obj)
     except _Refused as e:
         raise DataError(f"{name}: refused: the pickle holds something other than plain data ({e})") from None
-    except Exception as e:  # truncated streams raise EOFError, ValueError, KeyError, ...
+    except Exception as e:  # noqa: BLE001 - truncated streams raise EOFError, ValueError, KeyError, ...
         raise DataError(f"{name}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
     return obj

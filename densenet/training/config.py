@@ -13,78 +13,118 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "paper_recipe", "resolve_config", "load_yaml_config"]
+from ..analysis.paper import PAPER_EPOCHS
+from ..errors import DenseNetError
+
+__all__ = ["ConfigError", "TrainConfig", "field_help", "field_types", "paper_recipe", "resolve_config",
+           "load_yaml_config", "SAMPLE_RECIPE", "type_name"]
 
 
-class ConfigError(ValueError):
+class ConfigError(DenseNetError, ValueError):
     """A configuration that cannot be used; the message names the key and what is allowed."""
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+    """A configuration field with its ``--flag`` help text (the one description of the key)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+_EPOCHS_HELP = ", ".join(f"{n} {d}" for d, n in PAPER_EPOCHS.items() if d != "cifar100")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Units: epochs, images, steps (SGD updates)."""
+    """Everything that defines a training run. Units: epochs, images, steps (SGD updates).
+    Each field's help text is the ``densenet train --help`` line of its flag."""
 
-    model: str = "densenet_bc100_k12"
-    dataset: str = "cifar10+"
-    data: str | None = None  # directory or archive; None: the bundled CIFAR-10 sample
-    out: str = "runs/densenet"
-    epochs: int = 300
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    lr_milestones: list[int] = field(default_factory=list)  # epochs where lr is divided; [] = 50% and 75%
-    lr_gamma: float = 0.1
-    drop_rate: float = 0.0  # the recipe: 0.2 without augmentation (cifar10, cifar100, svhn), else 0
-    val_size: int | None = None  # images held out of training for validation; None: no validation split
-    train_subset: int | None = None  # train on this many images (chosen by the seed); None: all
-    test_subset: int | None = None
-    image_size: int | None = None  # for "folder" datasets
-    download: bool = False  # fetch missing official CIFAR/SVHN files (MD5-checked) when online
-    memory_efficient: bool = False
-    sync_bn: bool = False  # synchronised BN across processes (distributed training)
-    amp: str = "off"  # mixed precision: off, bf16 or fp16 (fp16 with a gradient scaler; CUDA only)
-    channels_last: bool = False  # NHWC memory format for the model and its inputs
-    init: str | None = None  # weights to start from (this project's checkpoint or a torchvision state dict)
-    freeze_features: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"
-    threads: int | None = None
-    workers: int = 2
-    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: epoch ends only)
-    dist_backend: str = "auto"  # torch.distributed backend under torchrun: auto (nccl on CUDA, else gloo), nccl, gloo
-    dist_timeout: int = 600  # seconds a collective waits for a peer before the run stops with an error
-    memory_check: bool = True  # refuse to start when a step's estimated memory clearly exceeds what is available
-    quiet: bool = False
+    model: str = _opt("densenet_bc100_k12", "registered name or densenet_bc{L}_k{k} (default densenet_bc100_k12; "
+                      "densenet_bc40_k12 for the bundled sample)")
+    dataset: str = _opt("cifar10+", "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet or folder (default cifar10+)")
+    data: str | None = _opt(None, "dataset directory or archive (default: the bundled CIFAR-10 sample, with a short "
+                                  "demo recipe)")
+    out: str = _opt("runs/densenet", "run directory")
+    epochs: int = _opt(300, f"default: the paper's ({_EPOCHS_HELP}); 8 on the bundled sample")
+    batch_size: int = _opt(64, "images per step, over all processes (the paper: 64, 256 for ImageNet)")
+    eval_batch_size: int = _opt(256, "images per evaluation batch")
+    lr: float = _opt(0.1, "initial learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum")
+    weight_decay: float = _opt(1e-4, "L2 weight decay")
+    lr_milestones: list[int] = _opt([], "epochs at which lr is multiplied by lr_gamma (default: 50%% and 75%% of "
+                                        "the epochs; 30 60 for ImageNet)")
+    lr_gamma: float = _opt(0.1, "learning-rate factor at each milestone")
+    drop_rate: float = _opt(0.0, "dropout after each convolution; default 0.2 without augmentation (cifar10, "
+                                 "cifar100, svhn), else 0")
+    val_size: int | None = _opt(None, "training images held out for validation (paper: 5000 CIFAR, 6000 SVHN); "
+                                      "default none")
+    train_subset: int | None = _opt(None, "train on this many training images, chosen by the seed")
+    test_subset: int | None = _opt(None, "evaluate on this many test images, chosen by the seed")
+    image_size: int | None = _opt(None, "image side in pixels for folder datasets (default 224)")
+    download: bool = _opt(False, "download missing official CIFAR/SVHN files (MD5-checked); needs internet")
+    memory_efficient: bool = _opt(False, "keep only each dense block's buffer for backward (memory linear in depth)")
+    sync_bn: bool = _opt(False, "synchronised BN over all processes (distributed training; matters for small "
+                                "per-process batches)")
+    amp: str = _opt("off", "mixed precision: off, bf16, or fp16 (CUDA only, with a gradient scaler)")
+    channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs (faster convolutions on GPUs)")
+    init: str | None = _opt(None, "start from this project's checkpoint or a torchvision DenseNet state dict")
+    freeze_features: bool = _opt(False, "train the classifier only")
+    seed: int = _opt(0, "random seed (initial weights, data order, augmentation, dropout)")
+    deterministic: bool = _opt(False, "deterministic algorithms (bit-identical reruns and resumes)")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: int | None = _opt(None, "CPU threads")
+    workers: int = _opt(2, "data-loading worker processes (image folders)")
+    checkpoint_every: int = _opt(200, "steps between mid-epoch checkpoints (0: epoch ends only)")
+    dist_backend: str = _opt("auto", "under torchrun: auto (nccl on CUDA, else gloo), nccl or gloo")
+    dist_timeout: int = _opt(600, "seconds a collective waits for a peer process before the run stops (default 600)")
+    memory_check: bool = _opt(True, "refuse to start when a step's estimated memory clearly exceeds the available "
+                                    "memory (default on)")
+    quiet: bool = _opt(False, "no progress bar: one line per epoch, for log files")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def field_types() -> dict[str, Any]:
+    """Each TrainConfig key with its type (``int``, ``str | None``, ``list[int]``, ...)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def type_name(annotation: Any) -> str:
+    """``int``, ``str | None``, ``list[int]``: a field's type as written in the dataclass."""
+    return annotation.__name__ if annotation in (int, float, str, bool) else str(annotation)
+
+
+def field_help(name: str) -> str:
+    """The help text of TrainConfig key ``name``."""
+    return next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
 RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every",
                           "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 
+#: what a run on the bundled 1,000-image sample changes in the recipe when not given: a demo that
+#: finishes in about a minute on a CPU (DenseNet-BC L=40 k=12, 8 epochs) instead of 300 epochs of BC-100
+SAMPLE_RECIPE = {"model": "densenet_bc40_k12", "epochs": 8}
+
 
 def paper_recipe(dataset: str) -> dict[str, Any]:
     """The paper's training recipe for ``dataset`` (Section 4.2)."""
     base = dataset.rstrip("+")
     if base == "imagenet":
-        return {"epochs": 90, "batch_size": 256, "lr_milestones": [30, 60], "drop_rate": 0.0}
+        return {"epochs": PAPER_EPOCHS["imagenet"], "batch_size": 256, "lr_milestones": [30, 60], "drop_rate": 0.0}
     # CIFAR and SVHN: lr divided at 50% and 75% of the epochs (lr_milestones [] means exactly that)
     if base == "svhn":
-        return {"epochs": 40, "batch_size": 64, "lr_milestones": [], "drop_rate": 0.2}
+        return {"epochs": PAPER_EPOCHS["svhn"], "batch_size": 64, "lr_milestones": [], "drop_rate": 0.2}
     if base in ("cifar10", "cifar100"):
-        return {"epochs": 300, "batch_size": 64, "lr_milestones": [], "drop_rate": 0.0 if dataset.endswith("+") else 0.2}
+        return {"epochs": PAPER_EPOCHS[base], "batch_size": 64, "lr_milestones": [],
+                "drop_rate": 0.0 if dataset.endswith("+") else 0.2}
     return {"epochs": 90, "batch_size": 64, "lr_milestones": [], "drop_rate": 0.0}  # folder: a user's data
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"list": list})  # noqa: S307 - our own annotations
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
@@ -109,12 +149,12 @@ def _short_repr(value: Any) -> str:
 
 def check_keys_and_types(values: dict[str, Any], source: str) -> None:
     """Raise ``ConfigError`` naming unknown keys and values of the wrong type."""
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    fields = field_types()
     unknown = sorted(k if isinstance(k, str) else repr(k) for k in values if k not in fields)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(fields)}")
     wrong = [
-        f"{k}={_short_repr(v)} (expected {fields[k]})" for k, v in values.items() if not _type_ok(v, fields[k])
+        f"{k}={_short_repr(v)} (expected {type_name(fields[k])})" for k, v in values.items() if not _type_ok(v, fields[k])
     ]
     if wrong:
         raise ConfigError(f"{source}: wrong type for {'; '.join(wrong)}")
@@ -145,9 +185,10 @@ def resolve_config(overrides: dict[str, Any], config_file: str | os.PathLike | N
     """Defaults < paper recipe of the dataset < YAML file < explicit overrides (flags)."""
     check_keys_and_types(overrides, "command line")
     from_file = load_yaml_config(config_file) if config_file else {}
-    dataset = overrides.get("dataset", from_file.get("dataset", TrainConfig.dataset))
     given = {**from_file, **overrides}
-    values = {**paper_recipe(dataset), **given}
+    dataset = given.get("dataset", TrainConfig.dataset)
+    sample = given.get("data") is None and dataset.rstrip("+") in ("cifar10", "cifar100")
+    values = {**paper_recipe(dataset), **(SAMPLE_RECIPE if sample else {}), **given}
     if dataset == "imagenet" and "epochs" in given and "lr_milestones" not in given:
         values["lr_milestones"] = [given["epochs"] // 3, 2 * given["epochs"] // 3]  # the paper's 30/90, 60/90
     config = TrainConfig(**values)
@@ -179,7 +220,8 @@ def validate(config: TrainConfig) -> None:
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),
         (config.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, got {config.amp!r}"),
-        (config.dist_backend in ("auto", "nccl", "gloo"), f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
+        (config.dist_backend in ("auto", "nccl", "gloo"),
+         f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
         (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),
         (all(0 < m <= config.epochs for m in config.lr_milestones), "lr_milestones must lie in 1..epochs"),
         (all(math.isfinite(getattr(config, k)) for k in ("lr", "momentum", "weight_decay", "lr_gamma", "drop_rate")),

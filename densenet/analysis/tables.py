@@ -7,6 +7,7 @@ from the paper's recipe: data, epochs, subsets).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -15,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from .paper import TABLE2, TABLE2_DATASETS, TABLE3
+from ..errors import DenseNetError
+from ..models import count_parameters, create_model, model_spec
+from .paper import PAPER_EPOCHS, TABLE2, TABLE2_DATASETS, TABLE3
 
 __all__ = [
     "DATASET_LABELS",
@@ -31,10 +35,9 @@ __all__ = [
 ]
 
 DATASET_LABELS = {"cifar10": "C10", "cifar10+": "C10+", "cifar100": "C100", "cifar100+": "C100+", "svhn": "SVHN"}
-PAPER_EPOCHS = {"cifar10": 300, "cifar100": 300, "svhn": 40, "imagenet": 90}
 
 
-class RunError(ValueError):
+class RunError(DenseNetError, ValueError):
     """A run directory that cannot be read: the message names the folder and the missing or bad file."""
 
 
@@ -120,11 +123,6 @@ def load_run(path: str | os.PathLike, *, need_metrics: bool = False) -> Run:
 def _architecture(name: str) -> tuple[int | str, int | str, int | None]:
     """(depth, growth rate, parameters with a 10-class classifier for CIFAR layouts / 1000 for
     ImageNet, as the paper counts them); '?' for names the registry does not know."""
-    import torch
-
-    from .registry import create_model, model_spec
-    from .summary import count_parameters
-
     try:
         spec = model_spec(name)
     except (TypeError, ValueError):
@@ -187,7 +185,8 @@ def _notes(runs: Sequence[Run]) -> str:
     parts = []
     for r in runs:
         deviations = r.deviations()
-        parts.append(f"{DATASET_LABELS.get(r.dataset, r.dataset)} {r.path.name}" + (f": {', '.join(deviations)}" if deviations else ""))
+        parts.append(f"{DATASET_LABELS.get(r.dataset, r.dataset)} {r.path.name}"
+                     + (f": {', '.join(deviations)}" if deviations else ""))
     return "; ".join(parts)
 
 
@@ -212,13 +211,16 @@ def render_markdown(records: dict[str, list[dict[str, Any]]]) -> str:
     """The tables as Markdown: error cells read "ours / paper" (test error in %; "-": no run / no number)."""
     parts = []
     if records["table2"]:
-        header = ["model", "depth", "k", "params"] + [f"{DATASET_LABELS[d]} ours / paper" for d in TABLE2_DATASETS] + ["runs and how they differ from the paper"]
+        header = (["model", "depth", "k", "params"] + [f"{DATASET_LABELS[d]} ours / paper" for d in TABLE2_DATASETS]
+                  + ["runs and how they differ from the paper"])
         rows = [[r["model"], r["depth"], r["k"], _params(r["parameters"])]
-                + [f"{_fmt(r[d])}{'' if r[d + '_runs'] < 2 else ' (mean of ' + str(r[d + '_runs']) + ')'} / {_fmt(r[d + '_paper'])}"
+                + [f"{_fmt(r[d])}{'' if r[d + '_runs'] < 2 else ' (mean of ' + str(r[d + '_runs']) + ')'} "
+                   f"/ {_fmt(r[d + '_paper'])}"
                    for d in TABLE2_DATASETS] + [r["notes"] or "not run"] for r in records["table2"]]
         parts.append("Table 2 (test error, %; paper: Huang et al., CVPR 2017)\n\n" + markdown_table(header, rows))
     if records["table3"]:
-        header = ["model", "depth", "k", "params", "top-1 ours / paper", "top-5 ours / paper", "runs and how they differ from the paper"]
+        header = ["model", "depth", "k", "params", "top-1 ours / paper", "top-5 ours / paper",
+                  "runs and how they differ from the paper"]
         rows = [[r["model"], r["depth"], r["k"], _params(r["parameters"]), f"{_fmt(r['top1'])} / {_fmt(r['top1_paper'])}",
                  f"{_fmt(r['top5'])} / {_fmt(r['top5_paper'])}", r["notes"] or "not run"] for r in records["table3"]]
         parts.append("Table 3 (ImageNet validation error, single crop, %)\n\n" + markdown_table(header, rows))
@@ -234,8 +236,6 @@ def render_csv(records: dict[str, list[dict[str, Any]]]) -> str:
     """The tables as one CSV in Table 2's layout, one row per model: for each dataset our error (%),
     the number of runs it averages and the paper's error (empty: no run / no number); ImageNet
     top-1/top-5 columns for Table 3 models; runs on other datasets as rows of their own."""
-    import io
-
     columns = ["model", "depth", "k", "parameters"]
     for d in TABLE2_DATASETS:
         columns += [f"{d}_error", f"{d}_runs", f"{d}_paper"]
@@ -244,12 +244,14 @@ def render_csv(records: dict[str, list[dict[str, Any]]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
     writer.writeheader()
-    keep = lambda r: {k: ("" if v is None else v) for k, v in r.items() if k in columns}
+    def keep(r):
+        return {k: ("" if v is None else v) for k, v in r.items() if k in columns}
     for r in records["table2"]:
         writer.writerow(keep({**r, **{f"{d}_error": r[d] for d in TABLE2_DATASETS}}))
     for r in records["table3"]:
         writer.writerow(keep({**r, "imagenet_top1_error": r["top1"], "imagenet_top1_paper": r["top1_paper"],
-                              "imagenet_top5_error": r["top5"], "imagenet_top5_paper": r["top5_paper"], "imagenet_runs": r["runs"]}))
+                              "imagenet_top5_error": r["top5"], "imagenet_top5_paper": r["top5_paper"],
+                              "imagenet_runs": r["runs"]}))
     for r in records["other"]:
         writer.writerow(keep({**r, "other_dataset": r["dataset"], "other_top1_error": r["top1"]}))
     return buffer.getvalue()

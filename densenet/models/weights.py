@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, refused_global, unpickler_reason, verify_digest
+from ..errors import DenseNetError
+from ..io.checkpoint import CheckpointError, read_torch_file, verify_digest
 
 __all__ = [
     "WeightsError",
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-class WeightsError(ValueError):
+class WeightsError(DenseNetError, ValueError):
     """A weight file or state dict that cannot be used; the message names what is wrong."""
 
 
@@ -45,28 +46,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path} is not a readable safetensors file: {e}") from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            name = refused_global(str(e))
-            if name:
-                raise WeightsError(f"{path} holds objects other than tensors and plain data ({name}), which are "
-                                   "refused for safety (weights_only loading): loading it could run code") from None
-            raise WeightsError(f"{path} is not a readable PyTorch weight file (truncated or corrupted?): "
-                               f"{unpickler_reason(str(e))}") from None
-        except MemoryError:
-            raise WeightsError(f"not enough memory to read {path}") from None
-        except Exception as e:  # noqa: BLE001 - a damaged file makes the zip and pickle readers raise nearly anything
-            raise WeightsError(f"{path} is not a readable PyTorch weight file (truncated or corrupted?): "
-                               f"{type(e).__name__}: {str(e)[:300]}") from None
+        state = read_torch_file(path, f"weight file {path}", WeightsError)
         if isinstance(state, Mapping):  # this project's checkpoints carry a digest of their content
             try:
                 state = verify_digest(state, str(path))

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import DenseNet
+from ..errors import ArgumentError, ArgumentTypeError, check_int
+from .densenet import DenseNet
 
 __all__ = ["ModelSpec", "create_model", "list_models", "model_spec", "cifar_densenet", "register_model"]
 
@@ -37,7 +38,7 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 def register_model(spec: ModelSpec) -> ModelSpec:
     if spec.name in _REGISTRY:
-        raise ValueError(f"a model named {spec.name!r} is already registered")
+        raise ArgumentError(f"a model named {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -48,15 +49,14 @@ def cifar_layout(depth: int, growth_rate: int, bc: bool) -> dict[str, Any]:
     Basic: (L - 4) / 3 layers per block, 16-map stem, no compression.
     BC: (L - 4) / 6 bottleneck layers per block, 2k-map stem, compression 0.5.
     """
-    for name, value in (("depth", depth), ("growth_rate", growth_rate)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_int("depth", depth)
+    check_int("growth_rate", growth_rate)
     # L counts the stem conv, the transitions' convs and the classifier (4 layers) and every conv
     # of the dense layers (1 per basic layer, 2 per bottleneck layer).
     per_layer = 6 if bc else 3
     if depth <= 4 or (depth - 4) % per_layer:
         valid = [4 + per_layer * n for n in range(1, 6)]
-        raise ValueError(
+        raise ArgumentError(
             f"no {'DenseNet-BC' if bc else 'basic DenseNet'} layout has depth {depth}: "
             f"L - 4 must be a positive multiple of {per_layer} (e.g. {', '.join(map(str, valid))}, ...)"
         )
@@ -121,7 +121,7 @@ def list_models() -> list[str]:
 def model_spec(name: str) -> ModelSpec:
     """The spec of a registered name or of a generic CIFAR name (``densenet_bc{L}_k{k}``, ``densenet{L}_k{k}``)."""
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+        raise ArgumentTypeError(f"model name must be a string, got {type(name).__name__}")
     if name in _REGISTRY:
         return _REGISTRY[name]
     match = _GENERIC.match(name)
@@ -131,7 +131,7 @@ def model_spec(name: str) -> ModelSpec:
         return ModelSpec(name, cifar_layout(depth, k, bc), depth, "BC" if bc else "basic", 32, None)
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
+    raise ArgumentError(
         f"unknown model {name!r}{hint} Registered models: {', '.join(_REGISTRY)}; "
         f"any CIFAR layout is also available as densenet{{L}}_k{{k}} or densenet_bc{{L}}_k{{k}}."
     )
@@ -146,5 +146,5 @@ def create_model(name: str, **overrides: Any) -> DenseNet:
     valid = set(DenseNet.__init__.__code__.co_varnames[1 : DenseNet.__init__.__code__.co_argcount])
     unknown = sorted(set(overrides) - valid)
     if unknown:
-        raise TypeError(f"unknown argument(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        raise ArgumentTypeError(f"unknown argument(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     return DenseNet(**{**spec.kwargs, **overrides})

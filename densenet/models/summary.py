@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import DenseNet
+from .densenet import DenseNet
 
 __all__ = ["count_parameters", "count_macs", "StageInfo", "stage_summary"]
 

@@ -28,7 +28,7 @@ In eval mode without gradients, BN2 is folded into the 1x1 convolution (inferenc
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,59 +36,58 @@ from torch import Tensor, nn
 
 from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
-if TYPE_CHECKING:
-    from .model import DenseBlock, DenseLayer
-
-__all__ = ["bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_use_fast_block", "fast_block_forward"]
+__all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_use_fast_block",
+           "fast_block_forward", "hooks_inside"]
 
 _aten = torch.ops.aten
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
-    )
+_FLOATS = (torch.float32, torch.float64)
 
 
 def _global_hooks() -> bool:
     m = torch.nn.modules.module
-    return bool(
-        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-        or getattr(m, "_global_backward_pre_hooks", None)
-    )
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
 
-def can_use_fast_block(block: "DenseBlock", x: Tensor) -> bool:
-    """Whether ``block`` can run the shared-buffer implementation on ``x``.
+def hooks_inside(module: nn.Module) -> bool:
+    """Whether any hook (forward, forward-pre, backward, backward-pre) is registered on a submodule
+    of ``module`` (the module itself excluded) or globally: a fused computation would not call it
+    with what the layer-by-layer form gives it."""
+    if _global_hooks():
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for name, m in module.named_modules() if name)
+
+
+def autocast_on(x: Tensor) -> bool:
+    """Whether autocast (mixed precision) is active for ``x``'s device."""
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def can_use_fast_block(block: nn.ModuleDict, x: Tensor) -> bool:
+    """Whether the dense block ``block`` can run the shared-buffer implementation on ``x``.
 
     Falls back (False) for: dropout in training, hooks on any module inside the block (they would
     not see the fused computation), eval mode with gradients, non-standard BN settings, a
-    training batch with one value per channel (BN raises there), or non-float32/64 input.
+    training batch with one value per channel (BN raises there), autocast, or non-float32/64 input.
     """
-    if torch.jit.is_scripting() or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
-        return False
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):  # mixed precision: reference path
-        return False
-    layers = list(block.values())
-    if not layers or _global_hooks():
+    if x.dim() != 4 or x.dtype not in _FLOATS or autocast_on(x) or not len(block) or hooks_inside(block):
         return False
     training = block.training
     if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         return False
     if not training and torch.is_grad_enabled():
         return False
+    layers = list(block.values())
     eps = layers[0].norm1.eps
     for layer in layers:
-        if layer.training != training or (training and layer.drop_rate > 0):
+        if layer.training != training or (training and layer.drop_rate > 0) or layer.norm1.eps != eps:
             return False
         for m in layer.modules():
-            if _has_hooks(m) or m.training != training:
+            if m.training != training:
                 return False
             if isinstance(m, nn.BatchNorm2d) and not (m.affine and m.track_running_stats and m.running_mean is not None):
                 return False
-        if layer.norm1.eps != eps:
-            return False
     return True
 
 
@@ -106,8 +105,8 @@ def _rows(t: Tensor) -> Tensor:
 class _Block:
     """Python-side description of a dense block for the autograd function."""
 
-    def __init__(self, block: "DenseBlock", x: Tensor, memory_efficient: bool) -> None:
-        self.layers: list[DenseLayer] = list(block.values())
+    def __init__(self, block: nn.ModuleDict, x: Tensor, memory_efficient: bool) -> None:
+        self.layers: list[nn.Module] = list(block.values())
         self.n, self.c0, self.h, self.w = x.shape
         self.m = self.n * self.h * self.w
         self.k = self.layers[0].growth_rate
@@ -407,7 +406,7 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
     return _nchw(b2, n, h, w)
 
 
-def fast_block_forward(block: "DenseBlock", x: Tensor, memory_efficient: bool = False) -> Tensor:
+def fast_block_forward(block: nn.ModuleDict, x: Tensor, memory_efficient: bool = False) -> Tensor:
     """Run ``block`` on x (N, C_in, H, W) with the shared buffer; returns (N, C_out, H, W), channels_last.
 
     Call only when ``can_use_fast_block(block, x)``.
@@ -425,14 +424,14 @@ def fast_block_forward(block: "DenseBlock", x: Tensor, memory_efficient: bool = 
 
 
 # ---------------------------------------------------------------------------- transitions
-def can_fuse_bn_relu_pool(norm: nn.Module, relu: nn.Module, x: Tensor) -> bool:
+def can_fuse_bn_relu_pool(norm: nn.Module, x: Tensor) -> bool:
     """Whether a transition's BN-ReLU-2x2 average pool can run as :func:`bn_relu_pool`: training
-    with gradients, a plain ``nn.BatchNorm2d`` (not synchronised), no hooks, float input."""
+    with gradients, a plain ``nn.BatchNorm2d`` (not synchronised), float input, no autocast, more than
+    one value per channel (BN raises on one). The transition checks for hooks."""
     return (
         type(norm) is nn.BatchNorm2d and norm.training and torch.is_grad_enabled() and x.dim() == 4
-        and x.dtype in (torch.float32, torch.float64) and norm.affine and norm.track_running_stats
-        and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
-        and not _global_hooks() and not _has_hooks(norm) and not _has_hooks(relu)
+        and x.dtype in _FLOATS and norm.affine and norm.track_running_stats and not autocast_on(x)
+        and x.shape[0] * x.shape[2] * x.shape[3] > 1
     )
 
 
@@ -475,15 +474,14 @@ def bn_relu_pool(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
     return _BNReLUPool.apply(x, norm.weight, norm.bias, norm)
 
 
-def bn_relu_pool_eval(norm: nn.Module, relu: nn.Module, x: Tensor) -> Tensor | None:
+def bn_relu_pool_eval(norm: nn.Module, x: Tensor) -> Tensor | None:
     """Eval-mode BN (running statistics), ReLU and 2x2 average pool without autograd, (N, C, H, W) ->
     (N, C, H // 2, W // 2), a few images at a time so that no full-size temporary is allocated.
-    Returns None when it does not apply (training, gradients, hooks, no running statistics, autocast)."""
+    Returns None when it does not apply (training, gradients, no running statistics, autocast).
+    The transition checks for hooks."""
     if (
         not isinstance(norm, nn.BatchNorm2d) or norm.training or torch.is_grad_enabled() or x.dim() != 4
-        or x.dtype not in (torch.float32, torch.float64) or not norm.affine or norm.running_mean is None
-        or (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
-        or _global_hooks() or _has_hooks(norm) or _has_hooks(relu)
+        or x.dtype not in _FLOATS or not norm.affine or norm.running_mean is None or autocast_on(x)
     ):
         return None
     n, c, h, w = x.shape

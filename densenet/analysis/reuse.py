@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor, nn
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .model import DenseBlock, DenseNet, Transition
+from ..io.atomic import atomic_write_bytes, atomic_write_text
+from ..models import DenseBlock, DenseNet, Transition
+from .plots import plt
 
 __all__ = ["BlockReuse", "feature_reuse", "plot_reuse", "source_slices", "write_reuse_csv"]
 
@@ -123,8 +124,6 @@ def write_reuse_csv(path: str | os.PathLike, blocks: Sequence[BlockReuse]) -> No
 def plot_reuse(path: str | os.PathLike, blocks: Sequence[BlockReuse], title: str = "") -> None:
     """PNG with one heat map per block: rows source s, columns target l, colour the column-scaled
     average |weight|; the last column (transition or classifier) is outlined, as in the paper."""
-    from .curves import plt
-
     fig, axes = plt.subplots(1, len(blocks), figsize=(0.5 + 4.4 * len(blocks), 4.6), squeeze=False)
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")

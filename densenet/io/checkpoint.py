@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from ..errors import DenseNetError
 from .atomic import atomic_open, temp_prefix
 
-__all__ = ["CHECKSUM_KEY", "CheckpointError", "content_digest", "load_checkpoint", "save_checkpoint", "save_rotating"]
+__all__ = ["CHECKSUM_KEY", "CheckpointError", "content_digest", "load_checkpoint", "read_torch_file", "save_checkpoint",
+           "save_rotating", "verify_digest"]
 
 CHECKSUM_KEY = "checksum"
 _DIGEST_VALUE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -34,7 +36,7 @@ _DIGEST_VALUE = re.compile(r"sha256:[0-9a-f]{64}")
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DenseNetError, ValueError):
     """A checkpoint that is missing, damaged, not one of this project's, or cannot be written."""
 
 
@@ -154,13 +156,13 @@ def save_rotating(out_dir: str | os.PathLike, state: dict[str, Any], *, name: st
 
 
 # ---------------------------------------------------------------------------- reading
-def refused_global(message: str) -> str | None:
+def _refused_global(message: str) -> str | None:
     """The global a ``weights_only`` load refused, if that is why it failed (None: damaged stream)."""
     match = re.search(r"GLOBAL ([\w.]+)", message)
     return match.group(1) if match else None
 
 
-def unpickler_reason(message: str) -> str:
+def _unpickler_reason(message: str) -> str:
     """The reason in a ``weights_only`` load's error, without torch's advice to load unsafely."""
     match = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
     if match:
@@ -168,6 +170,27 @@ def unpickler_reason(message: str) -> str:
     advice = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "WeightsUnpickler")
     lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(advice)]
     return lines[0][:200] if lines else "unreadable pickle"
+
+
+def read_torch_file(path: Path, what: str, error: type[DenseNetError] = None) -> Any:  # type: ignore[assignment]
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data, never code. Every
+    failure becomes ``error`` (default :class:`CheckpointError`) naming ``what`` (e.g. "checkpoint
+    runs/x/checkpoint.pt") and the reason: objects that could run code, a truncated or corrupted
+    file, not enough memory."""
+    error = error or CheckpointError
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = _refused_global(str(e))
+        if name:
+            raise error(f"{what} holds objects other than tensors and plain data ({name}); refused for safety: "
+                        "loading it could run code") from None
+        raise error(f"{what} is truncated or corrupted and cannot be read: {_unpickler_reason(str(e))}") from None
+    except MemoryError:
+        raise error(f"not enough memory to read {what}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file makes the zip and pickle readers raise nearly anything
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise error(f"{what} is truncated or corrupted and cannot be read ({type(e).__name__}: {first})") from None
 
 
 def verify_digest(state: Mapping[Any, Any], source: str) -> dict[Any, Any]:
@@ -198,21 +221,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        name = refused_global(str(e))
-        if name:
-            raise CheckpointError(f"{path} holds objects other than tensors and plain data ({name}); refused for "
-                                  "safety: loading it could run code") from None
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read: "
-                              f"{unpickler_reason(str(e))}") from None
-    except MemoryError:
-        raise CheckpointError(f"not enough memory to read checkpoint {path}") from None
-    except Exception as e:  # noqa: BLE001 - a damaged file makes the zip and pickle readers raise nearly anything
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted and cannot be read "
-                              f"({type(e).__name__}: {first})") from None
+    state = read_torch_file(path, f"checkpoint {path}")
     if isinstance(state, dict):
         state = verify_digest(state, str(path))
     if not isinstance(state, dict) or "model" not in state or "config" not in state:

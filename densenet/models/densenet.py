@@ -13,25 +13,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "STEMS"]
+from ..errors import ArgumentError, ArgumentTypeError, check_int
+from .efficient import (
+    bn_relu_pool,
+    bn_relu_pool_eval,
+    can_fuse_bn_relu_pool,
+    can_use_fast_block,
+    fast_block_forward,
+    hooks_inside,
+)
+
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "STEMS", "EXECUTION_MODES"]
 
 STEMS = ("cifar", "imagenet")
+#: how dense blocks and transitions compute (see :meth:`DenseNet.set_execution`)
+EXECUTION_MODES = ("reference", "fast", "memory_efficient")
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
+def execution_mode(fast: bool, memory_efficient: bool) -> str:
+    """The mode of the two switches: memory-efficient wins, then fast, else the reference form."""
+    return "memory_efficient" if memory_efficient else "fast" if fast else "reference"
 
 
-def _check_drop_rate(drop_rate: object) -> float:
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
-        raise TypeError(f"drop_rate must be a float in [0, 1), got {type(drop_rate).__name__} {drop_rate!r}")
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-    return float(drop_rate)
+def _check_fraction(name: str, value: object, low_open: bool) -> float:
+    """A float in (0, 1] (``low_open``) or [0, 1)."""
+    interval = "(0, 1]" if low_open else "[0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a float in {interval}, got {type(value).__name__} {value!r}")
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value < 1.0):
+        raise ArgumentError(f"{name} must be in {interval}, got {value}")
+    return float(value)
 
 
 class DenseLayer(nn.Module):
@@ -100,28 +111,15 @@ class DenseBlock(nn.ModuleDict):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = in_channels + num_layers * growth_rate
-        self.memory_efficient = bool(memory_efficient)
-        self.fast = bool(fast)
+        self.execution = execution_mode(fast, memory_efficient)  # set by DenseNet.set_execution
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size, drop_rate)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.jit.is_scripting() and (self.fast or self.memory_efficient):
-            out = self._forward_shared_buffer(x)
-            if out is not None:
-                return out
+        if self.execution != "reference" and can_use_fast_block(self, x):
+            return fast_block_forward(self, x, self.execution == "memory_efficient")
         return self._forward_reference(x)
-
-    @torch.jit.unused
-    def _forward_shared_buffer(self, x: Tensor) -> Tensor | None:
-        """The shared-buffer implementation (densenet.efficient), or None where it does not apply
-        (dropout in training, hooks inside the block, eval mode with gradients)."""
-        from .efficient import can_use_fast_block, fast_block_forward
-
-        if not can_use_fast_block(self, x):
-            return None
-        return fast_block_forward(self, x, self.memory_efficient)
 
     def _forward_reference(self, x: Tensor) -> Tensor:
         """The paper's formulation, layer by layer on lists of feature maps (what hooks see)."""
@@ -147,28 +145,22 @@ class Transition(nn.Sequential):
         if drop_rate > 0:
             self.add_module("drop", nn.Dropout(drop_rate))
         self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
-        self.fast = True  # set by DenseNet
+        self.execution = "fast"  # set by DenseNet.set_execution
 
     def forward(self, x: Tensor) -> Tensor:
         """The paper's order, BN-ReLU-conv-pool, or in the fast path BN-ReLU-pool-conv: a 1x1
         convolution and a 2x2 average commute, so pooling first gives the same maps with 4x fewer
         convolution multiply-adds; in training BN-ReLU-pool is one step that keeps only its input for
-        backward (``densenet.efficient.bn_relu_pool``)."""
-        drop = self.training and "drop" in self._modules
-        if torch.jit.is_scripting() or not self.fast or drop or _has_hooks(self.conv) or _has_hooks(self.pool):
+        backward (``densenet.models.efficient.bn_relu_pool``). Dropout in training and hooks on any
+        part of the transition keep the paper's order, so that every hook sees what it expects."""
+        if self.execution == "reference" or (self.training and "drop" in self._modules) or hooks_inside(self):
             return super().forward(x)
-        from .efficient import bn_relu_pool, bn_relu_pool_eval, can_fuse_bn_relu_pool
-
-        if can_fuse_bn_relu_pool(self.norm, self.relu, x):
+        if can_fuse_bn_relu_pool(self.norm, x):
             return self.conv(bn_relu_pool(self.norm, x))
-        pooled = bn_relu_pool_eval(self.norm, self.relu, x)
+        pooled = bn_relu_pool_eval(self.norm, x)
         if pooled is not None:
             return self.conv(pooled)
         return self.conv(self.pool(self.relu(self.norm(x))))
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class DenseNet(nn.Module):
@@ -191,6 +183,7 @@ class DenseNet(nn.Module):
         fast: run dense blocks on one shared channels_last buffer with BN statistics computed once
             (same outputs, gradients and running statistics as the layer-by-layer form, which is
             used anyway for dropout in training, hooks inside a block, and eval mode with gradients).
+            Both can be changed later with :meth:`set_execution`.
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
     """
@@ -211,25 +204,21 @@ class DenseNet(nn.Module):
         fast: bool = True,
     ) -> None:
         super().__init__()
-        _check_positive_int("growth_rate", growth_rate)
+        check_int("growth_rate", growth_rate)
         if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
-            raise TypeError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
+            raise ArgumentTypeError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
         for n in block_config:
-            _check_positive_int("every entry of block_config", n)
-        if isinstance(compression, bool) or not isinstance(compression, (int, float)):
-            raise TypeError(f"compression must be a float in (0, 1], got {compression!r}")
-        if not 0.0 < compression <= 1.0:
-            raise ValueError(f"compression must be in (0, 1], got {compression}")
+            check_int("every entry of block_config", n)
+        compression = _check_fraction("compression", compression, low_open=True)
         if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+            raise ArgumentError(f"stem must be one of {STEMS}, got {stem!r}")
         if stem_channels is None:
             stem_channels = 2 * growth_rate if (bottleneck or compression < 1 or stem == "imagenet") else 16
-        _check_positive_int("stem_channels", stem_channels)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("bn_size", bn_size)
-        drop_rate = _check_drop_rate(drop_rate)
+        check_int("stem_channels", stem_channels)
+        check_int("num_classes", num_classes, minimum=0)
+        check_int("in_channels", in_channels)
+        check_int("bn_size", bn_size)
+        drop_rate = _check_fraction("drop_rate", drop_rate, low_open=False)
 
         self.growth_rate = growth_rate
         self.block_config = tuple(block_config)
@@ -241,8 +230,6 @@ class DenseNet(nn.Module):
         self.drop_rate = drop_rate
         self.bn_size = bn_size
         self.num_classes = num_classes
-        self.memory_efficient = bool(memory_efficient)
-        self.fast = bool(fast)
 
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         if stem == "cifar":
@@ -257,9 +244,7 @@ class DenseNet(nn.Module):
         self.feature_info: list[dict] = []
         reduction = 1 if stem == "cifar" else 4
         for i, num_layers in enumerate(self.block_config):
-            block = DenseBlock(
-                num_layers, channels, growth_rate, bottleneck, bn_size, drop_rate, self.memory_efficient, self.fast
-            )
+            block = DenseBlock(num_layers, channels, growth_rate, bottleneck, bn_size, drop_rate)
             layers[f"denseblock{i + 1}"] = block
             channels = block.out_channels
             self.feature_info.append(
@@ -268,9 +253,8 @@ class DenseNet(nn.Module):
             if i != len(self.block_config) - 1:
                 out = int(math.floor(compression * channels))
                 if out < 1:
-                    raise ValueError(f"compression {compression} leaves no feature maps after block {i + 1}")
-                layers[f"transition{i + 1}"] = transition = Transition(channels, out, drop_rate)
-                transition.fast = self.fast or self.memory_efficient
+                    raise ArgumentError(f"compression {compression} leaves no feature maps after block {i + 1}")
+                layers[f"transition{i + 1}"] = Transition(channels, out, drop_rate)
                 channels = out
                 reduction *= 2
         layers["norm5"] = nn.BatchNorm2d(channels)
@@ -279,7 +263,30 @@ class DenseNet(nn.Module):
         self.num_features = channels
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier: nn.Module = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.fast, self.memory_efficient = True, False
+        self.set_execution(fast=fast, memory_efficient=memory_efficient)
         self.reset_parameters()
+
+    def set_execution(self, fast: bool | None = None, memory_efficient: bool | None = None) -> "DenseNet":
+        """Choose how the dense blocks and transitions compute; None keeps a switch as it is.
+
+        ``fast``: shared-buffer blocks with BN statistics computed once, pool-first transitions.
+        ``memory_efficient``: the same, keeping only each block's buffer for backward (recomputing
+        the rest); it implies the fast forms. Both off: the paper's layer-by-layer form. Every mode
+        gives the same outputs, gradients and BN running statistics; parameters are untouched.
+        Returns the model.
+        """
+        if fast is not None:
+            self.fast = bool(fast)
+        if memory_efficient is not None:
+            self.memory_efficient = bool(memory_efficient)
+        mode = execution_mode(self.fast, self.memory_efficient)
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.execution = mode
+            elif isinstance(m, Transition):
+                m.execution = "reference" if mode == "reference" else "fast"
+        return self
 
     # ------------------------------------------------------------------ set-up
     def reset_parameters(self) -> None:
@@ -302,8 +309,7 @@ class DenseNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs
         (0: none, the model then returns pooled features)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+        check_int("num_classes", num_classes, minimum=0)
         self.num_classes = num_classes
         ref = next(self.parameters())
         if num_classes > 0:
@@ -335,26 +341,26 @@ class DenseNet(nn.Module):
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` is not a (N, in_channels, H, W) batch the stem accepts."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
+            raise ArgumentTypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
-            raise ValueError(
+            raise ArgumentError(
                 f"DenseNet expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}{hint}"
             )
         if x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise ArgumentError(
                 f"DenseNet expects {self.in_channels} input channels, got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)}; set in_channels when creating the model)"
             )
         if not x.is_floating_point():
-            raise TypeError(f"DenseNet expects a floating-point input, got {x.dtype} (convert with x.float())")
+            raise ArgumentTypeError(f"DenseNet expects a floating-point input, got {x.dtype} (convert with x.float())")
         self.check_input_size(int(x.shape[2]), int(x.shape[3]))
 
     def check_input_size(self, height: int, width: int | None = None) -> None:
         """Raise a clear error if a ``height`` x ``width`` image is too small for the stem and blocks."""
         width = height if width is None else width
         if min(height, width) < self.min_input_size:
-            raise ValueError(
+            raise ArgumentError(
                 f"input of {height}x{width} pixels is too small for this DenseNet ({self.stem} stem, "
                 f"{len(self.block_config)} blocks): height and width must be at least {self.min_input_size}"
             )

@@ -11,19 +11,20 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .model import DenseNet, Transition
+from ..errors import ArgumentError, MissingFile
+from ..models import DenseNet
+from .export import export_onnx
+from .loading import ExportError
 
-__all__ = ["FastInference", "export_onnx", "load_onnx", "prepare_for_inference"]
+__all__ = ["FastInference", "load_onnx", "prepare_for_inference"]
 
 
 class FastInference(nn.Module):
@@ -31,40 +32,12 @@ class FastInference(nn.Module):
 
     def __init__(self, model: DenseNet) -> None:
         super().__init__()
-        self.model = copy.deepcopy(model).eval()
-        for m in self.model.modules():
-            if hasattr(m, "fast"):
-                m.fast = True
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().set_execution(fast=True, memory_efficient=False)
+        self.model.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
-
-
-def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
-    """ONNX bytes of ``model`` in eval mode (dynamic batch size), exported from the layer-by-layer form
-    of the dense blocks, with transitions that pool before their 1x1 convolution (equal outputs,
-    4x fewer multiply-adds in the transitions)."""
-    from .export import standard_model
-
-    ref = standard_model(model)
-    for m in ref.modules():
-        if isinstance(m, Transition):
-            m.fast = True
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # input checks become constants: fine
-        _export(ref, example, buf, opset)
-    return buf.getvalue()
-
-
-def _export(ref: nn.Module, example: Tensor, buf: io.BytesIO, opset: int) -> None:
-    torch.onnx.export(
-        ref, (example,), buf, input_names=["input"], output_names=["logits"], opset_version=opset,
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-    )
 
 
 def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tensor | None = None,
@@ -77,10 +50,9 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
     if backend == "eager":
         return FastInference(model)
     if backend == "onnx":
-        import onnxruntime as ort
-
         if example is None:
-            raise ValueError("backend='onnx' needs an example input")
+            raise ArgumentError("backend='onnx' needs an example input")
+        ort = _onnxruntime()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -92,7 +64,16 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
             return torch.from_numpy(out)
 
         return run
-    raise ValueError(f"backend must be 'eager' or 'onnx', got {backend!r}")
+    raise ArgumentError(f"backend must be 'eager' or 'onnx', got {backend!r}")
+
+
+def _onnxruntime():  # noqa: ANN202 - the module
+    """The optional onnxruntime package, or a message saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("running ONNX models needs onnxruntime: pip install 'densenet[export]'") from None
+    return onnxruntime
 
 
 def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: int | None = None
@@ -102,45 +83,42 @@ def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: i
 
     The image size is the one the graph's input shape fixes; ``image_size`` must agree with it.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("running an ONNX file needs onnxruntime: pip install 'densenet[export]'") from None
+    ort = _onnxruntime()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no ONNX file at {path}")
+        raise MissingFile(f"no ONNX file at {path}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
-        raise ValueError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:300]}") from None
+        raise ExportError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:300]}") from None
     raw = session.get_modelmeta().custom_metadata_map.get("densenet")
     try:
         data = json.loads(raw)["data"] if raw else None
     except (json.JSONDecodeError, KeyError, TypeError):
         data = None
     if not isinstance(data, dict) or not {"class_names", "mean", "std"} <= set(data):
-        raise ValueError(f"{path} carries no densenet data description (class names, mean, std); "
+        raise ExportError(f"{path} carries no densenet data description (class names, mean, std); "
                          "export the model with `densenet export CHECKPOINT --format onnx`")
     inp = session.get_inputs()[0]
     shape = list(inp.shape)
     if len(shape) != 4 or shape[1] != 3:
-        raise ValueError(f"{path} takes input of shape {shape}; predicting on images needs (batch, 3, height, width)")
+        raise ExportError(f"{path} takes input of shape {shape}; predicting on images needs (batch, 3, height, width)")
     fixed = [d for d in shape[2:] if isinstance(d, int)]
     if fixed and (len(fixed) != 2 or fixed[0] != fixed[1]):
-        raise ValueError(f"{path} takes input of shape {shape}; only square images are supported")
+        raise ExportError(f"{path} takes input of shape {shape}; only square images are supported")
     size = fixed[0] if fixed else image_size or data.get("image_size")
     if image_size is not None and image_size != size:
-        raise ValueError(f"{path} takes input of shape {shape} ({size}x{size} images), not the {image_size}x{image_size} "
+        raise ExportError(f"{path} takes input of shape {shape} ({size}x{size} images), not the {image_size}x{image_size} "
                          f"images asked for; export the model again with --image-size {image_size}")
     if not size:
-        raise ValueError(f"{path} does not fix the image size; give one (--image-size)")
+        raise ExportError(f"{path} does not fix the image size; give one (--image-size)")
 
     def run(x: Tensor) -> Tensor:
         if tuple(x.shape[1:]) != (3, size, size):
-            raise ValueError(f"{path} takes input of shape {shape}, got {list(x.shape)}")
+            raise ExportError(f"{path} takes input of shape {shape}, got {list(x.shape)}")
         return torch.from_numpy(session.run(None, {inp.name: x.detach().cpu().float().contiguous().numpy()})[0])
 
     return run, {**data, "image_size": size}

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .atomic import atomic_write_bytes
+from ..io.atomic import atomic_write_bytes
 
 __all__ = ["plot_curves", "plot_efficiency"]
 
@@ -77,7 +77,8 @@ def plot_efficiency(path: str | os.PathLike, points: Sequence[tuple[str, str, in
                 ax.annotate(label, (p, e), textcoords="offset points", xytext=(0, 6), fontsize=7, color="grey",
                             rotation=60, rotation_mode="anchor")
     ax.set_xscale("log")
-    ax.set(xlabel="parameters (log scale)", ylabel="test error (%)", title=title or "Parameter efficiency: test error against parameters")
+    ax.set(xlabel="parameters (log scale)", ylabel="test error (%)",
+           title=title or "Parameter efficiency: test error against parameters")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
+
 __all__ = ["SyncBatchNorm2d", "bn_backward", "bn_factor", "convert_sync_batchnorm", "sync_active", "sync_moments",
            "sync_sum", "update_running"]
 
@@ -110,7 +112,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and self.affine and self.track_running_stats and sync_active(self.process_group)):
             return super().forward(x)
         if x.dim() != 4:
-            raise ValueError(f"SyncBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
+            raise ArgumentError(f"SyncBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
         return _SyncBNFunction.apply(x, self.weight, self.bias, self)
 
 

@@ -145,7 +145,7 @@ def _inference_count(model: nn.Module, image_size: int, fast: bool) -> _Count:
     inter = model.bn_size * k if model.bottleneck else k
     count = _Count()
     pixels = image_size * image_size
-    for m, c0, layers, c in _layer_widths(model, image_size):
+    for m, c0, _layers, c in _layer_widths(model, image_size):
         if fast:  # the shared buffer, one layer's BN1-ReLU output, bottleneck output and new maps
             live = m * c + m * c + m * inter + m * k
         else:  # the list of maps, a layer's concatenation and its BN-ReLU output, the block's output

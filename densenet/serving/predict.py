@@ -1,0 +1,94 @@
+"""Predictions on image files: a trained model (checkpoint, ONNX or safetensors export) and the top
+classes of each image with their probabilities."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import IMAGE_SUFFIXES, DataError, check_finite, decode_image, eval_image
+from ..data.transforms import normalize
+from ..errors import MissingFile
+from .inference import load_onnx
+from .loading import model_from_checkpoint, model_from_safetensors
+
+__all__ = ["expand_image_paths", "load_image", "load_predictor", "predict_images"]
+
+
+def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Files as given, folders expanded to the images inside them (recursively, sorted)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        else:
+            yield p
+
+
+def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple) -> Tensor:
+    """An image file as a normalised (3, image_size, image_size) float tensor, with the evaluation
+    view of the data loaders (:func:`densenet.data.eval_image`): small models (image_size <= 64,
+    CIFAR/SVHN) see the whole image resized, larger ones the ImageNet centre crop."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror}") from None
+    x = normalize(eval_image(decode_image(data, str(path)), image_size), tuple(mean), tuple(std))
+    check_finite(x, f"image {path} (after normalisation with mean {list(mean)}, std {list(std)})")
+    return x
+
+
+def load_predictor(path: str | os.PathLike, image_size: int | None = None
+                   ) -> tuple[Callable[[Tensor], Tensor], dict]:
+    """A callable (N, 3, H, W) normalised images -> (N, classes) logits and its data description, from
+    a ``densenet train`` checkpoint, an ONNX export (``.onnx``, run by ONNX Runtime on the CPU) or a
+    safetensors export (``.safetensors`` with its ``.json``). ``image_size`` overrides the recorded
+    size (an ONNX file must have been exported for it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"no model file at {path}")
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path, image_size)
+    if path.suffix.lower() == ".safetensors":
+        model, data = model_from_safetensors(path)
+    else:
+        model, data = model_from_checkpoint(path)
+    if image_size is not None:
+        model.check_input_size(image_size)
+        data = {**data, "image_size": image_size}
+    return model, data
+
+
+@torch.no_grad()
+def predict_images(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.PathLike], data: dict, *, top: int = 5,
+                   batch_size: int = 64, device: torch.device | None = None,
+                   on_error: Callable[[Path, Exception], None] | None = None
+                   ) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """For each image (folders expanded), the ``top`` classes with their probabilities, best first.
+
+    An image that cannot be read or decoded, or holds NaN/infinite values, raises :class:`DataError`
+    naming it; with ``on_error`` it is passed there (path, error) and skipped instead.
+    """
+    device = device or torch.device("cpu")
+    names = data["class_names"]
+    files = list(expand_image_paths(paths))
+    for i in range(0, len(files), batch_size):
+        chunk, images = [], []
+        for f in files[i : i + batch_size]:
+            try:
+                images.append(load_image(f, data["image_size"], data["mean"], data["std"]))
+            except DataError as e:
+                if on_error is None:
+                    raise
+                on_error(f, e)
+                continue
+            chunk.append(f)
+        if not chunk:
+            continue
+        probs = F.softmax(model(torch.stack(images).to(device)).float(), dim=1)
+        values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
+        for f, v, idx in zip(chunk, values.tolist(), indices.tolist()):
+            yield f, [(names[j] if j < len(names) else str(j), p) for j, p in zip(idx, v)]

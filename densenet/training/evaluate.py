@@ -1,0 +1,93 @@
+"""Evaluation: counts of correct top-1 / top-5 predictions and the summed loss over a dataset split.
+
+Counts, not percentages, so that shards (processes of a distributed run) add up exactly; the
+errors are computed once, from the totals.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import check_finite
+
+__all__ = ["EvalCounts", "evaluate", "topk_correct"]
+
+
+@dataclass
+class EvalCounts:
+    """What an evaluation counted: ``images`` scored, ``top1`` / ``top5`` of them whose label is among
+    the 1 / 5 highest scores (all classes when there are fewer), ``loss_sum`` the summed cross-entropy."""
+
+    images: int = 0
+    top1: int = 0
+    top5: int = 0
+    loss_sum: float = 0.0
+
+    def as_list(self) -> list[float]:
+        return [self.images, self.top1, self.top5, self.loss_sum]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> "EvalCounts":
+        images, top1, top5, loss_sum = values
+        return cls(int(round(images)), int(round(top1)), int(round(top5)), float(loss_sum))
+
+    def _percent_wrong(self, correct: int) -> float:
+        return 100.0 * (1 - correct / self.images) if self.images else math.nan
+
+    @property
+    def top1_error(self) -> float:
+        """Top-1 error in percent (NaN for no images)."""
+        return self._percent_wrong(self.top1)
+
+    @property
+    def top5_error(self) -> float:
+        """Top-5 error in percent (NaN for no images)."""
+        return self._percent_wrong(self.top5)
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per image (NaN for no images)."""
+        return self.loss_sum / self.images if self.images else math.nan
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k logits, for each k (k capped at the classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, :k].any(1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> EvalCounts:
+    """Counts of ``model`` over ``batches``, in eval mode (the model's mode is restored after).
+
+    A batch of images shaped (N, C, H, W) is scored directly; one shaped (N, crops, C, H, W)
+    (the ImageNet 10-crop evaluation) is scored by averaging the softmax over the crops. A batch
+    holding NaN or infinite values is refused (:class:`densenet.data.DataError`) rather than scored.
+    """
+    was_training = model.training
+    model.eval()
+    counts = EvalCounts()
+    try:
+        for index, (images, labels) in enumerate(batches):
+            check_finite(images, f"batch {index + 1} of the evaluation data")
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if images.dim() == 5:
+                b, crops = images.shape[:2]
+                probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
+                logits = probs.clamp_min(1e-12).log()
+            else:
+                logits = model(images)
+            c1, c5 = topk_correct(logits, labels)
+            counts.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            counts.top1 += c1
+            counts.top5 += c5
+            counts.images += labels.numel()
+    finally:
+        model.train(was_training)
+    return counts

@@ -1,0 +1,597 @@
+"""One training run, top to bottom, in the order it happens:
+
+    train(config)                      join the process group (torchrun), pick device and precision
+      _train_in_run_dir                lock the run folder, prepare it, read the checkpoint to resume
+        build_state                    data, model, optimizer; restore the checkpoint or write config.yaml
+        run_epochs                     for each epoch:
+          train_one_epoch                train_step per batch, mid-epoch checkpoints, signals
+          evaluate_split                 validation and test counts, summed over processes
+          save_snapshot                  checkpoint at the epoch end
+          write_epoch_logs               metrics.csv, curves.png, TensorBoard
+        make_report                    report.json
+
+A run directory holds ``config.yaml`` (the resolved configuration), ``metrics.csv`` (one row per
+epoch), ``curves.png``, TensorBoard events under ``tensorboard/``, ``checkpoint.pt`` (and the one
+before it, ``checkpoint.prev.pt``) and, at the end, ``report.json``.
+
+Host synchronisation: each step reads back one small all-reduced vector (loss, hits, images, a
+signal flag); everything that decides what the ranks do next is taken from that reduced vector, so
+that every process takes the same branch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..analysis.plots import plot_curves
+from ..data import Data, build_data
+from ..errors import DenseNetError
+from ..io.atomic import atomic_write_text
+from ..io.checkpoint import CheckpointError, load_checkpoint, save_rotating
+from ..models import DenseNet, convert_sync_batchnorm, create_model, load_state_dict, model_spec, read_state_dict
+from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
+from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
+from .evaluate import EvalCounts, evaluate, topk_correct
+from .memory import check_memory, estimate_memory
+from .runlock import RunLock
+
+__all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_model", "learning_rate",
+           "load_run_config", "load_checkpoint_for_resume"]
+
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "checkpoint.prev.pt", "report.json", "tensorboard")
+METRIC_COLUMNS = ("epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
+                  "images_per_s")
+PLAN_STEPS = 5  # steps timed after the first one for the estimate of the run's duration
+
+
+class TrainingStopped(DenseNetError, RuntimeError):
+    """The run stopped before its last epoch (a signal, or a loss that is not finite)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains."""
+
+    config: TrainConfig
+    dd: Dist
+    device: torch.device
+    out: Path
+    amp_dtype: torch.dtype | None  # autocast dtype, None: full precision
+    data: Data
+    log: Callable[[str], None]  # rank 0 speaks for the job
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
+
+
+@dataclass
+class State:
+    """What training changes, and what a checkpoint holds."""
+
+    model: DenseNet
+    step_model: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps finished in epoch ``epoch``
+    history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
+    partial: dict = field(default_factory=dict)  # running sums of the unfinished epoch
+
+
+# ---------------------------------------------------------------------------- the run
+def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Run (or continue, with ``resume``) the experiment ``config`` describes; return its report.
+
+    Under ``torchrun`` every process calls this: each takes ``batch_size / world_size`` images of
+    every (global) batch, gradients are averaged by DistributedDataParallel, metrics are summed over
+    processes, and rank 0 alone writes the run directory.
+    """
+    validate(config)
+    model_spec(config.model)  # unknown model: fail before reading any data
+    dd, device_name = setup(config.device, config.dist_backend, config.dist_timeout)
+    clean = False
+    try:
+        report = _train_in_run_dir(config, dd, device_name, resume=resume, force=force)
+        clean = True
+        return report
+    except Exception as e:
+        if dd.enabled and is_peer_failure(e):
+            raise TrainingStopped(f"rank {dd.rank} of {dd.world_size}: {PEER_HINT} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})", 4) from None
+        raise
+    finally:
+        teardown(dd, clean)
+
+
+def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume: bool, force: bool) -> dict[str, Any]:
+    if config.batch_size % dd.world_size:
+        raise ConfigError(f"batch_size {config.batch_size} (the global batch) is not divisible by the "
+                          f"{dd.world_size} processes; each process takes batch_size / world_size images per step")
+    device = resolve_device(device_name)
+    amp_dtype, use_scaler = check_precision(config, device)
+    out = Path(config.out)
+    if dd.restart > 0:  # torchrun restarted the job after a worker failed: continue from the last checkpoint
+        resume = has_checkpoint(out)
+        force = not resume
+    with ExitStack() as held:
+        # rank 0 alone touches the folder; what it finds wrong stops every rank with the same message
+        on_main(dd, lambda: claim_run_dir(out, resume, held))
+        on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
+        checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
+        configure_runtime(config, device)
+        data = build_data(
+            config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+            val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
+            train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
+        )
+        log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
+        run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None))
+        state = build_state(run, use_scaler, checkpoint)
+        return run_epochs(run, state)
+
+
+def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
+    """The model (initial weights, frozen parts, synchronised BN), its optimizer and gradient scaler,
+    restored from ``checkpoint`` when resuming; the memory of a step checked before anything runs."""
+    config, dd, device = run.config, run.dd, run.device
+    model = build_model(config, run.data.num_classes)
+    if config.init and checkpoint is None:
+        load_state_dict(model, read_state_dict(config.init), strict=False)
+    if config.freeze_features:
+        model.features.requires_grad_(False)
+    if config.sync_bn:
+        convert_sync_batchnorm(model)
+    if config.memory_check:  # stop now, with advice, rather than be killed by the OS minutes later
+        estimate = estimate_memory(model, config.batch_size // dd.world_size, run.data.image_size,
+                                   amp=run.amp_dtype is not None, name=config.model)
+        check_memory(estimate, device=device, processes=1 if device.type == "cuda" else dd.local_world_size)
+    # the dense blocks compute in channels_last, so their weight gradients come in that layout; under
+    # DDP the weights take it too, so that gradients match DDP's buckets without a copy
+    model.to(device, memory_format=torch.channels_last if dd.enabled else run.memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                                weight_decay=config.weight_decay)
+    state = State(model, model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler))
+    if checkpoint is not None:
+        restore_checkpoint(run, state, checkpoint)
+    else:
+        on_main(dd, lambda: atomic_write_text(run.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)))
+        if dd.enabled:
+            torch.manual_seed(config.seed + dd.rank)  # same initial weights (rank 0's are broadcast), own dropout streams
+    if dd.enabled:
+        # buffers (BN running statistics) start as rank 0's; with synchronised BN they stay equal
+        # on every rank, without it rank 0's are sent to the others before every forward
+        state.step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                               forward_sync_buffers=not config.sync_bn)
+    return state
+
+
+def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
+    """Weights, optimizer, scaler, position, metrics and random-number streams of ``checkpoint``."""
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scaler" in checkpoint and state.scaler.is_enabled():
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+    state.history, state.partial = checkpoint["history"], checkpoint["partial"]
+    dd = run.dd
+    ranks = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
+    if len(ranks) == dd.world_size:
+        set_rng_state(ranks[dd.rank])
+    else:  # another number of processes: fresh per-rank streams (only dropout draws from them)
+        torch.manual_seed(run.config.seed + 1000 * dd.rank + 1_000_003 * (state.epoch * 100_000 + state.step))
+
+
+def run_epochs(run: Run, state: State) -> dict[str, Any]:
+    """The remaining epochs of the run, then its report (written to ``report.json``)."""
+    config, dd, data = run.config, run.dd, run.data
+    writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=state.epoch + 1) if dd.main else None
+    num_params = sum(p.numel() for p in state.model.parameters())
+    log_plan(run, state, num_params)
+    steps_left = (config.epochs - state.epoch) * data.train.num_batches - state.step
+    clock = FirstStepsClock(steps_left, run.log)
+    try:
+        with stop_on_signals() as stop:
+            for epoch in range(state.epoch, config.epochs):
+                row = train_one_epoch(run, state, epoch, stop, clock)
+                if data.val is not None:
+                    row["val_error"] = evaluate_split(run, state, data.val).top1_error
+                test = evaluate_split(run, state, data.test)
+                row.update(test_error=test.top1_error, test_top5_error=test.top5_error)
+                state.history.append(row)
+                state.epoch, state.step, state.partial = epoch + 1, 0, {}
+                save_snapshot(run, state)
+                if writer is not None:
+                    write_epoch_logs(run.out, writer, config, state.history)
+                run.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error "
+                        f"{row['train_error']:.2f}%, " + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
+                        + f"test error {row['test_error']:.2f}%, lr {row['lr']:g}, {row['images_per_s']:.1f} img/s")
+                signalled = dd.sum([float(bool(stop["signal"]))], run.device)[0] > 0  # every rank decides alike
+                if signalled and epoch + 1 < config.epochs:
+                    signum = stop["signal"] or signal.SIGTERM
+                    raise TrainingStopped(f"stopped by signal {signum} after epoch {epoch + 1}; continue with: "
+                                          f"densenet train --resume {run.out}", 128 + signum)
+    finally:
+        if writer is not None:
+            writer.close()
+    report = make_report(config, state.history, num_params, str(run.device))
+    if dd.enabled:
+        report["processes"] = dd.world_size
+    on_main(dd, lambda: atomic_write_text(run.out / "report.json", json.dumps(report, indent=2) + "\n"))
+    run.log(f"done: final test error {report['test_error']:.2f}% (top-5 {report['test_top5_error']:.2f}%); run in {run.out}")
+    return report
+
+
+def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "FirstStepsClock") -> dict[str, Any]:
+    """Train ``epoch`` from step ``state.step`` to its end (mid-epoch checkpoints every
+    ``checkpoint_every`` steps); returns the epoch's training metrics. A signal seen by any rank
+    stops the run after a checkpoint, at the step where the ranks' reduced flag says so."""
+    config, dd, data = run.config, run.dd, run.data
+    lr = learning_rate(config, epoch)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.model.train()
+    if config.freeze_features:
+        state.model.features.eval()  # a frozen feature extractor keeps its BN statistics
+    step0 = state.step if epoch == state.epoch else 0
+    acc = state.partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    bar = tqdm(total=data.train.num_batches, initial=step0, disable=config.quiet or not dd.main, leave=False,
+               desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True, file=sys.stderr)
+    t0, seconds_before = time.perf_counter(), acc["seconds"]
+    with closing(data.train.batches(epoch, start=step0, rank=dd.rank, world_size=dd.world_size)) as batches:
+        for step, (images, labels) in enumerate(batches, start=step0):
+            loss_sum, hits, seen, signalled = train_step(run, state, images, labels, bool(stop["signal"]))
+            if not math.isfinite(loss_sum):
+                raise TrainingStopped(f"the training loss became {loss_sum / seen} at epoch {epoch + 1}, step {step + 1}: "
+                                      f"the run diverged; the last good checkpoint in {run.out} is kept (try a lower --lr)", 3)
+            acc = {"loss": acc["loss"] + loss_sum, "correct": acc["correct"] + int(hits), "seen": acc["seen"] + int(seen),
+                   "seconds": seconds_before + time.perf_counter() - t0}
+            clock.tick()
+            bar.update(1)
+            bar.set_postfix(loss=f"{acc['loss'] / acc['seen']:.3f}", err=f"{100 * (1 - acc['correct'] / acc['seen']):.1f}%",
+                            lr=f"{lr:g}", img_s=f"{acc['seen'] / max(acc['seconds'], 1e-9):.0f}", refresh=False)
+            if step + 1 == data.train.num_batches:
+                break  # the epoch end writes its own checkpoint
+            if signalled or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+                state.epoch, state.step, state.partial = epoch, step + 1, acc
+                save_snapshot(run, state)
+            if signalled:  # decided from the reduced flag: every rank stops at this same step
+                signum = stop["signal"] or signal.SIGTERM
+                raise TrainingStopped(f"stopped by signal {signum} at epoch {epoch + 1}, step {step + 1}; checkpoint "
+                                      f"written; continue with: densenet train --resume {run.out}", 128 + signum)
+    bar.close()
+    seconds = acc["seconds"]
+    return {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
+            "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)), "lr": lr,
+            "seconds": round(seconds, 3), "images_per_s": round(acc["seen"] / max(seconds, 1e-9), 2)}
+
+
+def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tensor,
+               signal_seen: bool) -> tuple[float, float, float, bool]:
+    """One SGD step on this process's share of a global batch. Returns, summed over processes, the
+    loss times the images, the top-1 hits, the images, and whether any process had seen a signal
+    before this step (its own flag as of now: a signal arriving later counts at the next step)."""
+    images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
+    labels = labels.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        logits = state.step_model(images)
+        loss = F.cross_entropy(logits, labels)
+    n = labels.numel()
+    # the one host synchronisation of a step: a small all-reduce of what the loop decides on
+    loss_sum, hits, seen, signalled = run.dd.sum(
+        [float(loss.detach()) * n, topk_correct(logits.detach(), labels, (1,))[0], n, float(signal_seen)], run.device)
+    if math.isfinite(loss_sum):
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    return loss_sum, hits, seen, signalled > 0
+
+
+def evaluate_split(run: Run, state: State, loader: Any) -> EvalCounts:
+    """Counts over a whole split: each rank scores its shard, the counts are summed."""
+    counts = evaluate(state.model, loader.batches(0, rank=run.dd.rank, world_size=run.dd.world_size), run.device)
+    if not run.dd.enabled:
+        return counts
+    return EvalCounts.from_list(run.dd.sum(counts.as_list(), run.device))
+
+
+def save_snapshot(run: Run, state: State) -> None:
+    """A checkpoint of ``state``: everything needed to continue bit-identically from its step
+    (every rank calls it; rank 0 writes). Refuses to save weights that are not finite."""
+    model, dd = state.model, run.dd
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise TrainingStopped(f"the weights or BN statistics became NaN or infinite at epoch {state.epoch + 1}, step "
+                              f"{state.step}: the run diverged; the last good checkpoint in {run.out} is kept "
+                              "(try a lower --lr)", 3)
+    rngs = dd.gather(rng_state())
+    data = run.data
+    data_info = {"dataset": run.config.dataset, "num_classes": data.num_classes, "class_names": list(data.class_names),
+                 "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
+    # the new file complete on disk before the old one becomes checkpoint.prev.pt
+    on_main(dd, lambda: save_rotating(run.out, {
+        "format": "densenet-checkpoint-v1", "config": run.config.to_dict(), "model_config": model.config(),
+        "data": data_info, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step, "partial": state.partial,
+        "history": state.history, "rng": rngs[0], "rng_per_rank": rngs, "world_size": dd.world_size,
+    }))
+
+
+# ---------------------------------------------------------------------------- the plan and its clock
+def log_plan(run: Run, state: State, num_params: int) -> None:
+    """Say what is about to run (or where it resumes) before the first step."""
+    config, dd, data = run.config, run.dd, run.data
+    if state.epoch or state.step:
+        run.log(f"resuming {run.out} at epoch {state.epoch + 1}, step {state.step}"
+                + (f" ({dd.world_size} processes)" if dd.enabled else ""))
+        return
+    source = "the bundled CIFAR-10 sample" if config.data is None else str(config.data)
+    steps = data.train.num_batches
+    run.log(f"plan: {config.model} ({num_params:,} parameters) on {config.dataset} from {source}: "
+            f"{data.train.num_images:,} training images, {config.epochs} epochs x {steps:,} steps = "
+            f"{config.epochs * steps:,} steps of batch {config.batch_size}"
+            + (f" ({dd.world_size} processes x {config.batch_size // dd.world_size}, {dd.backend})" if dd.enabled else "")
+            + f", device {run.device}" + (f", amp {config.amp}" if run.amp_dtype else ""))
+    if config.data is None:
+        run.log("(a short demo on the 1,000-image sample; give --data for a real dataset and the paper's recipe)")
+
+
+class FirstStepsClock:
+    """Logs once how long the remaining steps will take, from the pace of the first ``PLAN_STEPS``
+    steps after the first one (which warms caches up); evaluation is not included."""
+
+    def __init__(self, steps_left: int, log: Callable[[str], None]) -> None:
+        self.steps_left, self.log, self.done, self.start = steps_left, log, 0, 0.0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.done == 1:
+            self.start = time.perf_counter()
+        elif self.done == PLAN_STEPS + 1 and self.steps_left > self.done:
+            per_step = (time.perf_counter() - self.start) / PLAN_STEPS
+            self.log(f"estimated training time: {_duration(per_step * (self.steps_left - self.done))} for the remaining "
+                     f"{self.steps_left - self.done:,} steps ({per_step:.2f} s per step; evaluation not included)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; otherwise any device string torch accepts."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """lr of the given epoch (0-based): ``lr`` times ``lr_gamma`` for every milestone passed."""
+    return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones(config))
+
+
+def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
+    return create_model(config.model, num_classes=num_classes, drop_rate=config.drop_rate,
+                        memory_efficient=config.memory_efficient)
+
+
+def configure_runtime(config: TrainConfig, device: torch.device) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(config.seed)
+
+
+def check_precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether a gradient scaler is needed) for ``config.amp`` on ``device``."""
+    if config.amp == "off":
+        return None, False
+    if config.amp == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("--amp fp16 needs a CUDA GPU (float16 training with a gradient scaler); "
+                              "on a CPU use --amp bf16 or --amp off")
+        return torch.float16, True
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16")
+    return torch.bfloat16, False
+
+
+def on_main(dd: Dist, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by rank 0 alone, its result (or its ConfigError/CheckpointError) on every rank,
+    so that no rank waits for a peer that has already failed."""
+    result: tuple[str, Any] = ("ok", None)
+    if dd.main:
+        try:
+            result = ("ok", fn())
+        except (ConfigError, CheckpointError, OSError) as e:
+            result = ("error", f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+    result = dd.broadcast(result)
+    if result[0] == "error":
+        raise ConfigError(result[1] if dd.main else f"rank 0 stopped: {result[1]}")
+    return result[1]
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (restored on exit)."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):  # noqa: ANN001
+        flag["signal"] = signum
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- run directory
+def claim_run_dir(out: Path, resume: bool, held: ExitStack) -> None:
+    """Create ``out`` (it must exist to resume) and hold its lock until ``held`` closes: one training
+    per run folder, taken before any file is touched (a dead process's lock goes with it)."""
+    if resume and not out.is_dir():
+        raise ConfigError(f"cannot resume: {out} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(RunLock(out))
+
+
+def has_checkpoint(out: Path) -> bool:
+    return any((out / name).exists() for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+
+
+def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix two runs in one folder unless ``force`` (which clears the old run's files)."""
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        return
+    if existing and not force:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, "
+            f"choose another --out, or start over with --force (deletes those files)"
+        )
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def load_run_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The configuration of the run in ``out``; ``overrides`` may change only how it runs."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {out} holds no run ({path} is missing)")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot resume: {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"cannot resume: {path} does not hold a configuration mapping")
+    check_keys_and_types(values, str(path))
+    changed = sorted(k for k, v in overrides.items() if k not in RUNTIME_KEYS and values.get(k) != v)
+    if changed:
+        raise ConfigError(
+            f"cannot resume {out} with a changed {', '.join(changed)} (the run was started with "
+            + ", ".join(f"{k}={values.get(k)!r}" for k in changed)
+            + f"); only {', '.join(sorted(RUNTIME_KEYS - {'out'}))} may change on resume"
+        )
+    values.update({k: v for k, v in overrides.items() if k in RUNTIME_KEYS})
+    values["out"] = str(out)
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def load_checkpoint_for_resume(out: Path) -> dict:
+    """The newest readable checkpoint of the run: ``checkpoint.pt``, else the one before it
+    (a kill between rotating and writing leaves only ``checkpoint.prev.pt``)."""
+    errors = []
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        try:
+            state = load_checkpoint(out / name)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if name != "checkpoint.pt":
+            print(f"warning: {errors[0]}; resuming from the previous checkpoint {out / name}", file=sys.stderr)
+        return state
+    raise ConfigError(f"cannot resume {out}: {'; '.join(errors)}; the files in {out} were left as they are")
+
+
+def write_epoch_logs(out: Path, writer: SummaryWriter, config: TrainConfig, history: list[dict]) -> None:
+    """After each epoch: ``metrics.csv`` and ``curves.png`` rewritten from the whole history, and the
+    epoch's scalars added to TensorBoard."""
+    write_metrics_csv(out / "metrics.csv", history)
+    plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
+    row = history[-1]
+    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s"):
+        if row.get(key) is not None:
+            writer.add_scalar(key, row[key], row["epoch"])
+    writer.flush()
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def make_report(config: TrainConfig, history: list[dict], num_params: int, device: str) -> dict[str, Any]:
+    last = history[-1]
+    report = {
+        "model": config.model, "dataset": config.dataset, "parameters": num_params, "epochs": len(history),
+        "test_error": last["test_error"], "test_top5_error": last["test_top5_error"],
+        "test_accuracy": 100.0 - last["test_error"], "final_train_loss": last["train_loss"],
+        "train_seconds": round(sum(r["seconds"] for r in history), 1), "device": device,
+        "torch": torch.__version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    vals = [(r["val_error"], r["epoch"]) for r in history if r.get("val_error") is not None]
+    if vals:
+        best, epoch = min(vals)
+        report.update(best_val_error=best, best_val_epoch=epoch, final_val_error=vals[-1][0])
+    if not all(math.isfinite(r["test_error"]) for r in history):
+        report["warning"] = "some test errors are not finite (empty test set?)"
+    return report
