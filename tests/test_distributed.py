@@ -210,13 +210,14 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path):
 
 
 def test_an_error_found_by_rank_0_reaches_every_rank_as_itself(tmp_path):
-    """Rank 0 alone checks the run folder; what it finds wrong is every rank's message (not a peer
-    failure on the others)."""
-    missing = tmp_path / "never-made"
-    p = torchrun(["train", *SMALL, "--epochs", "1", "--resume", str(missing)])
+    """Rank 0 alone creates and locks the run folder; what goes wrong there (here: --out inside a
+    file) is every rank's message, not a peer failure on the others."""
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "run"
+    p = torchrun(["train", *SMALL, "--epochs", "1", "--out", str(out)])
     assert p.returncode != 0
-    assert f"cannot resume: {missing} does not exist" in p.stderr
-    assert f"rank 0 stopped: cannot resume: {missing} does not exist" in p.stderr  # rank 1's own message
+    assert "densenet train: error: NotADirectoryError" in p.stderr
+    assert "densenet train: error: rank 0 stopped: NotADirectoryError" in p.stderr  # rank 1's own message
     assert "peer process stopped answering" not in p.stderr
 
 

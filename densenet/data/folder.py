@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import warnings
 import zipfile
@@ -41,19 +42,27 @@ def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Imag
     pillow = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        if max_pixels is None or pillow is None or max_pixels <= 2 * pillow:
-            im = Image.open(io.BytesIO(data))
-        else:
-            with _PILLOW_LIMIT:
-                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-                try:
-                    im = Image.open(io.BytesIO(data))
-                finally:
-                    Image.MAX_IMAGE_PIXELS = saved
+        try:
+            if max_pixels is None or pillow is None or max_pixels <= 2 * pillow:
+                im = Image.open(io.BytesIO(data))
+            else:
+                with _PILLOW_LIMIT:
+                    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                    try:
+                        im = Image.open(io.BytesIO(data))
+                    finally:
+                        Image.MAX_IMAGE_PIXELS = saved
+        except Image.DecompressionBombError as e:  # over twice Pillow's limit, so over ours too
+            size = re.search(r"\((\d+) pixels\)", str(e))
+            raise DataError(_too_large(f"{int(size.group(1)):,}-pixel image" if size else "the image", max_pixels)) from None
     if max_pixels is not None and im.width * im.height > max_pixels:
-        raise DataError(f"{im.width}x{im.height} image exceeds the limit of {max_pixels:,} pixels "
-                        "(possible decompression bomb; raise max_image_pixels to accept it)")
+        raise DataError(_too_large(f"{im.width}x{im.height} image", max_pixels))
     return im
+
+
+def _too_large(what: str, limit: int | None) -> str:
+    return (f"{what} exceeds the limit of {limit or 2 * Image.MAX_IMAGE_PIXELS:,} pixels "
+            "(possible decompression bomb; raise max_image_pixels to accept it)")
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
