@@ -328,3 +328,56 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
     transition = model.features.transition1.train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         transition(torch.randn(1, transition.in_channels, 1, 1))
+
+
+# ---------------------------------------------------------------------------- mixed precision
+def run_step(model: DenseNet, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype | None):
+    """Output, input gradient, parameter gradients and buffers of one training forward/backward
+    (under CPU autocast in ``dtype`` when given), all as float64."""
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        out = model.train()(x)
+    out.float().backward(g)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return [t.detach().double() for t in (out, x.grad, grads, *model.buffers())]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fast_path_under_autocast_is_as_accurate_as_the_reference(mode, dtype, monkeypatch):
+    """Under autocast the shared-buffer blocks and fused transitions run (not the layer-by-layer
+    form), and land as close to the float64 result as the layer-by-layer form under the same
+    autocast does: outputs, input and parameter gradients, BN running statistics."""
+    import densenet.models.densenet as dn
+
+    torch.manual_seed(14)
+    exact = DenseNet(growth_rate=6, block_config=(3, 3), num_classes=5, fast=False).double()
+    ref = copy.deepcopy(exact).float()
+    fast = set_mode(copy.deepcopy(ref), **MODES[mode])
+    x, g = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    truth = run_step(exact, x, g, None)
+    expected = run_step(ref, x.float(), g.float(), dtype)
+    blocks, fused = counting(monkeypatch, dn, "fast_block_forward"), counting(monkeypatch, dn, "bn_relu_pool")
+    got = run_step(fast, x.float(), g.float(), dtype)
+    assert len(blocks) == 2 and fused == [True]  # the fast kernels ran under autocast
+    names = ["output", "input gradient", "parameter gradients"] + [n for n, _ in fast.named_buffers()]
+    for name, t, e, r in zip(names, truth, expected, got):
+        if name.endswith("num_batches_tracked"):
+            assert r.item() == e.item() == 1, name
+            continue
+        ref_err, our_err = rel(e, t), rel(r, t)
+        assert our_err <= 2 * ref_err + 1e-3, f"{name}: fast {our_err:.2e}, layer by layer {ref_err:.2e}"
+    assert rel(got[0], truth[0]) < 0.05 and rel(got[2], truth[2]) < 0.1  # both close in the first place
+
+
+def test_eval_under_autocast_uses_the_fast_path(monkeypatch):
+    import densenet.models.densenet as dn
+
+    torch.manual_seed(15)
+    ref, other = pair("fast", dtype=torch.float32)
+    blocks, pooled = counting(monkeypatch, dn, "fast_block_forward"), counting(monkeypatch, dn, "bn_relu_pool_eval")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = other.eval()(x), ref.eval()(x)
+    assert out.dtype == expected.dtype == torch.bfloat16 and len(blocks) == 3 and pooled == [True, True]
+    assert rel(out, ref.eval()(x)) < 0.03 and rel(expected, ref.eval()(x)) < 0.03

@@ -28,6 +28,7 @@ In eval mode without gradients, BN2 is folded into the 1x1 convolution (inferenc
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -41,6 +42,7 @@ __all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _global_hooks() -> bool:
@@ -64,14 +66,42 @@ def autocast_on(x: Tensor) -> bool:
     return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
+def _supported_input(x: Tensor, params: nn.Module) -> bool:
+    """float32/64 input and parameters, or under autocast (bfloat16 / float16) float32 parameters
+    with float32 input or input in autocast's dtype."""
+    weights = next(params.parameters(), None)
+    if weights is None or weights.dtype not in _FLOATS:
+        return False
+    if not autocast_on(x):
+        return x.dtype in _FLOATS
+    low = torch.get_autocast_dtype(x.device.type)
+    return low in _HALF and weights.dtype == torch.float32 and x.dtype in (torch.float32, low)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """What the kernels compute in: autocast's dtype under autocast, else the input's."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_on(x) else x.dtype
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Batch statistics, reductions and BN gradients: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(x: Tensor) -> Any:
+    """A context that turns autocast off on ``x``'s device (the kernels cast explicitly)."""
+    return torch.autocast(x.device.type, enabled=False) if autocast_on(x) else nullcontext()
+
+
 def can_use_fast_block(block: nn.ModuleDict, x: Tensor) -> bool:
     """Whether the dense block ``block`` can run the shared-buffer implementation on ``x``.
 
     Falls back (False) for: dropout in training, hooks on any module inside the block (they would
     not see the fused computation), eval mode with gradients, non-standard BN settings, a
-    training batch with one value per channel (BN raises there), autocast, or non-float32/64 input.
+    training batch with one value per channel (BN raises there), or input and parameters that are
+    neither float32/64 nor float32 under bfloat16/float16 autocast.
     """
-    if x.dim() != 4 or x.dtype not in _FLOATS or autocast_on(x) or not len(block) or hooks_inside(block):
+    if x.dim() != 4 or not len(block) or not _supported_input(x, block) or hooks_inside(block):
         return False
     training = block.training
     if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
@@ -109,6 +139,8 @@ class _Block:
         self.layers: list[nn.Module] = list(block.values())
         self.n, self.c0, self.h, self.w = x.shape
         self.m = self.n * self.h * self.w
+        self.dtype = x.dtype  # the buffer's and the convolutions'
+        self.stat_dtype = _stat_dtype(x.dtype)  # statistics, reductions, BN1 gradients
         self.k = self.layers[0].growth_rate
         self.c = self.c0 + len(self.layers) * self.k
         self.bottleneck = self.layers[0].bottleneck
@@ -128,6 +160,11 @@ class _Block:
                 out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
         return out
 
+    def compute_params(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """``params`` with the convolution weights in the compute dtype (BN's stay as they are)."""
+        per = 6 if self.bottleneck else 3
+        return [p.to(self.dtype) if i % per in (2, 5) else p for i, p in enumerate(params)]
+
 
 def _bn1_affine(invstd: Tensor, mean: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """BN1 of one layer as ``prefix * scale + shift`` (per channel)."""
@@ -146,7 +183,7 @@ def _moments(rows: Tensor) -> tuple[Tensor, Tensor]:
 def _chunk_stats(spec: "_Block", b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor) -> None:
     """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices
     (over all processes' batches with synchronised BN)."""
-    v, mu = _moments(b2[:, lo:hi])
+    v, mu = _moments(b2[:, lo:hi].to(spec.stat_dtype))
     if spec.sync:
         mu, v, spec.total = sync_moments(mu, v, spec.m, spec.group)
     mean[lo:hi] = mu
@@ -169,9 +206,9 @@ def _block_forward(
     buf = x.new_empty(n, h, w, spec.c)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     b2 = buf.view(m, spec.c)
-    mean = x.new_empty(spec.c)
-    var = x.new_empty(spec.c)
-    invstd = x.new_empty(spec.c)
+    mean = x.new_empty(spec.c, dtype=spec.stat_dtype)
+    var = x.new_empty(spec.c, dtype=spec.stat_dtype)
+    invstd = x.new_empty(spec.c, dtype=spec.stat_dtype)
     _chunk_stats(spec, b2, 0, c0, mean, var, invstd)
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
@@ -194,8 +231,8 @@ def _block_forward(
                 z = t @ w1.t()
             if spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
                 r_rows = ws_r if spec.memory_efficient else torch.empty_like(z)
-                m2 = z.mean(0)
-                v2 = torch.sub(z, m2, out=r_rows).pow_(2).mean(0)  # two-pass variance
+                m2 = z.mean(0, dtype=spec.stat_dtype)
+                v2 = torch.sub(z, m2, out=r_rows).pow_(2).mean(0, dtype=spec.stat_dtype)  # two-pass variance
                 total = m
                 if spec.sync:
                     m2, v2, total = sync_moments(m2, v2, m, spec.group)
@@ -242,7 +279,7 @@ def _bn_relu_matmul_rows(prefix: Tensor, scale: Tensor, shift: Tensor, w1: Tenso
     prefix at a time, so that no (M, C_l) temporary exists."""
     rows = _rows_per_chunk(prefix, prefix.shape[1])
     for a in range(0, prefix.shape[0], rows):
-        torch.mm(torch.addcmul(shift, prefix[a : a + rows], scale).relu_(), w1.t(), out=out[a : a + rows])
+        torch.mm(torch.addcmul(shift, prefix[a : a + rows], scale).relu_().to(w1.dtype), w1.t(), out=out[a : a + rows])
     return out
 
 
@@ -265,26 +302,32 @@ def _lean_bottleneck_backward(
     r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
     g_r, g_w2, _ = _aten.convolution_backward(
         g_o, _nchw(r, n, h, w), p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    sdt = spec.stat_dtype
     if spec.sync:
         g_u = _aten.threshold_backward(g_r, _nchw(r, n, h, w), 0)
-        g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (z - m2) * s2, s2, p[3], spec.total, spec.group)
+        g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (z - m2) * s2, s2, p[3], spec.total, spec.group)
+        g_z = g_z.to(spec.dtype)
     else:  # BN2-ReLU backward in place; temporaries in the workspaces
         g_z = _rows(g_r)
         _aten.threshold_backward.grad_input(g_z, r, 0, grad_input=g_z)
         zhat = torch.sub(z, m2, out=r).mul_(s2)  # r's memory
-        g_n2b = g_z.sum(0)
-        g_n2w = torch.mul(g_z, zhat, out=z).sum(0)  # z's memory (zhat holds what is needed of z)
+        g_n2b = g_z.sum(0, dtype=sdt)
+        g_n2w = torch.mul(g_z, zhat, out=z).sum(0, dtype=sdt)  # z's memory (zhat holds what is needed of z)
         g_z.sub_(g_n2b / m).sub_(zhat.mul_(g_n2w / m)).mul_(sc2)
-    g_w1 = torch.zeros_like(w1)
+    g_w1 = torch.zeros(w1.shape, dtype=sdt, device=w1.device)  # summed over row chunks: at least float32
     g_b1, g_w1n = torch.zeros_like(scale), torch.zeros_like(scale)
     for a in range(0, m, rows):
-        t = torch.addcmul(shift, prefix[a : a + rows], scale).relu_()
-        g_w1.addmm_(g_z[a : a + rows].t(), t)
+        t = torch.addcmul(shift, prefix[a : a + rows], scale).relu_()  # in the statistics' dtype
+        tc = t.to(spec.dtype)  # t itself unless autocast computes in a lower precision
+        if g_w1.dtype == tc.dtype:
+            g_w1.addmm_(g_z[a : a + rows].t(), tc)
+        else:
+            g_w1 += g_z[a : a + rows].t() @ tc
         g = g_z[a : a + rows] @ w1
-        _aten.threshold_backward.grad_input(g, t, 0, grad_input=g)
-        g_b1 += g.sum(0)
+        _aten.threshold_backward.grad_input(g, tc, 0, grad_input=g)
+        g_b1 += g.sum(0, dtype=sdt)
         gw[a : a + rows, :c].addcmul_(g, p[0])
-        g_w1n += g.mul_(torch.sub(prefix[a : a + rows], mean[:c], out=t).mul_(invstd[:c])).sum(0)  # t's memory: x_hat
+        g_w1n += g.mul_(torch.sub(prefix[a : a + rows], mean[:c], out=t).mul_(invstd[:c])).sum(0, dtype=sdt)  # x_hat in t
     return [g_w1n, g_b1, g_w1.as_strided(p[2].shape, p[2].stride()), g_n2w, g_n2b, g_w2]
 
 
@@ -294,7 +337,8 @@ def _block_backward(
     """Gradients of the block input and of every parameter, walking the layers in reverse."""
     n, h, w, k, c0 = spec.n, spec.h, spec.w, spec.k, spec.c0
     gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
-    gw = torch.zeros_like(gd)  # sum over readers of BN1 weight * grad of the normalised map
+    sdt = spec.stat_dtype
+    gw = gd.new_zeros(gd.shape, dtype=sdt)  # sum over readers of BN1 weight * grad of the normalised map
     # x_hat (the normalised buffer) enters BN1's weight gradient (sum(g * x) - mean * sum(g) instead
     # would lose precision when |mean| >> std). Standard mode computes it once per block; the
     # memory-efficient mode recomputes each layer's prefix of it, a chunk of rows at a time.
@@ -322,7 +366,7 @@ def _block_backward(
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
-        g_o = _nchw(g_o.contiguous(), n, h, w)
+        g_o = _nchw(g_o.to(spec.dtype).contiguous(), n, h, w)
         if lean:
             grads[per * i : per * (i + 1)] = _lean_bottleneck_backward(
                 spec, b2, mean, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
@@ -336,7 +380,8 @@ def _block_backward(
                 g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
             g_u = _aten.threshold_backward(g_r, r4, 0)
             if spec.sync:
-                g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
+                g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
+                g_z = g_z.to(spec.dtype)
             else:
                 g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
@@ -351,18 +396,18 @@ def _block_backward(
             if not g_t.is_contiguous():
                 g_t = g_t.contiguous()
         g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
-        g_b1 = g_a.sum(0)
+        g_b1 = g_a.sum(0, dtype=sdt)
         gw[:, :c].addcmul_(g_a, p[0])
-        g_w1n = g_a.mul_(normalised(0, c, out=t)).sum(0)  # t is no longer needed: its memory takes x_hat
+        g_w1n = g_a.mul_(normalised(0, c, out=t)).sum(0, dtype=sdt)  # t is no longer needed: its memory takes x_hat
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
-    return _nchw(g_x.contiguous(), n, h, w), grads
+    return _nchw(g_x.to(spec.dtype).contiguous(), n, h, w), grads
 
 
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: _Block, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
-        b2, mean, invstd, _, saved = _block_forward(spec, x, params, save=True)
+        b2, mean, invstd, _, saved = _block_forward(spec, x, spec.compute_params(params), save=True)
         ctx.spec = spec
         ctx.per_layer = len(saved[0]) if saved else 0
         # everything goes through save_for_backward (visible to saved_tensors_hooks, checked for in-place changes)
@@ -377,8 +422,10 @@ class _DenseBlockFunction(torch.autograd.Function):
         params, flat = rest[:n_params], rest[n_params:]
         per = ctx.per_layer
         saved = [tuple(flat[per * i : per * (i + 1)]) for i in range(len(spec.layers))] if per else []
-        g_x, grads = _block_backward(spec, b2, mean, invstd, params, saved, grad)
-        return (None, g_x, *grads)
+        with _no_autocast(grad):
+            g_x, grads = _block_backward(spec, b2, mean, invstd, spec.compute_params(params), saved, grad)
+        # gradients in their parameters' dtype and memory layout
+        return (None, g_x, *[g.to(p.dtype, memory_format=torch.preserve_format) for g, p in zip(grads, params)])
 
 
 def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
@@ -397,11 +444,11 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
         if spec.bottleneck:
             n2 = layer.norm2
             s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
-            w1 = layer.conv1.weight.view(-1, c) * s2[:, None]
-            r = torch.addmm(n2.bias - n2.running_mean * s2, t, w1.t(), out=ws_r).relu_()
-            o = F.conv2d(_nchw(r, n, h, w), layer.conv2.weight, padding=1)
+            w1 = (layer.conv1.weight.view(-1, c) * s2[:, None]).to(spec.dtype)
+            r = torch.addmm((n2.bias - n2.running_mean * s2).to(spec.dtype), t, w1.t(), out=ws_r).relu_()
+            o = F.conv2d(_nchw(r, n, h, w), layer.conv2.weight.to(spec.dtype), padding=1)
         else:
-            o = F.conv2d(_nchw(t, n, h, w), layer.conv1.weight, padding=1)
+            o = F.conv2d(_nchw(t, n, h, w), layer.conv1.weight.to(spec.dtype), padding=1)
         b2[:, c : c + k].copy_(_rows(o))
     return _nchw(b2, n, h, w)
 
@@ -409,18 +456,22 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
 def fast_block_forward(block: nn.ModuleDict, x: Tensor, memory_efficient: bool = False) -> Tensor:
     """Run ``block`` on x (N, C_in, H, W) with the shared buffer; returns (N, C_out, H, W), channels_last.
 
-    Call only when ``can_use_fast_block(block, x)``.
+    Call only when ``can_use_fast_block(block, x)``. Under autocast the buffer and the convolutions
+    are in autocast's dtype (the output too, as the layer-by-layer form gives it); batch statistics,
+    reductions and BN gradients stay in float32.
     """
-    spec = _Block(block, x, memory_efficient)
-    if not block.training:
+    with _no_autocast(x):
+        x = x.to(_compute_dtype(x))
+        spec = _Block(block, x, memory_efficient)
+        if not block.training:
+            with torch.no_grad():
+                return _inference_forward(spec, x)
+        params = spec.params()
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _DenseBlockFunction.apply(spec, x, *params)
         with torch.no_grad():
-            return _inference_forward(spec, x)
-    params = spec.params()
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _DenseBlockFunction.apply(spec, x, *params)
-    with torch.no_grad():
-        b2, *_ = _block_forward(spec, x, params, save=False)
-    return _nchw(b2, spec.n, spec.h, spec.w)
+            b2, *_ = _block_forward(spec, x, spec.compute_params(params), save=False)
+        return _nchw(b2, spec.n, spec.h, spec.w)
 
 
 # ---------------------------------------------------------------------------- transitions
@@ -430,7 +481,7 @@ def can_fuse_bn_relu_pool(norm: nn.Module, x: Tensor) -> bool:
     one value per channel (BN raises on one). The transition checks for hooks."""
     return (
         type(norm) is nn.BatchNorm2d and norm.training and torch.is_grad_enabled() and x.dim() == 4
-        and x.dtype in _FLOATS and norm.affine and norm.track_running_stats and not autocast_on(x)
+        and _supported_input(x, norm) and norm.affine and norm.track_running_stats
         and x.shape[0] * x.shape[2] * x.shape[3] > 1
     )
 
@@ -441,7 +492,7 @@ class _BNReLUPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
-        f = bn_factor(norm)
+        f = bn_factor(norm)  # BN in x's dtype (statistics in float32), as the layer-by-layer form under autocast
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f, norm.eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = norm.eps
@@ -452,6 +503,8 @@ class _BNReLUPool(torch.autograd.Function):
         # two full-resolution temporaries (g, y), the rest in place: each fresh full-size tensor costs
         # its page faults, which on a VM take longer than the arithmetic
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        dtype = x.dtype
+        x, grad = x.to(_stat_dtype(dtype)), grad.to(_stat_dtype(dtype))  # no copies in float32/64
         per_channel = (1, -1, 1, 1)
         scale = (weight * invstd).view(per_channel)
         y = torch.addcmul((bias - mean * weight * invstd).view(per_channel), x, scale).relu_()
@@ -465,7 +518,7 @@ class _BNReLUPool(torch.autograd.Function):
         # x_hat again: its first copy became g * x_hat (recomputing is cheaper than a third temporary)
         xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))
         gx = g.sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
-        return gx, gw, gb, None
+        return gx.to(dtype), gw, gb, None
 
 
 def bn_relu_pool(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -481,7 +534,7 @@ def bn_relu_pool_eval(norm: nn.Module, x: Tensor) -> Tensor | None:
     The transition checks for hooks."""
     if (
         not isinstance(norm, nn.BatchNorm2d) or norm.training or torch.is_grad_enabled() or x.dim() != 4
-        or x.dtype not in _FLOATS or not norm.affine or norm.running_mean is None or autocast_on(x)
+        or not _supported_input(x, norm) or not norm.affine or norm.running_mean is None
     ):
         return None
     n, c, h, w = x.shape

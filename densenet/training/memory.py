@@ -165,7 +165,7 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, train
 
     ``model``: a :class:`densenet.DenseNet` as it will train (its ``memory_efficient``, ``fast``,
     ``drop_rate`` and frozen parameters decide the path); ``name`` names it in messages. ``amp``:
-    mixed precision runs the layer-by-layer path on 16-bit activations (a rougher estimate). Tensor bytes are counted from the
+    mixed precision, 16-bit activations (batch statistics stay in float32; a rougher estimate). Tensor bytes are counted from the
     structure, then :data:`ALLOCATOR_FACTOR` and :data:`BASE_OVERHEAD` account for what the memory
     allocator and the kernels hold on top (measured on CPU).
     """
@@ -178,7 +178,7 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, train
     weights = sum(p.numel() for p in params) * itemsize
     trainable = sum(p.numel() for p in params if p.requires_grad) * itemsize
     dropout_in_training = training and model.drop_rate > 0
-    fast = (model.fast or model.memory_efficient) and not dropout_in_training and not amp
+    fast = (model.fast or model.memory_efficient) and not dropout_in_training
     efficient = model.memory_efficient and fast
     act_bytes = 2 if amp else itemsize
     mode = "memory-efficient blocks" if efficient else "fast blocks" if fast else "layer-by-layer blocks"
