@@ -6,12 +6,15 @@ from .models import (
     DenseLayer,
     DenseNet,
     Transition,
+    Weights,
     WeightsError,
     cifar_densenet,
     count_macs,
     count_parameters,
     create_model,
+    get_weights,
     list_models,
+    list_weights,
     load_state_dict,
     load_torchvision_weights,
     model_spec,
@@ -23,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseLayer", "DenseBlock", "Transition", "DenseNet", "STEMS",
     "create_model", "list_models", "model_spec", "cifar_densenet",
-    "count_parameters", "count_macs", "DenseNetError",
+    "count_parameters", "count_macs", "DenseNetError", "Weights", "get_weights", "list_weights",
     "WeightsError", "read_state_dict", "load_state_dict", "load_torchvision_weights", "to_torchvision_state_dict",
 ]

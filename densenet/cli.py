@@ -32,8 +32,9 @@ from .analysis import (
 from .data import DataError, build_data
 from .errors import DenseNetError, MissingFile
 from .io.atomic import atomic_write_text
-from .models import count_macs, count_parameters, create_model, list_models, model_spec, stage_summary
-from .serving import export_checkpoint, load_predictor, model_from_checkpoint, predict_images
+from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
+from .serving import (export_checkpoint, export_model, load_predictor, model_from_checkpoint, model_from_weights,
+                      predict_images)
 from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
 from .training.loop import resolve_device
@@ -102,15 +103,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_model(args: argparse.Namespace, path: str | None) -> tuple[torch.nn.Module, dict]:
+    """The model a command works on: named trained weights (``--weights``, with ``--model``) or the
+    checkpoint at ``path``."""
+    if args.weights:
+        if path and not args.model:
+            raise ConfigError(f"give either a checkpoint ({path}) or --weights, not both")
+        return model_from_weights(args.weights, args.model)
+    if not path:
+        raise ConfigError("give a checkpoint (densenet train's checkpoint.pt) or trained weights by name "
+                          "(--model NAME --weights TAG; `densenet weights` lists them)")
+    return model_from_checkpoint(path)
+
+
+def add_weights_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", metavar="TAG", help="trained weights by name instead of a checkpoint: a tag with "
+                   "--model (e.g. --model densenet121 --weights imagenet) or MODEL.TAG (see `densenet weights`)")
+    p.add_argument("--model", metavar="NAME", help="the model of --weights")
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    rows = []
+    for w in list_weights(args.model):
+        top1, top5 = w.accuracy.get("top1"), w.accuracy.get("top5")
+        size = f"{w.file_size / 2**20:.1f} MB" if w.file_size else "?"
+        rows.append([w.name, w.dataset, w.num_classes, f"{w.input_size}x{w.input_size}",
+                     "" if top1 is None else f"{top1:.2f}", "" if top5 is None else f"{top5:.2f}", size,
+                     "in the package" if w.url is None else w.url])
+    print(markdown_table(["weights", "dataset", "classes", "input", "top-1 %", "top-5 %", "file", "from"], rows))
+    print("\nLoad with create_model(MODEL, weights=TAG), or --model MODEL --weights TAG on eval, predict, export, train.")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, info = model_from_checkpoint(args.checkpoint)
+    model, info = trained_model(args, args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
     dataset = args.dataset or info["dataset"]
     data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                       workers=args.workers, image_size=info["image_size"])
     if data.num_classes != model.num_classes:
-        raise DataError(f"{dataset} has {data.num_classes} classes but the checkpoint's model has {model.num_classes}")
+        raise DataError(f"{dataset} has {data.num_classes} classes but the model has {model.num_classes}")
     result = evaluate(model, data.test.batches(0), device)
     print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%, "
           f"top-5 error {result.top5_error:.2f}%")
@@ -121,7 +154,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    model, info = load_predictor(args.model, args.image_size)
+    if args.weights:  # every positional is an image
+        images = [args.checkpoint, *args.images] if args.checkpoint else args.images
+        model, info = model_from_weights(args.weights, args.model)
+        if args.image_size:
+            model.check_input_size(args.image_size)
+            info = {**info, "image_size": args.image_size}
+    else:
+        if not args.images:
+            raise ConfigError("give a model file (checkpoint, .onnx or .safetensors) and images, or "
+                              "--model NAME --weights TAG and images")
+        model, info = load_predictor(args.checkpoint, args.image_size)
+        images = args.images
     skipped = []
 
     def skip(path, error: Exception) -> None:
@@ -129,11 +173,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         skipped.append(path)
 
     rows = []
-    for path, top in predict_images(model, args.images, info, top=args.top, on_error=skip if args.skip_bad else None):
+    for path, top in predict_images(model, images, info, top=args.top, on_error=skip if args.skip_bad else None):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
         rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
     if not rows:
-        raise DataError(f"no image could be scored in {', '.join(args.images)}"
+        raise DataError(f"no image could be scored in {', '.join(images)}"
                          + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
     if args.csv:
         _check_out_folder(args.csv)
@@ -152,7 +196,15 @@ def _check_out_folder(path: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset)
+    if args.weights:
+        model, info = trained_model(args, args.checkpoint)
+        out = args.out or f"{info['weights']}.{ {'onnx': 'onnx', 'torchscript': 'torchscript.pt'}.get(args.format, args.format)}"
+        result = export_model(model, out, args.format, image_size=args.image_size or info["image_size"], data=info,
+                              name=info["model"], opset=args.opset)
+    else:
+        if not args.checkpoint:
+            raise ConfigError("give a checkpoint to export, or --model NAME --weights TAG")
+        result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset)
     files = ", ".join(map(str, result["files"]))
     print(f"wrote {files} ({args.format}; outputs within {result['max_abs_diff']:.1e} of PyTorch on a test batch)")
     return 0
@@ -243,8 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("weights", help="the trained weights available by name (this project's and torchvision's)")
+    p.add_argument("model", nargs="?", help="only this model's")
+    p.set_defaults(func=cmd_weights)
+
     p = sub.add_parser("eval", help="top-1 and top-5 error of a checkpoint on a dataset's test set")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
+    add_weights_flags(p)
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data", help="dataset directory or archive (default: the bundled sample)")
     p.add_argument("--batch-size", type=_positive, default=256)
@@ -253,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-5 classes of images (files or folders) with probabilities")
-    p.add_argument("model", metavar="MODEL", help="a checkpoint, or an export: .onnx (run by ONNX Runtime) or .safetensors")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    p.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                   help="a checkpoint, or an export: .onnx (run by ONNX Runtime) or .safetensors (or use --weights)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (searched recursively)")
+    add_weights_flags(p)
     p.add_argument("--top", type=_positive, default=5)
     p.add_argument("--csv", help="also write the predictions to this CSV file")
     p.add_argument("--image-size", type=_positive, help="side in pixels the images are resized to (default: the model's)")
@@ -265,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript or safetensors for serving",
                        description="Export the model of a checkpoint (standard graph, eval mode, dynamic batch size) "
                                    "and check the file's outputs against PyTorch's (within 1e-4).")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
+    add_weights_flags(p)
     p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
     p.add_argument("--out", help="output file (default: beside the checkpoint, checkpoint.onnx / "
                                  "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")

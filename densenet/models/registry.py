@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ArgumentError, ArgumentTypeError, check_int
 from .densenet import DenseNet
+from .pretrained import Weights, get_weights, load_weights
 
 __all__ = ["ModelSpec", "create_model", "list_models", "model_spec", "cifar_densenet", "register_model"]
 
@@ -137,14 +138,23 @@ def model_spec(name: str) -> ModelSpec:
     )
 
 
-def create_model(name: str, **overrides: Any) -> DenseNet:
+def create_model(name: str, weights: str | bool | Weights | None = None, **overrides: Any) -> DenseNet:
     """Build a named model, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
 
-    ``overrides`` are any ``DenseNet`` arguments; unknown ones raise a ``TypeError`` listing the valid ones.
+    ``weights``: trained weights to load (a tag such as ``"cifar10"`` or ``"imagenet"``, True for the
+    model's default entry; see ``densenet.list_weights()``). The model then has the weights' class
+    count, unless ``num_classes`` asks for another: the classifier is then freshly initialised
+    (fine-tuning). ``overrides`` are any ``DenseNet`` arguments; unknown ones raise a ``TypeError``
+    listing the valid ones.
     """
     spec = model_spec(name)
     valid = set(DenseNet.__init__.__code__.co_varnames[1 : DenseNet.__init__.__code__.co_argcount])
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ArgumentTypeError(f"unknown argument(s) for {name}: {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    return DenseNet(**{**spec.kwargs, **overrides})
+    if weights is None or weights is False:
+        return DenseNet(**{**spec.kwargs, **overrides})
+    w = get_weights(name, weights)
+    classes = overrides.pop("num_classes", w.num_classes)
+    model = DenseNet(**{**spec.kwargs, **overrides, "num_classes": classes})
+    return load_weights(model, w, strict=classes == w.num_classes)

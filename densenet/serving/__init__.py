@@ -2,9 +2,9 @@
 safetensors), fast inference, predictions on image files."""
 from .export import FORMATS, export_checkpoint, export_model, export_onnx, standard_model
 from .inference import FastInference, load_onnx, prepare_for_inference
-from .loading import ExportError, model_from_checkpoint, model_from_safetensors
+from .loading import ExportError, model_from_checkpoint, model_from_safetensors, model_from_weights
 from .predict import expand_image_paths, load_image, load_predictor, predict_images
 
 __all__ = ["FORMATS", "ExportError", "FastInference", "expand_image_paths", "export_checkpoint", "export_model",
            "export_onnx", "load_image", "load_onnx", "load_predictor", "model_from_checkpoint",
-           "model_from_safetensors", "predict_images", "prepare_for_inference", "standard_model"]
+           "model_from_safetensors", "model_from_weights", "predict_images", "prepare_for_inference", "standard_model"]

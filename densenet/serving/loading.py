@@ -10,10 +10,10 @@ from typing import Any
 
 from ..errors import DenseNetError, MissingFile
 from ..io.checkpoint import CheckpointError, load_checkpoint
-from ..models import DenseNet, WeightsError, create_model, load_state_dict, read_state_dict
+from ..models import DenseNet, WeightsError, create_model, get_weights, load_state_dict, read_state_dict
 
 __all__ = ["METADATA_FORMAT", "ExportError", "build_from_metadata", "export_kind", "model_from_checkpoint",
-           "model_from_safetensors"]
+           "model_from_safetensors", "model_from_weights"]
 
 METADATA_FORMAT = "densenet-export-v1"
 
@@ -83,3 +83,15 @@ def model_from_safetensors(path: str | os.PathLike) -> tuple[DenseNet, dict]:
     model = build_from_metadata(meta, str(json_path))
     load_state_dict(model, read_state_dict(path))  # names missing / unexpected / mis-shaped tensors
     return model.eval(), meta.get("data") or {}
+
+
+def model_from_weights(weights: str, model: str | None = None) -> tuple[DenseNet, dict]:
+    """A model with trained weights by name (``"densenet121.imagenet"``, or ``weights="imagenet"`` with
+    ``model="densenet121"``; see ``densenet weights``) in eval mode, and its data description."""
+    if model is None:
+        if "." not in weights:
+            raise WeightsError(f"weights {weights!r} need a model: give --model NAME, or the full name "
+                               "MODEL.TAG (e.g. densenet121.imagenet; `densenet weights` lists them)")
+        model, weights = weights.split(".", 1)
+    w = get_weights(model, weights)
+    return create_model(model, weights=w).eval(), w.data()

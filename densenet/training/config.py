@@ -69,6 +69,8 @@ class TrainConfig:
     amp: str = _opt("off", "mixed precision: off, bf16, or fp16 (CUDA only, with a gradient scaler)")
     channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs (faster convolutions on GPUs)")
     init: str | None = _opt(None, "start from this project's checkpoint or a torchvision DenseNet state dict")
+    weights: str | None = _opt(None, "start from trained weights by name, a tag of --model such as imagenet "
+                                     "(`densenet weights` lists them); a head of another class count starts afresh")
     freeze_features: bool = _opt(False, "train the classifier only")
     seed: int = _opt(0, "random seed (initial weights, data order, augmentation, dropout)")
     deterministic: bool = _opt(False, "deterministic algorithms (bit-identical reruns and resumes)")
@@ -223,6 +225,7 @@ def validate(config: TrainConfig) -> None:
         (config.dist_backend in ("auto", "nccl", "gloo"),
          f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
         (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),
+        (not (config.init and config.weights), "init and weights both give starting weights: use one"),
         (all(0 < m <= config.epochs for m in config.lr_milestones), "lr_milestones must lie in 1..epochs"),
         (all(math.isfinite(getattr(config, k)) for k in ("lr", "momentum", "weight_decay", "lr_gamma", "drop_rate")),
          "lr, momentum, weight_decay, lr_gamma and drop_rate must be finite numbers (not .inf or .nan)"),

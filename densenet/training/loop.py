@@ -49,7 +49,8 @@ from ..data import Data, build_data
 from ..errors import DenseNetError
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_rotating
-from ..models import DenseNet, convert_sync_batchnorm, create_model, load_state_dict, model_spec, read_state_dict
+from ..models import (DenseNet, convert_sync_batchnorm, create_model, get_weights, load_state_dict, load_weights,
+                      model_spec, read_state_dict)
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .evaluate import EvalCounts, evaluate, topk_correct
@@ -163,6 +164,8 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
     model = build_model(config, run.data.num_classes)
     if config.init and checkpoint is None:
         load_state_dict(model, read_state_dict(config.init), strict=False)
+    if config.weights and checkpoint is None:
+        load_weights(model, get_weights(config.model, config.weights), strict=False)
     if config.freeze_features:
         model.features.requires_grad_(False)
     if config.sync_bn:

@@ -1,0 +1,188 @@
+"""Trained weights by name: the registry, torchvision's ImageNet entries read from its enums, and the
+whole download path against a loopback HTTP server (good file, wrong hash, truncated body, server
+gone, mirrors); the cache only ever holds complete, verified files."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import densenet.models.pretrained as pretrained
+from densenet import WeightsError, create_model, get_weights, list_weights
+from densenet.cli import main
+from densenet.models import Weights, load_weights, weights_file
+
+
+class Server:
+    """A loopback HTTP server: ``routes[path] = (body, declared_length)``; a declared length above
+    the body's makes it close the connection part-way (a truncated download)."""
+
+    def __init__(self) -> None:
+        routes = self.routes = {}
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server name
+                hits.append(self.path)
+                if self.path not in routes:
+                    self.send_error(404)
+                    return
+                body, length = routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv(pretrained.HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.delenv(pretrained.MIRROR_ENV, raising=False)
+    return tmp_path / "home" / "weights"
+
+
+def weight_file(tmp_path: Path, seed: int = 0) -> tuple[torch.nn.Module, bytes, str]:
+    """A small trained-like model, its weights as a torch.save file's bytes, and their SHA-256."""
+    torch.manual_seed(seed)
+    model = create_model("densenet_bc16_k8", num_classes=3)
+    path = tmp_path / f"w{seed}.pt"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    return model, data, hashlib.sha256(data).hexdigest()
+
+
+def entry(url: str | None, sha: str, file_name: str = "densenet_bc16_k8-test.pt") -> Weights:
+    return Weights(model="densenet_bc16_k8", tag="test", dataset="cifar10", class_names=("a", "b", "c"),
+                   input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, accuracy={"top1": 50.0}, measured="a test",
+                   recipe="none", file_name=file_name, sha256=sha, file_size=None, license="MIT", source="tests",
+                   url=url)
+
+
+def leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_a_good_download_is_verified_cached_and_loaded(server, home, tmp_path):
+    source, data, sha = weight_file(tmp_path)
+    server.routes["/densenet_bc16_k8-test.pt"] = (data, len(data))
+    w = entry(server.url("densenet_bc16_k8-test.pt"), sha[:8])
+    path = weights_file(w)
+    assert path == home / "densenet_bc16_k8-test.pt" and path.read_bytes() == data and leftovers(home) == [path.name]
+    model = load_weights(create_model("densenet_bc16_k8", num_classes=3), w)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), source.eval()(x), rtol=0, atol=0)
+    server.stop()  # the cached, verified file serves from now on
+    assert weights_file(w) == path and server.hits == ["/densenet_bc16_k8-test.pt"]
+
+
+def test_wrong_hash_and_truncated_body_leave_nothing_in_the_cache(server, home, tmp_path):
+    _, data, sha = weight_file(tmp_path)
+    _, other, _ = weight_file(tmp_path, seed=1)
+    server.routes["/wrong.pt"] = (other, len(other))
+    with pytest.raises(WeightsError, match=r"downloaded from .*/wrong.pt is not densenet_bc16_k8.test: invalid hash"):
+        weights_file(entry(server.url("wrong.pt"), sha[:8], "wrong.pt"))
+    assert leftovers(home) == []
+    server.routes["/cut.pt"] = (data[: len(data) // 2], len(data))
+    with pytest.raises(WeightsError, match="cut.pt"):
+        weights_file(entry(server.url("cut.pt"), sha[:8], "cut.pt"))
+    assert leftovers(home) == []
+    # a damaged file already in the cache is not trusted: it is replaced by a verified download
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "good.pt").write_bytes(data[:100])
+    server.routes["/good.pt"] = (data, len(data))
+    assert weights_file(entry(server.url("good.pt"), sha[:8], "good.pt")).read_bytes() == data
+
+
+def test_offline_without_a_mirror_names_the_file_and_where_to_put_it(home, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/densenet_bc16_k8-test.pt"
+    with pytest.raises(WeightsError) as e:
+        weights_file(entry(dead, "abcd"))
+    message = str(e.value)
+    assert f"cannot download densenet_bc16_k8.test from {dead}" in message
+    assert f"put densenet_bc16_k8-test.pt in {home}" in message and pretrained.MIRROR_ENV in message
+    assert leftovers(home) == []
+
+
+def test_mirrors_an_address_or_a_folder(server, home, tmp_path, monkeypatch):
+    _, data, sha = weight_file(tmp_path)
+    w = entry("https://unreachable.invalid/models/densenet_bc16_k8-test.pt", sha[:8])
+    server.routes["/mirror/densenet_bc16_k8-test.pt"] = (data, len(data))
+    monkeypatch.setenv(pretrained.MIRROR_ENV, server.url("mirror/"))
+    assert weights_file(w).read_bytes() == data and server.hits == ["/mirror/densenet_bc16_k8-test.pt"]
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    monkeypatch.setenv(pretrained.MIRROR_ENV, str(folder))
+    with pytest.raises(WeightsError, match="densenet_bc16_k8-other.pt is missing or does not match"):
+        weights_file(replace(w, file_name="densenet_bc16_k8-other.pt"))
+    (folder / "densenet_bc16_k8-other.pt").write_bytes(data)
+    assert weights_file(replace(w, file_name="densenet_bc16_k8-other.pt")) == folder / "densenet_bc16_k8-other.pt"
+
+
+def test_torchvision_entries_come_from_its_enums():
+    for model, stem in pretrained.TORCHVISION_MODELS.items():
+        member = getattr(torchvision.models, f"{stem}_Weights").DEFAULT
+        w = get_weights(model, "imagenet")
+        assert w.url == member.url and w.class_names == tuple(member.meta["categories"]) and w.num_classes == 1000
+        assert w.accuracy["top1"] == member.meta["_metrics"]["ImageNet-1K"]["acc@1"]
+        assert w.url.endswith(w.file_name) and w.file_name.split("-")[1].startswith(w.sha256)
+        assert (w.input_size, w.mean) == (224, (0.485, 0.456, 0.406))
+    assert get_weights("densenet121", True).name == "densenet121.imagenet"
+
+
+def test_create_model_with_weights_and_bad_names(server, home, tmp_path, monkeypatch):
+    source, data, sha = weight_file(tmp_path)
+    server.routes["/densenet_bc16_k8-test.pt"] = (data, len(data))
+    w = entry(server.url("densenet_bc16_k8-test.pt"), sha)
+    monkeypatch.setattr(pretrained, "_bundled", lambda: [w])
+    model = create_model("densenet_bc16_k8", weights="test")
+    assert model.num_classes == 3
+    torch.testing.assert_close(model.state_dict()["features.conv0.weight"], source.state_dict()["features.conv0.weight"])
+    finetune = create_model("densenet_bc16_k8", weights=True, num_classes=7)  # a fresh 7-way head
+    assert finetune.num_classes == 7
+    torch.testing.assert_close(finetune.features.conv0.weight, source.features.conv0.weight)
+    with pytest.raises(WeightsError, match=r"no weights 'tset' for densenet_bc16_k8; did you mean densenet_bc16_k8.test"):
+        create_model("densenet_bc16_k8", weights="tset")
+    with pytest.raises(WeightsError, match="no trained weights for densenet40_k12"):
+        create_model("densenet40_k12", weights=True)
+    assert [x.name for x in list_weights("densenet_bc16_k8")] == ["densenet_bc16_k8.test"]
+
+
+def test_weights_command_lists_the_registry(capsys):
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet121.imagenet" in out and "74.43" in out and "download.pytorch.org" in out
