@@ -33,8 +33,7 @@ from .data import DataError, build_data
 from .errors import DenseNetError, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
-from .serving import (export_checkpoint, export_model, load_predictor, model_from_checkpoint, model_from_weights,
-                      predict_images)
+from .serving import export_checkpoint, export_model, load_predictor, model_from_checkpoint, model_from_weights, predict_images
 from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
 from .training.loop import resolve_device

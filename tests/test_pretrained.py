@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from safetensors.torch import save_file
 
 import densenet.models.pretrained as pretrained
 from densenet import WeightsError, create_model, get_weights, list_weights

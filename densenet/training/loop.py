@@ -49,8 +49,16 @@ from ..data import Data, build_data
 from ..errors import DenseNetError
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_rotating
-from ..models import (DenseNet, convert_sync_batchnorm, create_model, get_weights, load_state_dict, load_weights,
-                      model_spec, read_state_dict)
+from ..models import (
+    DenseNet,
+    convert_sync_batchnorm,
+    create_model,
+    get_weights,
+    load_state_dict,
+    load_weights,
+    model_spec,
+    read_state_dict,
+)
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .evaluate import EvalCounts, evaluate, topk_correct
