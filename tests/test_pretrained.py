@@ -185,3 +185,39 @@ def test_weights_command_lists_the_registry(capsys):
     assert main(["weights"]) == 0
     out = capsys.readouterr().out
     assert "densenet121.imagenet" in out and "74.43" in out and "download.pytorch.org" in out
+
+
+def test_a_finished_run_becomes_weights_by_name(tmp_path, monkeypatch):
+    """tools/package_weights.py: a run's checkpoint becomes a safetensors file and an index entry with
+    its measured accuracy; create_model(weights=...) then gives the run's model (float16 storage only
+    when no test prediction changes)."""
+    import json
+    import subprocess
+    import sys
+
+    from densenet.serving import model_from_checkpoint
+
+    run, assets = tmp_path / "run", tmp_path / "assets"
+    assert main(["train", "--model", "densenet_bc16_k8", "--epochs", "1", "--train-subset", "128", "--batch-size", "32",
+                 "--threads", "1", "--quiet", "--out", str(run)]) == 0
+    root = Path(__file__).resolve().parents[1]
+    for extra in ([], ["--half"]):
+        p = subprocess.run([sys.executable, str(root / "tools" / "package_weights.py"), str(run), "--tag", "sample",
+                            "--data", "sample", "--note", "a test", "--out", str(assets), *extra],
+                           capture_output=True, text=True, cwd=root)
+        assert p.returncode == 0, p.stderr[-2000:]
+    (entry,) = json.loads((assets / "index.json").read_text())  # the second packaging replaced the first
+    assert entry["file_name"] == "densenet_bc16_k8-sample.safetensors" and entry["accuracy"]["images"] == 200
+    assert f"top-1 {entry['accuracy']['top1']}%" in p.stdout and "tools/package_weights.py" in entry["measured"]
+    assert hashlib.sha256((assets / entry["file_name"]).read_bytes()).hexdigest() == entry["sha256"]
+    monkeypatch.setattr(pretrained, "BUNDLED_DIR", assets)
+    w = get_weights("densenet_bc16_k8", "sample")
+    assert w.url is None and w.class_names[0] == "airplane" and w.notes == "a test"
+    model = create_model("densenet_bc16_k8", weights="sample").eval()
+    trained, _ = model_from_checkpoint(run / "checkpoint.pt")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x).argmax(1), trained(x).argmax(1))
+    (assets / entry["file_name"]).write_bytes(b"damaged")
+    with pytest.raises(WeightsError, match="does not match its SHA-256.*reinstall densenet"):
+        create_model("densenet_bc16_k8", weights="sample")
