@@ -1,4 +1,6 @@
-"""Weight files: torchvision round trip (legacy keys included), safe reading, clear mismatches."""
+"""Weight files: torchvision round trip (legacy keys included), safe reading, clear mismatches;
+checkpoints from other code (CheXNet, DDP, Lightning-style wrappers, timm, MONAI) with what was renamed."""
+import argparse
 import pickle
 import re
 
@@ -9,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from densenet import (
+    DenseNet,
     WeightsError,
     create_model,
     load_state_dict,
@@ -16,6 +19,7 @@ from densenet import (
     read_state_dict,
     to_torchvision_state_dict,
 )
+from densenet.models.weights import LoadReport, load_weight_file
 
 torch.set_num_threads(2)
 
@@ -161,3 +165,205 @@ def test_non_strict_loading_skips_only_a_different_classifier():
     assert torch.equal(model.classifier.weight, head)
     with pytest.raises(WeightsError, match="missing"):
         load_state_dict(create_model("densenet169", num_classes=10), tv.state_dict(), strict=False)
+
+
+# ---------------------------------------------------------------------------- checkpoints from the wild
+# Each file below is built from one of our models by renaming its keys as the other code names
+# them (names checked against timm 1.0 and MONAI 1.6), saved with torch.save and read back through
+# the public functions; the loaded model must compute what the source model computes.
+
+
+def small_imagenet_densenet(num_classes=5):
+    """A small DenseNet with the ImageNet stem (the layout of torchvision's, timm's and MONAI's)."""
+    return DenseNet(growth_rate=8, block_config=(2, 3), stem="imagenet", stem_channels=16, num_classes=num_classes)
+
+
+def same_outputs(a: nn.Module, b: nn.Module, size=64) -> bool:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return (a.eval()(x) - b.eval()(x)).abs().max().item() < 1e-5
+
+
+def no_counters(state):
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def monai_keys(state):
+    """MONAI's DenseNet names: a dense layer's modules in ``layers``, the head's Linear in ``class_layers.out``."""
+    return {re.sub(r"(denselayer\d+)\.", r"\1.layers.", k).replace("classifier.", "class_layers.out."): v
+            for k, v in state.items()}
+
+
+def test_chexnet_checkpoint_loads_with_every_renaming_reported(tmp_path):
+    """CheXNet's model.pth.tar: {"state_dict": {"module.densenet121.features...", "...classifier.0.weight"}}
+    with legacy norm.1 keys, saved in the pre-zip format of the PyTorch it was trained with."""
+    source = randomise_bn(create_model("densenet121", num_classes=14))
+    state = legacy_keys(no_counters(source.state_dict()))
+    state = {re.sub(r"^classifier\.", "classifier.0.", k): v for k, v in state.items()}
+    state = {f"module.densenet121.{k}": v for k, v in state.items()}
+    assert "module.densenet121.features.denseblock1.denselayer1.norm.1.weight" in state
+    path = tmp_path / "model.pth.tar"
+    torch.save({"epoch": 7, "arch": "densenet121", "best_loss": 0.152, "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}},
+               path, _use_new_zipfile_serialization=False)
+
+    model = create_model("densenet121", num_classes=14)
+    report = load_weight_file(model, path)
+    assert isinstance(report, LoadReport)
+    assert report.renamed == [
+        "weights taken from checkpoint['state_dict']",
+        "removed prefix 'module.densenet121.'",
+        "renamed 580 legacy keys (denselayerL.norm.1 -> denselayerL.norm1)",  # 58 layers x 10 tensors
+        "classifier.0 -> classifier",
+    ]
+    assert report.dropped == ["121 BatchNorm num_batches_tracked counters: not in the file (older PyTorch), "
+                              "left as the model had them"]
+    assert report.loaded == len(state)
+    assert same_outputs(model, source)
+    assert same_outputs(load_torchvision_weights(create_model("densenet121", num_classes=14), path), source)
+
+    # fine-tuning on 3 classes (--init): everything but the head, and the head's drop reported
+    model = create_model("densenet121", num_classes=3)
+    head = model.classifier.weight.clone()
+    report = load_weight_file(model, path, strict=False)
+    assert torch.equal(model.features.denseblock4.denselayer16.conv2.weight,
+                       source.features.denseblock4.denselayer16.conv2.weight)
+    assert torch.equal(model.classifier.weight, head)
+    assert report.dropped[0] == ("classifier.weight, classifier.bias of shape (14, 1024) / (14,) (the model's is "
+                                 "(3, 1024) / (3,)): the model's freshly initialised classifier is kept")
+    assert report.loaded == len(state) - 2
+    # ... and refused with the way out under strict=True
+    with pytest.raises(WeightsError, match=r"model\.pth\.tar: the file's classifier is for 14 classes, the model's "
+                                           r"for 3 .*shape mismatch: classifier\.weight \(module\.densenet121\.classifier"
+                                           r"\.0\.weight in the file\): file \(14, 1024\) vs model \(3, 1024\).*"
+                                           r"num_classes=14, or load with strict=False"):
+        load_weight_file(create_model("densenet121", num_classes=3), path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_data_parallel_and_compile_prefixes(tmp_path, prefix):
+    source = randomise_bn(small_imagenet_densenet())
+    torch.save({prefix + k: v for k, v in source.state_dict().items()}, tmp_path / "w.pth")
+    model = small_imagenet_densenet()
+    report = load_weight_file(model, tmp_path / "w.pth")
+    assert report.renamed == [f"removed prefix {prefix!r}"] and report.dropped == []
+    assert same_outputs(model, source)
+
+
+@pytest.mark.parametrize("wrapper", ["model.", "backbone.", "densenet121.", "net.module."])
+def test_one_wrapper_prefix_is_found(tmp_path, wrapper):
+    """A model held in another module (a Lightning module's ``self.model``, a ``backbone``), nested in
+    the checkpoint as Lightning saves it."""
+    source = randomise_bn(small_imagenet_densenet())
+    torch.save({"epoch": 1, "global_step": 10, "state_dict": {wrapper + k: v for k, v in source.state_dict().items()}},
+               tmp_path / "last.ckpt")
+    model = small_imagenet_densenet()
+    report = load_weight_file(model, tmp_path / "last.ckpt")
+    assert report.renamed == ["weights taken from checkpoint['state_dict']", f"removed prefix {wrapper!r}"]
+    assert same_outputs(model, source)
+    # read_state_dict alone keeps its contract: flat, without module. only
+    assert next(iter(read_state_dict(tmp_path / "last.ckpt"))).startswith(wrapper)
+
+
+def test_own_features_prefix_is_not_stripped(tmp_path):
+    """A backbone-only state dict (every key under ``features.``) keeps its names: the head is what is missing."""
+    source = randomise_bn(small_imagenet_densenet())
+    torch.save({k: v for k, v in source.state_dict().items() if k.startswith("features.")}, tmp_path / "backbone.pth")
+    model = small_imagenet_densenet()
+    report = load_weight_file(model, tmp_path / "backbone.pth", strict=False)
+    assert report.renamed == []
+    assert report.dropped == ["classifier.weight, classifier.bias: not in the file, the model's freshly initialised "
+                              "classifier is kept"]
+    assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)
+    with pytest.raises(WeightsError, match=r"the file has no classifier for the model \(missing: classifier\.weight; "
+                                           r"classifier\.bias\): load with strict=False"):
+        load_weight_file(small_imagenet_densenet(), tmp_path / "backbone.pth")
+    # ... and a wrapper whose name is one of ours is removed only when that makes the keys match
+    torch.save({f"features.{k}": v for k, v in source.state_dict().items()}, tmp_path / "features.pth")
+    model = small_imagenet_densenet()
+    assert load_weight_file(model, tmp_path / "features.pth").renamed == ["removed prefix 'features.'"]
+    assert same_outputs(model, source)
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "safe_globals"), reason="torch < 2.5 cannot allow argparse.Namespace")
+def test_timm_training_checkpoint(tmp_path):
+    """timm's DenseNet state dict has torchvision's names (its global_pool and BatchNormAct2d hold no other
+    parameters); its train.py saves {"state_dict", "state_dict_ema", "optimizer", "args": Namespace, ...}."""
+    source = randomise_bn(small_imagenet_densenet(), seed=1)
+    ema = randomise_bn(small_imagenet_densenet(), seed=2)
+    torch.save({"epoch": 3, "arch": "densenet121", "state_dict": source.state_dict(), "state_dict_ema": ema.state_dict(),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, "version": 2,
+                "args": argparse.Namespace(model="densenet121", lr=0.1, epochs=3, mean=None)},
+               tmp_path / "model_best.pth.tar")
+    model = small_imagenet_densenet()
+    report = load_weight_file(model, tmp_path / "model_best.pth.tar")
+    assert report.renamed == ["weights taken from checkpoint['state_dict'] (the file also holds 'state_dict_ema')"]
+    assert same_outputs(model, source)
+    # timm's cleaned checkpoint (clean_checkpoint.py): the bare state dict, loaded as named
+    torch.save(ema.state_dict(), tmp_path / "densenet121-clean.pth")
+    report = load_weight_file(model, tmp_path / "densenet121-clean.pth")
+    assert report.renamed == [] and report.dropped == [] and str(report).endswith("names as in the model")
+    assert same_outputs(model, ema)
+
+
+def test_monai_2d_state_dict(tmp_path):
+    source = randomise_bn(small_imagenet_densenet(num_classes=4))
+    state = monai_keys(source.state_dict())
+    assert "features.denseblock1.denselayer1.layers.norm1.weight" in state and "class_layers.out.bias" in state
+    assert "features.transition1.conv.weight" in state  # transitions keep their names
+    torch.save(state, tmp_path / "monai.pt")
+    model = small_imagenet_densenet(num_classes=4)
+    report = load_weight_file(model, tmp_path / "monai.pt")
+    renamed_keys = sum(k != n for k, n in zip(state, source.state_dict()))
+    assert report.renamed == [f"MONAI names: {renamed_keys} keys (denselayerL.layers.* -> denselayerL.*, "
+                              "class_layers.out -> classifier)"]
+    assert same_outputs(model, source)
+
+
+def test_monai_3d_state_dict_is_refused_naming_the_tensor(tmp_path):
+    source = small_imagenet_densenet(num_classes=4)
+    state = {k: v.unsqueeze(-1).expand(*v.shape, v.shape[-1]).clone() if v.dim() == 4 else v
+             for k, v in monai_keys(source.state_dict()).items()}
+    torch.save(state, tmp_path / "monai3d.pt")
+    for strict in (True, False):
+        with pytest.raises(WeightsError, match=r"monai3d\.pt: the state dict holds 3-D convolutions .*this DenseNet is "
+                                               r"2-D: shape mismatch: features\.conv0\.weight: file \(16, 3, 7, 7, 7\) vs "
+                                               r"model \(16, 3, 7, 7\); features\.denseblock1\.denselayer1\.conv1\.weight "
+                                               r"\(features\.denseblock1\.denselayer1\.layers\.conv1\.weight in the file\)"):
+            load_weight_file(small_imagenet_densenet(num_classes=4), tmp_path / "monai3d.pt", strict=strict)
+
+
+def test_another_architecture_from_a_file_names_the_difference(tmp_path):
+    torch.save({"state_dict": {f"module.{k}": v for k, v in create_model("densenet_bc40_k16").state_dict().items()}},
+               tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"other\.pth: the state dict is from a different architecture than the model "
+                                           r"\(growth_rate=12.*missing: features\.denseblock1\.denselayer7.*"
+                                           r"\| shape mismatch: features\.conv0\.weight: file \(32, 3, 3, 3\)"):
+        load_weight_file(create_model("densenet_bc100_k12"), tmp_path / "other.pth", strict=False)
+
+
+def test_head_of_another_structure_and_ambiguous_names():
+    source = small_imagenet_densenet()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("classifier.")}
+    mlp = {"classifier.0.weight": torch.zeros(32, 40), "classifier.0.bias": torch.zeros(32),
+           "classifier.2.weight": torch.zeros(5, 32), "classifier.2.bias": torch.zeros(5)}
+    report = load_state_dict(small_imagenet_densenet(), state | mlp, strict=False)
+    assert report.dropped == [
+        "classifier.weight, classifier.bias: not in the file, the model's freshly initialised classifier is kept",
+        "classifier.0.weight, classifier.0.bias, classifier.2.weight, classifier.2.bias: a head of another structure, "
+        "not loaded",
+    ]
+    with pytest.raises(WeightsError, match=r"the file has no classifier for the model \(missing: classifier\.weight; "
+                                           r"classifier\.bias \| unexpected: classifier\.0\.weight"):
+        load_state_dict(small_imagenet_densenet(), state | mlp)
+    both = source.state_dict() | legacy_keys({k: v for k, v in source.state_dict().items() if "denselayer1.norm1" in k})
+    with pytest.raises(WeightsError, match=r"both 'features\.denseblock1\.denselayer1\.norm1\.weight' and "
+                                           r"'features\.denseblock1\.denselayer1\.norm\.1\.weight'"):
+        load_state_dict(small_imagenet_densenet(), both)
+
+
+def test_load_report_text():
+    assert str(LoadReport(loaded=3)) == "loaded 3 tensors, names as in the model"
+    assert str(LoadReport(loaded=3, renamed=["removed prefix 'module.'", "classifier.0 -> classifier"],
+                          dropped=["classifier.weight: kept"])) == (
+        "loaded 3 tensors; renamed: removed prefix 'module.'; classifier.0 -> classifier; not loaded: classifier.weight: kept")
