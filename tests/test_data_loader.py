@@ -240,3 +240,18 @@ def test_folder_from_zip_equals_folder_from_directory(tmp_path):
                    batch_size=4, workers=2)
     assert same(collect(d.train.batches(5)), collect(z.train.batches(5)))
     assert same(collect(d.test.batches(0)), collect(z.test.batches(0)))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10+", "cifar10"])
+def test_batches_built_on_the_device_equal_the_host_ones(dataset):
+    """Data held on a device (here the CPU, as it would be on a GPU): gathering, augmentation and
+    normalisation there give the host path's batches bit for bit, in every split and shard."""
+    host = build_data(dataset, None, batch_size=64, eval_batch_size=100, seed=5, val_size=100)
+    device = build_data(dataset, None, batch_size=64, eval_batch_size=100, seed=5, val_size=100).to("cpu")
+    assert device.train.on_device is not None and host.train.on_device is None
+    for split in ("train", "val", "test"):
+        for kw in ({}, {"start": 1}, {"rank": 1, "world_size": 2}):
+            a, b = list(getattr(host, split).batches(2, **kw)), list(getattr(device, split).batches(2, **kw))
+            assert len(a) == len(b) and (len(a) > 0 or "start" in kw)
+            for (xa, ya), (xb, yb) in zip(a, b):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.dtype == torch.float32

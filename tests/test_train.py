@@ -75,23 +75,37 @@ def test_the_plan_and_an_estimated_time_come_before_training(tmp_path, capsys):
     assert estimate and plan < estimate.start() < out.index("epoch 1/1:")
 
 
-def test_a_signal_during_backward_stops_every_rank_at_the_same_next_step(tmp_path, capsys, monkeypatch):
+def test_a_signal_after_the_all_reduce_stops_every_rank_at_the_same_next_step(tmp_path, capsys, monkeypatch):
     """The stop decision comes from the all-reduced flag only: a SIGTERM that arrives after a step's
-    all-reduce (here during its optimizer step) is acted on at the next step, on every rank alike,
-    never by the signalled rank alone (its collectives would no longer match the others')."""
-    real, calls = torch.optim.SGD.step, []
+    all-reduce has taken the flags is acted on at the next one, on every rank alike, never by the
+    signalled rank alone (its collectives would no longer match the others')."""
+    from densenet.training.distributed import Dist
 
-    def step(self, *a, **k):
+    real, calls = Dist.sum, []
+
+    def reduce_then_signal(self, values, device):
+        out = real(self, values, device)
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, *a, **k)
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives once step 3's flags are reduced
+        return out
 
-    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(Dist, "sum", reduce_then_signal)
     out = tmp_path / "r"
     assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 128 + signal.SIGTERM
     assert "stopped by signal 15 at epoch 1, step 4; checkpoint written" in capsys.readouterr().err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4 and len(calls) == 4
+
+
+def test_reading_metrics_every_few_steps_changes_nothing(sample_run, tmp_path):
+    """--sync-every 3 (the loss and hits stay on the device between reads, as on a GPU): the same
+    weights and the same metrics as reading them every step."""
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(out), "--val-size", "64", "--sync-every", "3"]) == 0
+    assert_bit_identical(weights(out), weights(sample_run))
+    a, b = (list(csv.DictReader((run / "metrics.csv").open())) for run in (out, sample_run))
+    keys = ("train_loss", "train_error", "val_error", "test_error")
+    assert [[float(r[k]) for k in keys] for r in a] == [[float(r[k]) for k in keys] for r in b]
 
 
 def test_training_learns_on_the_sample(sample_run):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cache import cache_path, load_arrays, save_arrays
 from .cifar import LAYOUTS, find_cifar, read_cifar, read_image_tree_32
@@ -45,6 +46,14 @@ class Data:
     test: ArrayLoader | FolderLoader
     source: str = ""  # where the data came from (file, or cache file)
     skipped: list[str] = field(default_factory=list)  # images left out by skip_bad_images at import
+
+    def to(self, device: str | torch.device) -> Data:
+        """Hold the array datasets (CIFAR, SVHN) on ``device`` as uint8, batches built there (see
+        :meth:`ArrayLoader.to`); image folders are decoded on the host as before. Returns the data."""
+        for loader in (self.train, self.val, self.test):
+            if isinstance(loader, ArrayLoader):
+                loader.to(device)
+        return self
 
 
 def channel_stats(x: np.ndarray, indices: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:

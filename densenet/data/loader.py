@@ -29,7 +29,9 @@ from .transforms import (
     eval_image,
     generator,
     normalize,
+    normalize_on,
     pad_crop_flip,
+    pad_crop_flip_on,
     ten_crop_image,
     train_image,
 )
@@ -135,14 +137,32 @@ class ArrayLoader(_Base):
         super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std)
         self.x, self.y = x, np.asarray(y, np.int64)
         self.augment, self.prefetch = augment and train, prefetch
+        self.on_device: tuple[Tensor, Tensor] | None = None  # (x, y) held on a device, see :meth:`to`
+
+    def to(self, device: torch.device | str) -> ArrayLoader:
+        """Hold the images (uint8) and labels on ``device`` and build batches there: gathering,
+        augmentation and normalisation run on the device (the same numbers as on the CPU), so a GPU
+        never waits for the host. Returns the loader."""
+        self.on_device = (torch.from_numpy(np.ascontiguousarray(self.x)).to(device),
+                          torch.from_numpy(self.y).to(device))
+        return self
 
     def _batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for i, idx, part in self._plan(epoch, start, rank, world_size):
             mine = idx[part]
-            x = self.x[mine]  # (n, 3, 32, 32) uint8 copy, from memory or the memory-mapped cache
+            params = None
             if self.augment:  # parameters drawn for the global batch, so shards and resumes agree
                 dy, dx, flip = crop_flip_params(len(idx), 4, generator(self.seed, _AUGMENT, epoch, i))
-                x = pad_crop_flip(x, dy[part], dx[part], flip[part])
+                params = dy[part], dx[part], flip[part]
+            if self.on_device is not None:
+                xs, ys = self.on_device
+                rows = torch.from_numpy(mine).to(xs.device)
+                x = xs[rows] if params is None else pad_crop_flip_on(xs[rows], *map(torch.from_numpy, params))
+                yield normalize_on(x, self.mean, self.std), ys[rows]
+                continue
+            x = self.x[mine]  # (n, 3, 32, 32) uint8 copy, from memory or the memory-mapped cache
+            if params is not None:
+                x = pad_crop_flip(x, *params)
             yield normalize(x, self.mean, self.std), torch.from_numpy(self.y[mine])
 
     def batches(self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1,
@@ -150,7 +170,8 @@ class ArrayLoader(_Base):
         """(images (N, 3, 32, 32) float32, labels (N,) int64) for batches ``start``.. of ``epoch``."""
         if ten_crop:
             raise DataError("10-crop evaluation is for image-folder datasets (imagenet, folder), not 32x32 arrays")
-        return _prefetch(self._batches(epoch, start, rank, world_size), self.prefetch)
+        batches = self._batches(epoch, start, rank, world_size)
+        return batches if self.on_device is not None else _prefetch(batches, self.prefetch)
 
 
 class _FolderBatches(torch.utils.data.Dataset):

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = [
-    "derive_seed", "generator", "crop_flip_params", "pad_crop_flip", "normalize",
+    "derive_seed", "generator", "crop_flip_params", "pad_crop_flip", "normalize", "pad_crop_flip_on", "normalize_on",
     "random_resized_crop_box", "train_image", "eval_image", "ten_crop_image", "resize_size",
 ]
 
@@ -50,6 +50,25 @@ def pad_crop_flip(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, flip: np.ndarra
     flip = np.asarray(flip, bool)
     out[flip] = out[flip, :, :, ::-1]
     return out
+
+
+def pad_crop_flip_on(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
+    """:func:`pad_crop_flip` with torch on ``x``'s device (data held on a GPU): the same pixels for the
+    same (dy, dx, flip). ``x``: (N, C, H, W) uint8; the offsets and flags are (N,) tensors."""
+    n, c, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = dy.to(x.device)[:, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = dx.to(x.device)[:, None] + torch.arange(w, device=x.device)  # (N, W)
+    cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
+    return xp[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize_on(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """:func:`normalize` with torch on ``x``'s device: the same float32 numbers (one multiply, one add)."""
+    scale = torch.tensor([1 / (255 * s) for s in std], dtype=torch.float32).to(x.device).view(-1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).to(x.device).view(-1, 1, 1)
+    return (x * scale).add_(shift)
 
 
 def normalize(x: np.ndarray | Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

@@ -6,10 +6,12 @@ from .registry import ModelSpec, cifar_densenet, create_model, list_models, mode
 from .summary import count_macs, count_parameters, stage_summary
 from .sync_bn import SyncBatchNorm2d, convert_sync_batchnorm
 from .weights import (
+    LoadReport,
     WeightsError,
     from_torchvision_state_dict,
     load_state_dict,
     load_torchvision_weights,
+    load_weight_file,
     read_state_dict,
     to_torchvision_state_dict,
 )
@@ -19,5 +21,6 @@ __all__ = [
     "ModelSpec", "create_model", "list_models", "model_spec", "cifar_densenet", "register_model",
     "count_parameters", "count_macs", "stage_summary", "SyncBatchNorm2d", "convert_sync_batchnorm",
     "WeightsError", "read_state_dict", "load_state_dict", "load_torchvision_weights", "to_torchvision_state_dict",
-    "from_torchvision_state_dict", "Weights", "get_weights", "list_weights", "load_weights", "weights_file",
+    "from_torchvision_state_dict", "LoadReport", "load_weight_file",
+    "Weights", "get_weights", "list_weights", "load_weights", "weights_file",
 ]

@@ -78,6 +78,9 @@ class TrainConfig:
     threads: int | None = _opt(None, "CPU threads")
     workers: int = _opt(2, "data-loading worker processes (image folders)")
     checkpoint_every: int = _opt(200, "steps between mid-epoch checkpoints (0: epoch ends only)")
+    sync_every: int | None = _opt(None, "steps between reading the running loss and accuracy back from the device "
+                                        "(signals and a diverging loss are acted on then); default 1 on a CPU, 50 on "
+                                        "a GPU, where each read makes the host wait for the GPU")
     dist_backend: str = _opt("auto", "under torchrun: auto (nccl on CUDA, else gloo), nccl or gloo")
     dist_timeout: int = _opt(600, "seconds a collective waits for a peer process before the run stops (default 600)")
     memory_check: bool = _opt(True, "refuse to start when a step's estimated memory clearly exceeds the available "
@@ -104,7 +107,7 @@ def field_help(name: str) -> str:
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
-RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every",
+RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every", "sync_every",
                           "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 
 #: what a run on the bundled 1,000-image sample changes in the recipe when not given: a demo that
@@ -219,6 +222,7 @@ def validate(config: TrainConfig) -> None:
         (config.train_subset is None or config.train_subset >= 1, "train_subset must be positive"),
         (config.test_subset is None or config.test_subset >= 1, "test_subset must be positive"),
         (config.checkpoint_every >= 0, "checkpoint_every must be non-negative (0: only at epoch ends)"),
+        (config.sync_every is None or config.sync_every >= 1, "sync_every must be at least 1"),
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),
         (config.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, got {config.amp!r}"),

@@ -14,9 +14,9 @@ A run directory holds ``config.yaml`` (the resolved configuration), ``metrics.cs
 epoch), ``curves.png``, TensorBoard events under ``tensorboard/``, ``checkpoint.pt`` (and the one
 before it, ``checkpoint.prev.pt``) and, at the end, ``report.json``.
 
-Host synchronisation: each step reads back one small all-reduced vector (loss, hits, images, a
-signal flag); everything that decides what the ranks do next is taken from that reduced vector, so
-that every process takes the same branch.
+Host synchronisation: every ``sync_every`` steps (each step on a CPU) the loop reads back one small
+all-reduced vector (loss, hits, images, a signal flag); everything that decides what the ranks do
+next is taken from that reduced vector, so that every process takes the same branch.
 """
 from __future__ import annotations
 
@@ -55,13 +55,14 @@ from ..models import (
     create_model,
     get_weights,
     load_state_dict,
-    load_weights,
+    load_weight_file,
     model_spec,
     read_state_dict,
+    weights_file,
 )
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
-from .evaluate import EvalCounts, evaluate, topk_correct
+from .evaluate import EvalCounts, evaluate
 from .memory import check_memory, estimate_memory
 from .runlock import RunLock
 
@@ -159,6 +160,8 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
             val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
             train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
         )
+        if device.type == "cuda":  # CIFAR/SVHN on the GPU: batches built there, no host in the step
+            data.to(device)
         log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
         run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None))
         state = build_state(run, use_scaler, checkpoint)
@@ -170,10 +173,11 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
     restored from ``checkpoint`` when resuming; the memory of a step checked before anything runs."""
     config, dd, device = run.config, run.dd, run.device
     model = build_model(config, run.data.num_classes)
-    if config.init and checkpoint is None:
-        load_state_dict(model, read_state_dict(config.init), strict=False)
+    if config.init and checkpoint is None:  # a head of another class count stays freshly initialised
+        run.log(f"--init {config.init}: {load_weight_file(model, config.init, strict=False)}")
     if config.weights and checkpoint is None:
-        load_weights(model, get_weights(config.model, config.weights), strict=False)
+        w = get_weights(config.model, config.weights)
+        run.log(f"--weights {w.name}: {load_state_dict(model, read_state_dict(weights_file(w)), strict=False)}")
     if config.freeze_features:
         model.features.requires_grad_(False)
     if config.sync_bn:
@@ -261,8 +265,12 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
 
 def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "FirstStepsClock") -> dict[str, Any]:
     """Train ``epoch`` from step ``state.step`` to its end (mid-epoch checkpoints every
-    ``checkpoint_every`` steps); returns the epoch's training metrics. A signal seen by any rank
-    stops the run after a checkpoint, at the step where the ranks' reduced flag says so."""
+    ``checkpoint_every`` steps); returns the epoch's training metrics.
+
+    The loss and hits of each step stay on the device; every ``sync_every`` steps (and before a
+    checkpoint and at the epoch's end) they are summed over processes and read back once. What the
+    loop decides (a diverging loss, a signal seen by any rank) is decided there, from the reduced
+    values, so that every rank takes the same branch at the same step."""
     config, dd, data = run.config, run.dd, run.data
     lr = learning_rate(config, epoch)
     for group in state.optimizer.param_groups:
@@ -275,21 +283,33 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     bar = tqdm(total=data.train.num_batches, initial=step0, disable=config.quiet or not dd.main, leave=False,
                desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", dynamic_ncols=True, file=sys.stderr)
     t0, seconds_before = time.perf_counter(), acc["seconds"]
+    every = config.sync_every or (50 if run.device.type == "cuda" else 1)
+    pending = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss x images, hits, images since the last read
+    unread = 0
     with closing(data.train.batches(epoch, start=step0, rank=dd.rank, world_size=dd.world_size)) as batches:
         for step, (images, labels) in enumerate(batches, start=step0):
-            loss_sum, hits, seen, signalled = train_step(run, state, images, labels, bool(stop["signal"]))
+            pending += train_step(run, state, images, labels)
+            unread += 1
+            last = step + 1 == data.train.num_batches
+            checkpoint_due = bool(config.checkpoint_every) and (step + 1) % config.checkpoint_every == 0
+            if not (last or checkpoint_due or unread >= every):
+                continue
+            # the host synchronisation: one small all-reduce of what the loop decides on
+            loss_sum, hits, seen, signalled = dd.sum([*pending.tolist(), float(bool(stop["signal"]))], run.device)
+            pending.zero_()
             if not math.isfinite(loss_sum):
-                raise TrainingStopped(f"the training loss became {loss_sum / seen} at epoch {epoch + 1}, step {step + 1}: "
+                raise TrainingStopped(f"the training loss became {loss_sum / seen} by epoch {epoch + 1}, step {step + 1}: "
                                       f"the run diverged; the last good checkpoint in {run.out} is kept (try a lower --lr)", 3)
             acc = {"loss": acc["loss"] + loss_sum, "correct": acc["correct"] + int(hits), "seen": acc["seen"] + int(seen),
                    "seconds": seconds_before + time.perf_counter() - t0}
-            clock.tick()
-            bar.update(1)
+            clock.tick(unread)
+            bar.update(unread)
+            unread = 0
             bar.set_postfix(loss=f"{acc['loss'] / acc['seen']:.3f}", err=f"{100 * (1 - acc['correct'] / acc['seen']):.1f}%",
                             lr=f"{lr:g}", img_s=f"{acc['seen'] / max(acc['seconds'], 1e-9):.0f}", refresh=False)
-            if step + 1 == data.train.num_batches:
+            if last:
                 break  # the epoch end writes its own checkpoint
-            if signalled or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+            if signalled or checkpoint_due:
                 state.epoch, state.step, state.partial = epoch, step + 1, acc
                 save_snapshot(run, state)
             if signalled:  # decided from the reduced flag: every rank stops at this same step
@@ -303,26 +323,21 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
             "seconds": round(seconds, 3), "images_per_s": round(acc["seen"] / max(seconds, 1e-9), 2)}
 
 
-def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tensor,
-               signal_seen: bool) -> tuple[float, float, float, bool]:
-    """One SGD step on this process's share of a global batch. Returns, summed over processes, the
-    loss times the images, the top-1 hits, the images, and whether any process had seen a signal
-    before this step (its own flag as of now: a signal arriving later counts at the next step)."""
+def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One SGD step on this process's share of a global batch. Returns (loss x images, top-1 hits,
+    images) as a float64 tensor on the device, without waiting for it."""
     images = images.to(run.device, non_blocking=True, memory_format=run.memory_format)
     labels = labels.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = state.step_model(images)
         loss = F.cross_entropy(logits, labels)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    hits = (logits.detach().argmax(1) == labels).sum()
     n = labels.numel()
-    # the one host synchronisation of a step: a small all-reduce of what the loop decides on
-    loss_sum, hits, seen, signalled = run.dd.sum(
-        [float(loss.detach()) * n, topk_correct(logits.detach(), labels, (1,))[0], n, float(signal_seen)], run.device)
-    if math.isfinite(loss_sum):
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    return loss_sum, hits, seen, signalled > 0
+    return torch.stack([loss.detach().double() * n, hits.double(), loss.new_tensor(n, dtype=torch.float64)])
 
 
 def evaluate_split(run: Run, state: State, loader: Any) -> EvalCounts:
@@ -378,14 +393,17 @@ class FirstStepsClock:
     steps after the first one (which warms caches up); evaluation is not included."""
 
     def __init__(self, steps_left: int, log: Callable[[str], None]) -> None:
-        self.steps_left, self.log, self.done, self.start = steps_left, log, 0, 0.0
+        self.steps_left, self.log, self.done, self.first, self.start, self.logged = steps_left, log, 0, 0, 0.0, False
 
-    def tick(self) -> None:
-        self.done += 1
-        if self.done == 1:
-            self.start = time.perf_counter()
-        elif self.done == PLAN_STEPS + 1 and self.steps_left > self.done:
-            per_step = (time.perf_counter() - self.start) / PLAN_STEPS
+    def tick(self, steps: int = 1) -> None:
+        """``steps`` more steps are done (the device has caught up with them)."""
+        first = self.done == 0
+        self.done += steps
+        if first:
+            self.start, self.first = time.perf_counter(), self.done
+        elif not self.logged and self.done - self.first >= PLAN_STEPS and self.steps_left > self.done:
+            self.logged = True
+            per_step = (time.perf_counter() - self.start) / (self.done - self.first)
             self.log(f"estimated training time: {_duration(per_step * (self.steps_left - self.done))} for the remaining "
                      f"{self.steps_left - self.done:,} steps ({per_step:.2f} s per step; evaluation not included)")
 
