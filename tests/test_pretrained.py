@@ -187,17 +187,15 @@ def test_weights_command_lists_the_registry(capsys):
     assert "densenet121.imagenet" in out and "74.43" in out and "download.pytorch.org" in out
 
 
-def test_a_finished_run_becomes_weights_by_name(tmp_path, monkeypatch):
-    """tools/package_weights.py: a run's checkpoint becomes a safetensors file and an index entry with
-    its measured accuracy; create_model(weights=...) then gives the run's model (float16 storage only
-    when no test prediction changes)."""
-    import json
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory) -> tuple[Path, Path]:
+    """A short training run on the bundled sample, packaged twice by tools/package_weights.py
+    (float32, then --half) into its own assets folder: (run folder, assets folder)."""
     import subprocess
     import sys
 
-    from densenet.serving import model_from_checkpoint
-
-    run, assets = tmp_path / "run", tmp_path / "assets"
+    tmp = tmp_path_factory.mktemp("packaged")
+    run, assets = tmp / "run", tmp / "assets"
     assert main(["train", "--model", "densenet_bc16_k8", "--epochs", "1", "--train-subset", "128", "--batch-size", "32",
                  "--threads", "1", "--quiet", "--out", str(run)]) == 0
     root = Path(__file__).resolve().parents[1]
@@ -206,9 +204,22 @@ def test_a_finished_run_becomes_weights_by_name(tmp_path, monkeypatch):
                             "--data", "sample", "--note", "a test", "--out", str(assets), *extra],
                            capture_output=True, text=True, cwd=root)
         assert p.returncode == 0, p.stderr[-2000:]
+        assert "top-1 " in p.stdout and "on 200 test images" in p.stdout
+    return run, assets
+
+
+def test_a_finished_run_becomes_weights_by_name(packaged, monkeypatch):
+    """tools/package_weights.py: a run's checkpoint becomes a safetensors file and an index entry with
+    its measured accuracy; create_model(weights=...) then gives the run's model (float16 storage only
+    when no test prediction changes)."""
+    import json
+
+    from densenet.serving import model_from_checkpoint
+
+    run, assets = packaged
     (entry,) = json.loads((assets / "index.json").read_text())  # the second packaging replaced the first
     assert entry["file_name"] == "densenet_bc16_k8-sample.safetensors" and entry["accuracy"]["images"] == 200
-    assert f"top-1 {entry['accuracy']['top1']}%" in p.stdout and "tools/package_weights.py" in entry["measured"]
+    assert "tools/package_weights.py" in entry["measured"] and "densenet train --model densenet_bc16_k8" in entry["recipe"]
     assert hashlib.sha256((assets / entry["file_name"]).read_bytes()).hexdigest() == entry["sha256"]
     monkeypatch.setattr(pretrained, "BUNDLED_DIR", assets)
     w = get_weights("densenet_bc16_k8", "sample")
@@ -218,6 +229,37 @@ def test_a_finished_run_becomes_weights_by_name(tmp_path, monkeypatch):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x).argmax(1), trained(x).argmax(1))
-    (assets / entry["file_name"]).write_bytes(b"damaged")
-    with pytest.raises(WeightsError, match="does not match its SHA-256.*reinstall densenet"):
-        create_model("densenet_bc16_k8", weights="sample")
+
+
+def test_commands_take_weights_by_name(packaged, monkeypatch, capsys, tmp_path):
+    """eval, predict and export with --weights (a tag with --model, or MODEL.TAG) instead of a
+    checkpoint; both at once, a tag without a model, and a damaged file are one-line errors."""
+    import json
+    import zipfile
+
+    from densenet.data.build import SAMPLE_PATH
+
+    run, assets = packaged
+    monkeypatch.setattr(pretrained, "BUNDLED_DIR", assets)
+    top1 = json.loads((assets / "index.json").read_text())[0]["accuracy"]["top1"]
+    assert main(["eval", "--model", "densenet_bc16_k8", "--weights", "sample"]) == 0
+    assert f"cifar10+ test set, 200 images: top-1 error {100 - top1:.2f}%" in capsys.readouterr().out
+    with zipfile.ZipFile(SAMPLE_PATH) as z:  # two test images of the sample, as files
+        cats = [tmp_path / f"cat{i}.jpg" for i in range(2)]
+        for path, name in zip(cats, ["test/cat/0000.jpg", "test/cat/0001.jpg"]):
+            path.write_bytes(z.read(name))
+    assert main(["predict", "--weights", "densenet_bc16_k8.sample", *map(str, cats)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("%" in line for line in out) and out[0].startswith(str(cats[0]))
+    assert main(["export", "--model", "densenet_bc16_k8", "--weights", "sample", "--format", "safetensors",
+                 "--out", str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "m.safetensors"), str(cats[0])]) == 0
+    assert capsys.readouterr().out.strip() == out[0]  # the same classes and probabilities
+    assert main(["eval", str(run / "checkpoint.pt"), "--weights", "sample"]) == 2
+    assert "give either a checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--weights", "sample"]) == 2
+    assert "need a model: give --model NAME, or the full name MODEL.TAG" in capsys.readouterr().err
+    (assets / "densenet_bc16_k8-sample.safetensors").write_bytes(b"damaged")
+    assert main(["eval", "--weights", "densenet_bc16_k8.sample"]) == 2
+    assert "does not match its SHA-256" in capsys.readouterr().err
