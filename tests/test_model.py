@@ -210,12 +210,12 @@ def test_timm_style_interface():
 
 def test_block_outputs_for_backbones():
     model = create_model("densenet121").eval()
-    outs = model.forward_intermediates(torch.randn(1, 3, 224, 224))
-    assert [o.shape[1] for o in outs] == [i["num_chs"] for i in model.feature_info] == [256, 512, 1024, 1024]
-    assert [224 // o.shape[-1] for o in outs] == [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+    final, outs = model.forward_intermediates(torch.randn(1, 3, 224, 224))
+    assert [o.shape[1] for o in outs] == [i["num_chs"] for i in model.feature_info] == [64, 256, 512, 1024, 1024]
+    assert [224 // o.shape[-1] for o in outs] == [i["reduction"] for i in model.feature_info] == [2, 4, 8, 16, 32]
     cifar = small().eval()
-    outs = cifar.forward_intermediates(torch.randn(1, 3, 32, 32))
-    assert [o.shape[-1] for o in outs] == [32, 16, 8]
+    outs = cifar.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)
+    assert [o.shape[-1] for o in outs] == [32, 32, 16, 8]
 
 
 def test_config_rebuilds_the_architecture():

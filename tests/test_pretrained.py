@@ -225,6 +225,8 @@ def test_a_finished_run_becomes_weights_by_name(packaged, monkeypatch):
     w = get_weights("densenet_bc16_k8", "sample")
     assert w.url is None and w.class_names[0] == "airplane" and w.notes == "a test"
     model = create_model("densenet_bc16_k8", weights="sample").eval()
+    cfg = model.pretrained_cfg  # timm's data config, from the weights
+    assert (cfg["input_size"], cfg["mean"], cfg["weights"]) == ((3, 32, 32), w.mean, "densenet_bc16_k8.sample")
     trained, _ = model_from_checkpoint(run / "checkpoint.pt")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

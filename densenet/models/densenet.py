@@ -3,11 +3,10 @@
 Parameter names follow torchvision's DenseNet (``features.denseblock1.denselayer1.conv1.weight``,
 ...), so that its state dicts load without renaming.
 """
-from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,13 @@ from .efficient import (
     hooks_inside,
 )
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "STEMS", "EXECUTION_MODES"]
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "GlobalPool", "STEMS", "EXECUTION_MODES",
+           "POOL_TYPES", "feature_take_indices"]
 
 STEMS = ("cifar", "imagenet")
+POOL_TYPES = ("", "avg", "max", "avgmax")  # timm's names: "" keeps the (N, C, h, w) maps
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10 training images
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: how dense blocks and transitions compute (see :meth:`DenseNet.set_execution`)
 EXECUTION_MODES = ("reference", "fast", "memory_efficient")
 
@@ -33,6 +36,29 @@ EXECUTION_MODES = ("reference", "fast", "memory_efficient")
 def execution_mode(fast: bool, memory_efficient: bool) -> str:
     """The mode of the two switches: memory-efficient wins, then fast, else the reference form."""
     return "memory_efficient" if memory_efficient else "fast" if fast else "reference"
+
+
+def traced(x: Any) -> bool:
+    """Whether ``x`` is being scripted, traced or symbolically traced (torch.jit, torch.fx): the
+    layer-by-layer form is what those record, and input checks must not branch on traced values."""
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+
+
+def feature_take_indices(levels: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's selection of feature levels: None -> all, int n -> the last n, a sequence -> those
+    (negative from the end). Returns (the levels in order, the highest)."""
+    if indices is None:
+        indices = levels
+    if isinstance(indices, int):
+        if not 0 < indices <= levels:
+            raise ArgumentError(f"indices={indices} asks for the last {indices} of {levels} feature levels")
+        take = list(range(levels - indices, levels))
+    else:
+        take = [i + levels if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < levels]
+        if bad or not take:
+            raise ArgumentError(f"feature indices {list(indices)} are not in 0..{levels - 1} (or -{levels}..-1)")
+    return take, max(take)
 
 
 def _check_fraction(name: str, value: object, low_open: bool) -> float:
@@ -54,6 +80,8 @@ class DenseLayer(nn.Module):
     Input: a list of feature maps ``[x_0, ..., x_{l-1}]``, each (N, C_i, H, W), sum C_i = in_channels.
     Output: (N, growth_rate, H, W).
     """
+
+    __constants__ = ["bottleneck"]  # a constant for TorchScript: basic layers have no norm2/conv2
 
     def __init__(
         self,
@@ -117,9 +145,17 @@ class DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.execution != "reference" and can_use_fast_block(self, x):
-            return fast_block_forward(self, x, self.execution == "memory_efficient")
+        if not torch.jit.is_scripting() and self._fast_applies(x):
+            return self._forward_fast(x)
         return self._forward_reference(x)
+
+    @torch.jit.unused
+    def _fast_applies(self, x: torch.Tensor) -> bool:
+        return self.execution != "reference" and not traced(x) and can_use_fast_block(self, x)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_block_forward(self, x, self.execution == "memory_efficient")
 
     def _forward_reference(self, x: Tensor) -> Tensor:
         """The paper's formulation, layer by layer on lists of feature maps (what hooks see)."""
@@ -153,14 +189,51 @@ class Transition(nn.Sequential):
         convolution multiply-adds; in training BN-ReLU-pool is one step that keeps only its input for
         backward (``densenet.models.efficient.bn_relu_pool``). Dropout in training and hooks on any
         part of the transition keep the paper's order, so that every hook sees what it expects."""
-        if self.execution == "reference" or (self.training and "drop" in self._modules) or hooks_inside(self):
-            return super().forward(x)
+        if not torch.jit.is_scripting() and self._fast_applies(x):
+            return self._forward_fast(x)
+        return self._forward_reference(x)
+
+    def _forward_reference(self, x: Tensor) -> Tensor:
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _fast_applies(self, x: torch.Tensor) -> bool:
+        return (self.execution != "reference" and not traced(x) and not (self.training and "drop" in self._modules)
+                and not hooks_inside(self))
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         if can_fuse_bn_relu_pool(self.norm, x):
             return self.conv(bn_relu_pool(self.norm, x))
         pooled = bn_relu_pool_eval(self.norm, x)
         if pooled is not None:
             return self.conv(pooled)
         return self.conv(self.pool(self.relu(self.norm(x))))
+
+
+class GlobalPool(nn.Module):
+    """Global pooling of (N, C, H, W) maps: ``"avg"``, ``"max"`` or ``"avgmax"`` (their mean) give
+    (N, C); ``""`` keeps the maps (no classifier can follow)."""
+
+    def __init__(self, pool_type: str = "avg") -> None:
+        super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise ArgumentError(f"global_pool must be one of {POOL_TYPES}, got {pool_type!r}")
+        self.pool_type = pool_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool_type == "":
+            return x
+        if self.pool_type == "avg":
+            return x.mean((2, 3))
+        if self.pool_type == "max":
+            return x.amax((2, 3))
+        return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+
+    def extra_repr(self) -> str:
+        return repr(self.pool_type)
 
 
 class DenseNet(nn.Module):
@@ -175,7 +248,7 @@ class DenseNet(nn.Module):
         stem_channels: maps of the stem conv; default 2k for bottleneck or compressed models
             and for the ImageNet stem, 16 for the basic CIFAR DenseNet (as in the paper).
         num_classes: outputs of the linear classifier (0: no classifier, ``forward`` gives pooled features).
-        in_channels: channels of the input image.
+        in_channels: channels of the input image (``in_chans``, timm's name, is the same).
         drop_rate: dropout after every convolution except the stem's.
         bn_size: bottleneck width factor (4 in the paper).
         memory_efficient: dense blocks keep only their output buffer for backward and recompute
@@ -184,8 +257,17 @@ class DenseNet(nn.Module):
             (same outputs, gradients and running statistics as the layer-by-layer form, which is
             used anyway for dropout in training, hooks inside a block, and eval mode with gradients).
             Both can be changed later with :meth:`set_execution`.
+        global_pool: ``"avg"`` (the paper's), ``"max"``, ``"avgmax"``, or ``""`` for unpooled maps
+            (with ``num_classes=0``: ``forward`` then gives (N, num_features, h, w)).
+        drop_path_rate: timm's stochastic depth; DenseNets have no residual paths, so only 0 or None.
 
     Input (N, in_channels, H, W) float; output (N, num_classes) logits.
+
+    The timm model interface: ``forward_features``, ``forward_head``, ``forward_intermediates``,
+    ``prune_intermediate_layers``, ``feature_info`` (the stem, each block but the last, and the final
+    BN-ReLU, as timm's DenseNets), ``num_features``, ``head_hidden_size``, ``get_classifier``,
+    ``reset_classifier``, ``set_grad_checkpointing`` (the memory-efficient mode), ``group_matcher`` and
+    ``pretrained_cfg``.
     """
 
     def __init__(
@@ -202,8 +284,18 @@ class DenseNet(nn.Module):
         bn_size: int = 4,
         memory_efficient: bool = False,
         fast: bool = True,
+        global_pool: str = "avg",
+        in_chans: int | None = None,
+        drop_path_rate: float | None = None,
     ) -> None:
         super().__init__()
+        if in_chans is not None:
+            if in_channels not in (3, in_chans):
+                raise ArgumentError(f"in_chans={in_chans} and in_channels={in_channels} disagree; give one")
+            in_channels = in_chans
+        if drop_path_rate:
+            raise ArgumentError(f"drop_path_rate={drop_path_rate}: a DenseNet has no residual paths to drop; "
+                                "use drop_rate (dropout after each convolution)")
         check_int("growth_rate", growth_rate)
         if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or not block_config:
             raise ArgumentTypeError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
@@ -241,16 +333,18 @@ class DenseNet(nn.Module):
             layers["pool0"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         channels = stem_channels
-        self.feature_info: list[dict] = []
+        # feature levels, as timm's DenseNets: the activated stem, each block but the last, the final BN-ReLU
+        self.feature_info = [
+            {"num_chs": stem_channels, "reduction": 1 if stem == "cifar" else 2,
+             "module": "features.conv0" if stem == "cifar" else "features.relu0"}]
         reduction = 1 if stem == "cifar" else 4
         for i, num_layers in enumerate(self.block_config):
             block = DenseBlock(num_layers, channels, growth_rate, bottleneck, bn_size, drop_rate)
             layers[f"denseblock{i + 1}"] = block
             channels = block.out_channels
-            self.feature_info.append(
-                {"num_chs": channels, "reduction": reduction, "module": f"features.denseblock{i + 1}"}
-            )
             if i != len(self.block_config) - 1:
+                self.feature_info.append(
+                    {"num_chs": channels, "reduction": reduction, "module": f"features.denseblock{i + 1}"})
                 out = int(math.floor(compression * channels))
                 if out < 1:
                     raise ArgumentError(f"compression {compression} leaves no feature maps after block {i + 1}")
@@ -259,10 +353,15 @@ class DenseNet(nn.Module):
                 reduction *= 2
         layers["norm5"] = nn.BatchNorm2d(channels)
         layers["relu5"] = nn.ReLU()
+        self.feature_info.append({"num_chs": channels, "reduction": reduction, "module": "features.relu5"})
         self.features = nn.Sequential(layers)
-        self.num_features = channels
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = self.head_hidden_size = channels
+        self.global_pool = GlobalPool(global_pool)
+        if num_classes > 0 and global_pool == "":
+            raise ArgumentError("global_pool='' keeps unpooled maps, which no linear classifier takes: "
+                                "use num_classes=0 with it")
         self.classifier: nn.Module = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = default_pretrained_cfg(stem, in_channels, num_classes)
         self.fast, self.memory_efficient = True, False
         self.set_execution(fast=fast, memory_efficient=memory_efficient)
         self.reset_parameters()
@@ -306,11 +405,18 @@ class DenseNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs
-        (0: none, the model then returns pooled features)."""
+        (0: none, the model then returns pooled features), and the pooling with ``global_pool``
+        (one of :data:`POOL_TYPES`; None keeps it; ``""`` keeps the maps, only without a classifier)."""
         check_int("num_classes", num_classes, minimum=0)
+        pool = self.global_pool.pool_type if global_pool is None else global_pool
+        if num_classes > 0 and pool == "":
+            raise ArgumentError("global_pool='' keeps unpooled maps, which no linear classifier takes: "
+                                "use num_classes=0 with it")
+        self.global_pool = GlobalPool(pool)
         self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         ref = next(self.parameters())
         if num_classes > 0:
             self.classifier = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
@@ -366,39 +472,97 @@ class DenseNet(nn.Module):
             )
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(N, in_channels, H, W) -> last feature map after the final BN-ReLU, (N, num_features, h, w)."""
-        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            self.check_input(x)
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Check the input (not while tracing or compiling) and give it the blocks' memory layout."""
+        if not torch.jit.is_scripting():
+            self._check_untraced(x)
         if (self.fast or self.memory_efficient) and not (self.training and self.drop_rate > 0):
             # channels_last suits the shared-buffer blocks; with dropout in training the blocks run
             # layer by layer, kept in NCHW so that dropout masks match the reference bit for bit
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.features(x)
+        return x
+
+    @torch.jit.unused
+    def _check_untraced(self, x: torch.Tensor) -> None:
+        if not traced(x) and not torch.compiler.is_compiling():
+            self.check_input(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(N, in_channels, H, W) -> last feature map after the final BN-ReLU, (N, num_features, h, w)."""
+        return self.features(self._prepare(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(N, num_features, h, w) -> (N, num_classes) logits, or (N, num_features) with ``pre_logits``."""
-        x = torch.flatten(self.global_pool(x), 1)
+        """(N, num_features, h, w) -> (N, num_classes) logits, or the pooled (N, num_features) with
+        ``pre_logits`` (unpooled (N, num_features, h, w) with ``global_pool=""``)."""
+        x = self.global_pool(x)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """Output of every dense block, for use as a detection/segmentation backbone.
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The feature maps of the levels in ``feature_info``, for detection and segmentation backbones
+        (timm's semantics).
 
-        Returns one (N, C_i, H_i, W_i) tensor per block, C_i and the stride in ``feature_info``;
-        the last one is the raw block output, before the final BN-ReLU.
+        ``indices``: None (every level), n (the last n) or a list (negative from the end); the levels
+        are the activated stem, the output of each dense block but the last (before its transition),
+        and the final BN-ReLU (= ``forward_features``). ``norm``: accepted for timm; the last level is
+        already normalised. ``stop_early``: stop after the last level asked for (the first return value
+        is then that level). ``output_fmt``: ``"NCHW"`` or ``"NHWC"``. Returns ``(final features,
+        [maps])``, or only the maps with ``intermediates_only``.
         """
-        self.check_input(x)
-        outputs = []
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ArgumentError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        taps = [info["module"].removeprefix("features.") for info in self.feature_info]
+        x = self._prepare(x)
+        maps: list[Tensor] = []
         for name, module in self.features.named_children():
-            if name in ("norm5", "relu5"):
-                break
             x = module(x)
-            if name.startswith("denseblock"):
-                outputs.append(x)
-        return outputs
+            if name in taps:
+                level = taps.index(name)
+                if level in take:
+                    maps.append(x.permute(0, 2, 3, 1) if output_fmt == "NHWC" else x)
+                if stop_early and level >= last:
+                    break
+        return maps if intermediates_only else (x, maps)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last feature level ``indices`` asks for (timm's semantics); with
+        ``prune_head`` the classifier and pooling go too (``forward`` then gives that level's maps).
+        ``prune_norm`` is accepted for timm (the final BN-ReLU is a level of its own). Returns the
+        levels kept."""
+        take, last = feature_take_indices(len(self.feature_info), indices)
+        tap = self.feature_info[last]["module"].removeprefix("features.")
+        kept: OrderedDict[str, nn.Module] = OrderedDict()
+        for name, module in self.features.named_children():
+            kept[name] = module
+            if name == tap:
+                break
+        self.features = nn.Sequential(kept)
+        self.feature_info = self.feature_info[: last + 1]
+        self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for trading compute for memory: here the memory-efficient mode (block
+        buffers kept for backward, the rest recomputed; same results)."""
+        self.set_execution(memory_efficient=enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regular expressions grouping parameter names by depth (timm's layer-wise learning-rate
+        decay): the stem, then each dense block (each dense layer unless ``coarse``) with its
+        transition."""
+        blocks: Any = r"^features\.(?:denseblock|transition)(\d+)" if coarse else [
+            (r"^features\.denseblock(\d+)\.denselayer(\d+)", None),
+            (r"^features\.transition(\d+)", (99999,)),  # with the layers of its block
+        ]
+        return {"stem": r"^features\.(?:conv0|norm0)", "blocks": blocks}
 
     def extra_repr(self) -> str:
         return (
@@ -422,4 +586,19 @@ class DenseNet(nn.Module):
             "bn_size": self.bn_size,
             "memory_efficient": self.memory_efficient,
             "fast": self.fast,
+            "global_pool": self.global_pool.pool_type,
         }
+
+
+def default_pretrained_cfg(stem: str, in_channels: int, num_classes: int) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of an untrained model: the native input size and the usual data
+    statistics of its family (CIFAR-10 for the CIFAR stem, ImageNet otherwise); trained weights
+    replace it with their own (``densenet.get_weights``)."""
+    cifar = stem == "cifar"
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
+    size = 32 if cifar else 224
+    if in_channels != 3:
+        mean, std = (sum(mean) / 3,) * in_channels, (sum(std) / 3,) * in_channels
+    return {"input_size": (in_channels, size, size), "mean": mean, "std": std, "interpolation": "bilinear",
+            "crop_pct": 1.0 if cifar else 224 / 256, "crop_mode": "center", "first_conv": "features.conv0",
+            "classifier": "classifier", "num_classes": num_classes, "pool_size": (8, 8) if cifar else (7, 7)}

@@ -157,4 +157,7 @@ def create_model(name: str, weights: str | bool | Weights | None = None, **overr
     w = get_weights(name, weights)
     classes = overrides.pop("num_classes", w.num_classes)
     model = DenseNet(**{**spec.kwargs, **overrides, "num_classes": classes})
-    return load_weights(model, w, strict=classes == w.num_classes)
+    load_weights(model, w, strict=classes == w.num_classes)
+    model.pretrained_cfg.update(input_size=(model.in_channels, w.input_size, w.input_size), mean=w.mean, std=w.std,
+                                weights=w.name, license=w.license, source=w.source)
+    return model
