@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import os
 import sys
 import traceback
@@ -18,22 +19,38 @@ import torch
 from .analysis import (
     TABLE2,
     TABLE2_DATASETS,
+    class_metrics,
+    confusion_matrix,
     feature_reuse,
+    format_class_table,
+    format_confusion,
     load_run,
     markdown_table,
+    plot_confusion,
     plot_curves,
     plot_efficiency,
     plot_reuse,
     render_csv,
     render_markdown,
     table_records,
+    top5_applies,
+    write_confusion_csv,
     write_reuse_csv,
 )
 from .data import DataError, build_data
-from .errors import DenseNetError, MissingFile
+from .errors import DenseNetError, MissingDependency, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
-from .serving import export_checkpoint, export_model, load_predictor, model_from_checkpoint, model_from_weights, predict_images
+from .serving import (
+    expand_image_paths,
+    export_checkpoint,
+    export_model,
+    folder_truth,
+    load_predictor,
+    model_from_checkpoint,
+    model_from_weights,
+    predict_images,
+)
 from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
 from .training.loop import resolve_device
@@ -139,17 +156,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model.to(device)
     dataset = args.dataset or info["dataset"]
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{dataset}" if args.checkpoint else None
     data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                      workers=args.workers, image_size=info["image_size"])
+                      workers=args.workers, image_size=info["image_size"], seed=info.get("seed", 0))
     if data.num_classes != model.num_classes:
         raise DataError(f"{dataset} has {data.num_classes} classes but the model has {model.num_classes}")
+    if dataset == "folder" and info.get("class_names") and list(info["class_names"]) != data.class_names:
+        raise DataError(f"the class folders of {args.data} ({', '.join(data.class_names[:10])}) are not the classes the "
+                        f"model was trained on ({', '.join(info['class_names'][:10])}); lay the images out by the same "
+                        "class names")
     result = evaluate(model, data.test.batches(0), device)
-    print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%, "
-          f"top-5 error {result.top5_error:.2f}%")
+    top5 = f", top-5 error {result.top5_error:.2f}%" if top5_applies(data.num_classes) else ""
+    print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%{top5}")
+    summary = {"dataset": dataset, "data": args.data, "images": result.images, "top1_error": result.top1_error,
+               "top5_error": result.top5_error if top5 else None, "class_names": data.class_names}
     if dataset == "imagenet":
         crops = evaluate(model, data.test.batches(0, ten_crop=True), device)
-        print(f"10-crop: top-1 error {crops.top1_error:.2f}%, top-5 error {crops.top5_error:.2f}%")
+        print(f"10-crop: top-1 error {crops.top1_error:.2f}%" + (f", top-5 error {crops.top5_error:.2f}%" if top5 else ""))
+        summary.update(ten_crop_top1_error=crops.top1_error, ten_crop_top5_error=crops.top5_error if top5 else None)
+    if result.confusion is not None:
+        summary.update(report_classes(result.confusion.numpy(), data.class_names))
+        if out is None:
+            print("(give --out DIR to write the confusion matrix and the metrics)")
+        else:
+            write_eval_files(out, result.confusion.numpy(), data.class_names, summary,
+                             title=f"{info.get('model') or 'model'} on {dataset}: test split, {result.images:,} images")
     return 0
+
+
+def report_classes(confusion, class_names: list[str]) -> dict:
+    """Print the confusion matrix and the per-class metrics (or how to get them); return the metrics."""
+    print("confusion matrix (rows: true class, columns: predicted class):\n" + format_confusion(confusion, class_names))
+    try:
+        metrics = class_metrics(confusion, class_names)
+    except MissingDependency as e:
+        print(f"({e})")
+        return {}
+    if metrics:
+        print(f"balanced accuracy {metrics['balanced_accuracy']:.2f}%, macro F1 {metrics['macro_f1']:.2f}%")
+        if len(class_names) <= 30:
+            print(format_class_table(metrics))
+    return metrics
+
+
+def write_eval_files(out: Path, confusion, class_names: list[str], summary: dict, title: str) -> None:
+    """confusion.csv (counts), confusion.png (normalised by row) and eval.json into folder ``out``."""
+    if not out.parent.is_dir():
+        raise MissingFile(f"cannot write into {out}: the folder {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
+    write_confusion_csv(out / "confusion.csv", confusion, class_names)
+    plot_confusion(out / "confusion.png", confusion, class_names, title=title + "\n(rows: true class, normalised by row)")
+    atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out / 'confusion.csv'}, {out / 'confusion.png'} and {out / 'eval.json'}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -171,18 +229,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"densenet predict: skipped {error}", file=sys.stderr)
         skipped.append(path)
 
-    rows = []
-    for path, top in predict_images(model, images, info, top=args.top, on_error=skip if args.skip_bad else None):
+    names = list(info["class_names"])
+    index = {name: i for i, name in enumerate(names)}
+    files = list(expand_image_paths(images))
+    truth = dict(zip(files, folder_truth(files, names))) if args.truth_from_folders else {}
+    rows, pairs = [], []
+    for path, top in predict_images(model, files, info, top=args.top, on_error=skip if args.skip_bad else None):
         print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
         rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
+        if truth:
+            pairs.append((truth[path], index.get(top[0][0], -1)))
+            rows[-1].insert(1, names[truth[path]])
     if not rows:
         raise DataError(f"no image could be scored in {', '.join(images)}"
                          + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
+    if truth:
+        confusion = confusion_matrix(*zip(*pairs), len(names))
+        right = int(confusion.trace())
+        print(f"\ntruth from folders: {len(pairs)} images, accuracy {100 * right / len(pairs):.2f}% ({right} right)")
+        report_classes(confusion, names)
     if args.csv:
         _check_out_folder(args.csv)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["image"] + [f"{c}{i + 1}" for i in range(args.top) for c in ("class", "prob")])
+        writer.writerow(["image"] + (["true_class"] if truth else [])
+                        + [f"{c}{i + 1}" for i in range(min(args.top, len(names))) for c in ("class", "prob")])
         writer.writerows(rows)
         atomic_write_text(args.csv, buffer.getvalue())
     return 0
@@ -298,11 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="only this model's")
     p.set_defaults(func=cmd_weights)
 
-    p = sub.add_parser("eval", help="top-1 and top-5 error of a checkpoint on a dataset's test set")
+    p = sub.add_parser("eval", help="errors, per-class metrics and the confusion matrix of a checkpoint on a test set",
+                       description="Top-1 error (top-5 with more than 5 classes), balanced accuracy, per-class precision, "
+                                   "recall and F1 (with scikit-learn) and the confusion matrix, printed and written as "
+                                   "confusion.csv, confusion.png and eval.json.")
     p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
     add_weights_flags(p)
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
     p.add_argument("--data", help="dataset directory or archive (default: the bundled sample)")
+    p.add_argument("--out", metavar="DIR", help="folder for confusion.csv, confusion.png and eval.json (default: "
+                                                "eval-DATASET beside the checkpoint; with --weights, only when given)")
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--workers", type=_non_negative, default=2)
     p.add_argument("--device", default="auto")
@@ -318,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive, help="side in pixels the images are resized to (default: the model's)")
     p.add_argument("--skip-bad", action="store_true",
                    help="name and skip images that cannot be decoded or hold NaN/infinite values (default: stop)")
+    p.add_argument("--truth-from-folders", action="store_true",
+                   help="each image's folder is its true class (<class>/<image>, as in the training data): also print "
+                        "the accuracy, the confusion matrix and per-class metrics")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript or safetensors for serving",

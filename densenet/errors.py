@@ -6,7 +6,7 @@ print them as one line and treat anything else as a bug.
 """
 from __future__ import annotations
 
-__all__ = ["ArgumentError", "ArgumentTypeError", "DenseNetError", "MissingFile", "check_int"]
+__all__ = ["ArgumentError", "ArgumentTypeError", "DenseNetError", "MissingDependency", "MissingFile", "check_int"]
 
 
 class DenseNetError(Exception):
@@ -24,6 +24,10 @@ class ArgumentTypeError(DenseNetError, TypeError):
 
 class MissingFile(DenseNetError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class MissingDependency(DenseNetError, ImportError):
+    """An optional package a feature needs is not installed; the message says which extra installs it."""
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:

@@ -7,13 +7,14 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ..io.atomic import atomic_write_bytes
 
-__all__ = ["plot_curves", "plot_efficiency"]
+__all__ = ["plot_confusion", "plot_curves", "plot_efficiency"]
 
 
 def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]], title: str = "") -> None:
@@ -81,6 +82,38 @@ def plot_efficiency(path: str | os.PathLike, points: Sequence[tuple[str, str, in
            title=title or "Parameter efficiency: test error against parameters")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: Sequence[str], title: str = "") -> None:
+    """Write a PNG of a confusion matrix normalised by row: cell (t, p) is the fraction of the images of
+    true class t predicted as p (rows of classes without images stay blank). Class names label the
+    axes up to 60 classes, and each cell shows its percentage up to 20."""
+    counts = np.asarray(confusion, np.float64)
+    n = len(class_names)
+    totals = counts.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, counts / totals, np.nan)
+    side = min(3.0 + 0.5 * n, 24.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 60:
+        ax.set_xticks(range(n), class_names, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center",
+                      fontsize=9 if n <= 20 else 6)
+        ax.set_yticks(range(n), class_names, fontsize=9 if n <= 20 else 6)
+    if n <= 20:
+        for t in range(n):
+            for p in range(n):
+                if np.isfinite(share[t, p]):
+                    ax.text(p, t, f"{share[t, p]:.0%}\n{int(counts[t, p])}", ha="center", va="center", fontsize=8,
+                            color="white" if share[t, p] > 0.6 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class",
+           title=title or f"Confusion matrix ({int(counts.sum()):,} images), normalised by row")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -15,7 +15,7 @@ from .cifar import LAYOUTS, find_cifar, read_cifar, read_image_tree_32
 from .download import RESOURCES, missing_message
 from .download import download as download_files
 from .errors import DataError, DataNotFound
-from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree
+from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree, typical_size
 from .loader import ArrayLoader, FolderLoader
 from .svhn import find_svhn, read_svhn
 from .transforms import derive_seed
@@ -46,6 +46,9 @@ class Data:
     test: ArrayLoader | FolderLoader
     source: str = ""  # where the data came from (file, or cache file)
     skipped: list[str] = field(default_factory=list)  # images left out by skip_bad_images at import
+    class_counts: list[int] = field(default_factory=list)  # training images per class
+    typical_size: tuple[int, int] | None = None  # image folders: median (width, height) of a sample of training images
+    ignored: list[str] = field(default_factory=list)  # image folders: files left out, their suffix not an image's
 
     def to(self, device: str | torch.device) -> Data:
         """Hold the array datasets (CIFAR, SVHN) on ``device`` as uint8, batches built there (see
@@ -167,9 +170,30 @@ def _folder_trees(name: str, root, val_fraction: float | None, seed: int
     fraction = 0.1 if val_fraction is None else val_fraction
     if not 0 < fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {fraction}")
-    k = max(1, round(fraction * len(tree)))
-    test_idx, train_idx = _pick(np.arange(len(tree)), k, seed, _FOLDER_SPLIT, "test split")
+    train_idx, test_idx = stratified_split(tree.labels, tree.class_names, fraction, seed, str(root))
     return tree, None, tree, train_idx, test_idx
+
+
+def stratified_split(labels: np.ndarray, class_names: list[str], fraction: float, seed: int, where: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices), both sorted: of each class, ``round(fraction * n)`` images (at
+    least 1, at most n - 1) held out for testing, chosen by ``seed``. A class with fewer than 2
+    images cannot be split: :class:`DataError` naming each such class and what it needs."""
+    counts = np.bincount(labels, minlength=len(class_names)).tolist()
+    short = [f"{name} has {n} image{'s' * (n != 1)}, needs {2 - n} more" for name, n in zip(class_names, counts) if n < 2]
+    if short:
+        raise DataError(f"{where}: too few images to hold out a test split ({fraction:.0%} of each class, at least 1 to "
+                        f"test and 1 to train on): {'; '.join(short[:10])}{' ...' if len(short) > 10 else ''}. Add images, "
+                        "or give separate train/<class>/ and test/<class>/ folders")
+    rng = np.random.default_rng(derive_seed(seed, _FOLDER_SPLIT))
+    train, test = [], []
+    for c, n in enumerate(counts):
+        members = np.flatnonzero(labels == c)
+        k = min(max(1, round(fraction * n)), n - 1)
+        perm = rng.permutation(n)
+        test.append(members[perm[:k]])
+        train.append(members[perm[k:]])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: int = 64,
@@ -177,7 +201,7 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
                cache_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
                image_size: int | None = None, val_fraction: float | None = None, train_subset: int | None = None,
                test_subset: int | None = None, coarse_labels: bool = False, download: bool = False,
-               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2) -> Data:
+               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2, balanced: bool = False) -> Data:
     """Loaders for dataset ``name`` (one of :data:`DATASETS`) read from ``root``.
 
     ``root``: a directory or archive. cifar10/cifar100: the official binary or python release
@@ -186,12 +210,13 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
     test images). svhn: a directory with ``train_32x32.mat``, ``extra_32x32.mat``, ``test_32x32.mat``.
     imagenet: ``train/<class>/`` and ``val/<class>/``. folder: ``train/`` with ``val/`` and/or ``test/``
     (the test loader reads ``test/``, else ``val/``), or one ``<class>/<image>`` tree of which
-    ``val_fraction`` (default 0.1, chosen by the seed) is the test split.
+    ``val_fraction`` of each class (default 0.1, chosen by the seed) is the test split.
 
     Preprocessing as in the paper: "+" adds 4-pixel zero padding, random 32x32 crop and horizontal
     flip; CIFAR is normalised with the training images' per-channel mean/std; SVHN trains on
     train + extra with pixels / 255; imagenet/folder train on a random resized crop of ``image_size``
-    (default 224) with flip and evaluate the centre crop after resizing to 256 (for 224); pass
+    (default 224; ``densenet train`` passes the model's native size) with flip and evaluate the centre
+    crop after resizing to 256 (for 224; the whole image resized for sizes up to 64); pass
     ``ten_crop=True`` to ``data.test.batches`` for the 10-crop view, images (N, 10, 3, S, S).
 
     ``val_size``: training images held out for validation (paper: 5,000 CIFAR, 6,000 SVHN), chosen by
@@ -200,7 +225,8 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
     arrays are kept (default ``$DENSENET_CACHE`` or ``~/.cache/densenet``); ``skip_bad_images``: leave
     undecodable images out (counted) instead of failing; ``coarse_labels``: CIFAR-100's 20
     superclasses; ``download``: fetch missing official files (MD5-checked); ``prefetch``: batches of
-    32x32 datasets prepared ahead in a thread. Every bad input raises :class:`DataError`.
+    32x32 datasets prepared ahead in a thread; ``balanced``: the training loader draws class-balanced
+    batches (see :mod:`densenet.data.loader`). Every bad input raises :class:`DataError`.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -220,14 +246,17 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
         test_idx = _pick(test_idx, test_subset, seed, _TEST_SUBSET, "test_subset")[0] if test_subset else test_idx
         common = dict(seed=seed, image_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=workers,
                       skip_bad_images=skip_bad_images, max_pixels=max_image_pixels)
-        train = FolderLoader(train_tree, train_idx, batch_size, train=True, **common)
+        train = FolderLoader(train_tree, train_idx, batch_size, train=True, balanced=balanced, **common)
         if val_tree is not None and not val_size:
             val = FolderLoader(val_tree, np.arange(len(val_tree)), eval_bs, train=False, **common)
         else:
             val = FolderLoader(train_tree, held, eval_bs, train=False, **common) if val_size else None
         test = FolderLoader(test_tree, test_idx, eval_bs, train=False, **common)
         names = list(train_tree.class_names)
-        return Data(name, len(names), names, IMAGENET_MEAN, IMAGENET_STD, size, train, val, test, str(root))
+        ignored = sorted(set(train_tree.ignored) | set(test_tree.ignored) | set(val_tree.ignored if val_tree else ()))
+        return Data(name, len(names), names, IMAGENET_MEAN, IMAGENET_STD, size, train, val, test, str(root),
+                    class_counts=_class_counts(train, len(names)),
+                    typical_size=typical_size(train_tree, train_idx, max_pixels=max_image_pixels), ignored=ignored)
 
     if image_size not in (None, 32):
         raise DataError(f"{name} images are 32x32; image_size {image_size} is not available")
@@ -248,10 +277,15 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
         mean, std = channel_stats(train_x, train_idx)
     augment = name.endswith("+")
     common = dict(seed=seed, mean=mean, std=std, prefetch=prefetch)
-    train = ArrayLoader(train_x, train_y, train_idx, batch_size, train=True, augment=augment, **common)
+    train = ArrayLoader(train_x, train_y, train_idx, batch_size, train=True, augment=augment, balanced=balanced, **common)
     val = ArrayLoader(train_x, train_y, held, eval_bs, train=False, augment=False, **common) if val_size else None
     test = ArrayLoader(test_x, test_y, test_idx, eval_bs, train=False, augment=False, **common)
     skipped = [str(s) for s in arrays.get("skipped", [])]
     if skipped:
         log.warning("%d undecodable image(s) were skipped at import, e.g. %s", len(skipped), skipped[0])
-    return Data(name, len(names), names, mean, std, 32, train, val, test, source, skipped)
+    return Data(name, len(names), names, mean, std, 32, train, val, test, source, skipped,
+                class_counts=_class_counts(train, len(names)))
+
+
+def _class_counts(loader: ArrayLoader | FolderLoader, num_classes: int) -> list[int]:
+    return np.bincount(loader.labels(), minlength=num_classes).tolist()

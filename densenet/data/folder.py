@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from .archive import ARCHIVE_ERRORS, check_expansion, check_member_name, is_zip
 from .errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTree", "decode_image", "open_image", "scan_tree"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "ImageTree", "decode_image", "list_entries", "open_image", "scan_tree",
+           "typical_size"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 #: refuse images with more pixels than this (decompression bombs); Pillow's own default limit
@@ -96,7 +97,8 @@ class ImageTree:
 
     ``root``: a directory or a zip file; ``prefix``: the split folder inside it (``"train"``, or
     ``""`` when the classes sit at the top). ``files[i]`` is read with :meth:`read` and has label
-    ``labels[i]`` (the index of its class folder in sorted ``class_names``).
+    ``labels[i]`` (the index of its class folder in sorted ``class_names``). ``ignored``: the files
+    under ``prefix`` left out because their suffix is not an image's (hidden files aside).
     """
 
     root: Path
@@ -104,6 +106,7 @@ class ImageTree:
     class_names: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ignored: list[str] = field(default_factory=list)
     _zip: zipfile.ZipFile | None = field(default=None, repr=False)
     _zip_pid: int = field(default=-1, repr=False)
 
@@ -140,7 +143,11 @@ class ImageTree:
 
 
 def list_entries(root: Path) -> list[tuple[str, bool]]:
-    """(relative POSIX path, is_dir) of everything under a directory or in a zip (names checked)."""
+    """(relative POSIX path, is_dir) of everything under a directory or in a zip (names checked).
+
+    In a directory, links to folders are followed, also out of the tree (a class folder may be a link
+    to where the images are, as with torchvision's ImageFolder); a folder reached a second time (a
+    link loop, or two links to one folder) is listed but not entered again."""
     if is_zip(root):
         try:
             with zipfile.ZipFile(root) as z:
@@ -156,8 +163,13 @@ def list_entries(root: Path) -> list[tuple[str, bool]]:
         return out
     if not root.is_dir():
         raise DataError(f"{root}: not a directory or zip archive")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         rel = Path(dirpath).relative_to(root).as_posix()
         rel = "" if rel == "." else rel + "/"
         out.extend((rel + d, True) for d in dirnames)
@@ -170,8 +182,8 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
 
     ``splits``: the split folders to look for, e.g. ``("train", "val", "test")``; those present are
     returned (none: :class:`DataError`, or ``{}`` if not ``required``). None: the classes sit at the
-    top (one tree, key ``""``). A tree wrapped in a single
-    top folder (``cifar10/train/...``) is found too. Empty class folders, trees without classes and
+    top (one tree, key ``""``). A tree wrapped in a single top folder (``cifar10/train/...``,
+    ``own/<class>/...``) is found too. Empty class folders, trees without classes and
     splits whose class folders differ raise :class:`DataError`.
     """
     root = Path(root)
@@ -180,8 +192,10 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
     files = sorted(n for n, d in entries if not d)
     base = ""
     tops = {n for n in dirs if "/" not in n}
-    if splits is not None and not tops & set(splits) and len(tops) == 1:
-        base = next(iter(tops)) + "/"  # wrapped: <top>/train/...
+    if len(tops) == 1 and (splits is None or not tops & set(splits)):
+        top = next(iter(tops))
+        if splits is not None or any(n.startswith(top + "/") and "/" not in n[len(top) + 1:] for n in dirs):
+            base = top + "/"  # wrapped: <top>/train/... or <top>/<class>/...
     wanted = [""] if splits is None else [s for s in splits if base + s in dirs]
     if not wanted and not required:
         return {}
@@ -197,23 +211,48 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
         if not classes:
             raise DataError(f"{root}: {prefix or 'top level'} holds no class folders (expected {prefix}<class>/<image>)")
         index = {c: i for i, c in enumerate(classes)}
-        names, labels, counts = [], [], [0] * len(classes)
+        names, labels, counts, ignored = [], [], [0] * len(classes), []
         for f in files:
-            if not f.startswith(prefix) or not f.lower().endswith(IMAGE_SUFFIXES):
+            if not f.startswith(prefix):
                 continue
             cls, _, rest = f[len(prefix):].partition("/")
-            if rest and cls in index and not rest.startswith(".") and "/." not in rest:
-                names.append(f)
-                labels.append(index[cls])
-                counts[index[cls]] += 1
+            if f[len(prefix):].startswith(".") or "/." in f[len(prefix):]:
+                continue  # hidden files and folders
+            if not f.lower().endswith(IMAGE_SUFFIXES) or not rest or cls not in index:
+                ignored.append(f)
+                continue
+            names.append(f)
+            labels.append(index[cls])
+            counts[index[cls]] += 1
         empty = [c for c, n in zip(classes, counts) if n == 0]
         if empty:
             raise DataError(f"{root}: empty class folder(s) in {prefix or 'top level'}: {', '.join(empty[:10])}"
                             f"{' ...' if len(empty) > 10 else ''} (no images with suffix {', '.join(IMAGE_SUFFIXES)})")
-        trees[split] = ImageTree(root, prefix, classes, names, np.asarray(labels, np.int64))
+        trees[split] = ImageTree(root, prefix, classes, names, np.asarray(labels, np.int64), ignored)
     first = next(iter(trees.values()))
     for t in trees.values():
         if t.class_names != first.class_names:
             diff = sorted(set(t.class_names) ^ set(first.class_names))
             raise DataError(f"{root}: the class folders of {t.prefix} and {first.prefix} differ: {', '.join(diff[:10])}")
     return trees
+
+
+def typical_size(tree: ImageTree, indices: np.ndarray | None = None, samples: int = 16,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """The median (width, height) in pixels of up to ``samples`` images of ``tree`` (of ``indices``),
+    spread evenly over them; only the headers are decoded. None when none of them can be opened."""
+    idx = np.arange(len(tree)) if indices is None else np.asarray(indices)
+    if not len(idx):
+        return None
+    chosen = idx[np.unique(np.linspace(0, len(idx) - 1, min(samples, len(idx))).round().astype(np.int64))]
+    sizes = []
+    for i in chosen:
+        try:
+            im = open_image(tree.read(tree.files[i]), max_pixels)
+        except (DataError, UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+            continue
+        sizes.append(im.size)
+    if not sizes:
+        return None
+    w, h = np.median(np.asarray(sizes), axis=0)
+    return int(round(w)), int(round(h))

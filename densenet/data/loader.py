@@ -8,6 +8,10 @@ augmentation of batch ``i`` of epoch ``e`` depend only on ``(seed, e, i)``, so r
 ``world_size`` shards of a batch is the single-process batch. Training drops the last partial batch;
 evaluation keeps it and shards the images so each is seen by exactly one rank (a rank's share of
 the last batch may be empty, so that every rank yields the same number of batches).
+
+A training loader made with ``balanced=True`` draws each epoch's images class-balanced instead of
+shuffling them: as many draws as images, with replacement, each image weighted by 1 / (images of its
+class), like torch's ``WeightedRandomSampler``; the draws are a function of ``(seed, epoch)`` alone.
 """
 from __future__ import annotations
 
@@ -45,12 +49,29 @@ class _Base:
     """Batch bookkeeping shared by the loaders: ``indices`` into the data, batch size, sharding."""
 
     def __init__(self, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], balanced: bool = False) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}")
+        if balanced and not train:
+            raise DataError("balanced sampling is for training loaders; evaluation sees every image once")
         self.indices = np.asarray(indices, np.int64)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.batch_size, self.train, self.seed, self.balanced = batch_size, train, seed, balanced
         self.mean, self.std = tuple(mean), tuple(std)
+
+    def labels(self) -> np.ndarray:
+        """The class index (int64) of each image this loader serves, in the order of ``indices``."""
+        raise NotImplementedError
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset indices of ``epoch`` in batch order: shuffled (training), balanced draws, or as given."""
+        if not self.train or not len(self.indices):
+            return self.indices
+        g = generator(self.seed, _SHUFFLE, epoch)
+        if not self.balanced:
+            return self.indices[torch.randperm(len(self.indices), generator=g).numpy()]
+        labels = self.labels()
+        weights = torch.from_numpy(1.0 / np.bincount(labels)[labels])
+        return self.indices[torch.multinomial(weights, len(labels), replacement=True, generator=g).numpy()]
 
     @property
     def num_images(self) -> int:
@@ -72,10 +93,7 @@ class _Base:
             raise DataError(f"batch_size {self.batch_size} is not divisible by world_size {world_size}")
         if not 0 <= start <= self.num_batches:
             raise DataError(f"start {start} is not in 0..{self.num_batches} (batches per epoch)")
-        order = self.indices
-        if self.train:
-            perm = torch.randperm(len(order), generator=generator(self.seed, _SHUFFLE, epoch)).numpy()
-            order = order[perm]
+        order = self._epoch_order(epoch)
         b = self.batch_size
         for i in range(start, self.num_batches):
             idx = order[i * b:(i + 1) * b]
@@ -129,12 +147,14 @@ class ArrayLoader(_Base):
 
     ``indices``: the images of ``x`` this loader serves (a split); ``augment``: the "+" augmentation
     (4-pixel zero padding, random crop, horizontal flip with probability 0.5), applied batch-wise on
-    uint8 tensors; ``prefetch``: batches prepared ahead in a background thread (0: none).
+    uint8 tensors; ``prefetch``: batches prepared ahead in a background thread (0: none); ``balanced``:
+    class-balanced draws instead of a shuffle (training).
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, indices: np.ndarray, batch_size: int, *, train: bool,
-                 augment: bool, seed: int, mean: Sequence[float], std: Sequence[float], prefetch: int = 2) -> None:
-        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std)
+                 augment: bool, seed: int, mean: Sequence[float], std: Sequence[float], prefetch: int = 2,
+                 balanced: bool = False) -> None:
+        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std, balanced=balanced)
         self.x, self.y = x, np.asarray(y, np.int64)
         self.augment, self.prefetch = augment and train, prefetch
         self.on_device: tuple[Tensor, Tensor] | None = None  # (x, y) held on a device, see :meth:`to`
@@ -146,6 +166,9 @@ class ArrayLoader(_Base):
         self.on_device = (torch.from_numpy(np.ascontiguousarray(self.x)).to(device),
                           torch.from_numpy(self.y).to(device))
         return self
+
+    def labels(self) -> np.ndarray:
+        return self.y[self.indices]
 
     def _batches(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for i, idx, part in self._plan(epoch, start, rank, world_size):
@@ -221,18 +244,22 @@ class FolderLoader(_Base):
     evaluation: resize and centre crop (see :func:`transforms.eval_image`), or with
     ``batches(..., ten_crop=True)`` the paper's 10-crop view, images shaped (N, 10, 3, S, S).
     Undecodable images raise :class:`DataError`, or with ``skip_bad_images`` are dropped from their
-    batch (which is then smaller) and listed in ``skipped`` with a warning.
+    batch (which is then smaller) and listed in ``skipped`` with a warning. ``balanced``:
+    class-balanced draws instead of a shuffle (training).
     """
 
     def __init__(self, tree: ImageTree, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
                  image_size: int, mean: Sequence[float], std: Sequence[float], workers: int = 2,
-                 skip_bad_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std)
+                 skip_bad_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, balanced: bool = False) -> None:
+        super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std, balanced=balanced)
         if workers < 0:
             raise DataError(f"workers must be >= 0, got {workers}")
         self.tree, self.image_size, self.workers = tree, image_size, workers
         self.skip_bad_images, self.max_pixels = skip_bad_images, max_pixels
         self.skipped: set[str] = set()
+
+    def labels(self) -> np.ndarray:
+        return self.tree.labels[self.indices]
 
     def batches(self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1,
                 ten_crop: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

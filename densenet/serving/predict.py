@@ -11,21 +11,46 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import IMAGE_SUFFIXES, DataError, check_finite, decode_image, eval_image
+from ..data.folder import list_entries
 from ..data.transforms import normalize
 from ..errors import MissingFile
 from .inference import load_onnx
 from .loading import model_from_checkpoint, model_from_safetensors
 
-__all__ = ["expand_image_paths", "load_image", "load_predictor", "predict_images"]
+__all__ = ["expand_image_paths", "folder_truth", "load_image", "load_predictor", "predict_images"]
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """Files as given, folders expanded to the images inside them (recursively, sorted)."""
+    """Files as given, folders expanded to the images inside them (recursively, sorted; links to
+    folders followed, as when training on an image folder)."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            yield from sorted(p / name for name, is_dir in list_entries(p)
+                              if not is_dir and Path(name).suffix.lower() in IMAGE_SUFFIXES and (p / name).is_file())
         else:
             yield p
+
+
+def folder_truth(files: Iterable[Path], class_names: list[str]) -> list[int]:
+    """The true class of each image file from the folder it is in (``<class>/<image>``, as in the
+    training data): its index in ``class_names``. :class:`DataError` naming the folders that are not
+    classes of the model."""
+    index = {name: i for i, name in enumerate(class_names)}
+    labels, strangers = [], {}
+    for f in files:
+        folder = Path(f).parent.name
+        if folder in index:
+            labels.append(index[folder])
+        else:
+            strangers.setdefault(folder, []).append(f)
+    if strangers:
+        named = "; ".join(f"{name or '(no folder)'}/ ({len(fs)} image{'s' * (len(fs) != 1)}, e.g. {fs[0]})"
+                          for name, fs in list(strangers.items())[:5])
+        raise DataError(f"--truth-from-folders: the images must sit in folders named after the model's classes "
+                        f"(<class>/<image>, as in the training data); these folders are not classes: {named}"
+                        f"{' ...' if len(strangers) > 5 else ''}. The classes: {', '.join(class_names[:20])}"
+                        f"{' ...' if len(class_names) > 20 else ''}")
+    return labels
 
 
 def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple) -> Tensor:

@@ -15,9 +15,13 @@ import yaml
 
 from ..analysis.paper import PAPER_EPOCHS
 from ..errors import DenseNetError
+from ..models import model_spec
 
 __all__ = ["ConfigError", "TrainConfig", "field_help", "field_types", "paper_recipe", "resolve_config",
-           "load_yaml_config", "SAMPLE_RECIPE", "type_name"]
+           "load_yaml_config", "SAMPLE_RECIPE", "type_name", "FOLDER_DATASETS", "native_image_size"]
+
+#: datasets read from image folders, whose images are resized to ``image_size``
+FOLDER_DATASETS = ("folder", "imagenet")
 
 
 class ConfigError(DenseNetError, ValueError):
@@ -61,7 +65,11 @@ class TrainConfig:
                                       "default none")
     train_subset: int | None = _opt(None, "train on this many training images, chosen by the seed")
     test_subset: int | None = _opt(None, "evaluate on this many test images, chosen by the seed")
-    image_size: int | None = _opt(None, "image side in pixels for folder datasets (default 224)")
+    image_size: int | None = _opt(None, "image side in pixels for folder and imagenet datasets (default: the model's "
+                                        "native size, 32 for the CIFAR models, 224 for the ImageNet ones)")
+    balanced_sampler: bool = _opt(False, "draw training batches class-balanced (each image weighted by 1 / its class's "
+                                         "images, with replacement; as many draws per epoch as images), for imbalanced "
+                                         "classes")
     download: bool = _opt(False, "download missing official CIFAR/SVHN files (MD5-checked); needs internet")
     memory_efficient: bool = _opt(False, "keep only each dense block's buffer for backward (memory linear in depth)")
     sync_bn: bool = _opt(False, "synchronised BN over all processes (distributed training; matters for small "
@@ -198,7 +206,16 @@ def resolve_config(overrides: dict[str, Any], config_file: str | os.PathLike | N
         values["lr_milestones"] = [given["epochs"] // 3, 2 * given["epochs"] // 3]  # the paper's 30/90, 60/90
     config = TrainConfig(**values)
     validate(config)
+    config.image_size = native_image_size(config)
     return config
+
+
+def native_image_size(config: TrainConfig) -> int | None:
+    """``config.image_size`` if set; for image-folder datasets (folder, imagenet) otherwise the model's
+    native input size (32 for the CIFAR models, 224 for the ImageNet ones); None for the 32x32 datasets."""
+    if config.image_size is not None or config.dataset not in FOLDER_DATASETS:
+        return config.image_size
+    return model_spec(config.model).input_size
 
 
 def milestones(config: TrainConfig) -> list[int]:

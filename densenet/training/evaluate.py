@@ -1,4 +1,5 @@
-"""Evaluation: counts of correct top-1 / top-5 predictions and the summed loss over a dataset split.
+"""Evaluation: counts of correct top-1 / top-5 predictions, the summed loss and the confusion matrix
+over a dataset split.
 
 Counts, not percentages, so that shards (processes of a distributed run) add up exactly; the
 errors are computed once, from the totals.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,33 @@ __all__ = ["EvalCounts", "evaluate", "topk_correct"]
 @dataclass
 class EvalCounts:
     """What an evaluation counted: ``images`` scored, ``top1`` / ``top5`` of them whose label is among
-    the 1 / 5 highest scores (all classes when there are fewer), ``loss_sum`` the summed cross-entropy."""
+    the 1 / 5 highest scores (all classes when there are fewer), ``loss_sum`` the summed cross-entropy,
+    ``confusion`` the (classes, classes) int64 counts of (true class, predicted top-1 class) on the CPU
+    (None before the first batch)."""
 
     images: int = 0
     top1: int = 0
     top5: int = 0
     loss_sum: float = 0.0
+    confusion: Tensor | None = field(default=None, repr=False)
 
     def as_list(self) -> list[float]:
-        return [self.images, self.top1, self.top5, self.loss_sum]
+        """The counts as one flat list (the confusion matrix last, row by row), to be summed over processes."""
+        matrix = [] if self.confusion is None else self.confusion.flatten().tolist()
+        return [self.images, self.top1, self.top5, self.loss_sum, *matrix]
 
     @classmethod
     def from_list(cls, values: list[float]) -> "EvalCounts":
-        images, top1, top5, loss_sum = values
-        return cls(int(round(images)), int(round(top1)), int(round(top5)), float(loss_sum))
+        images, top1, top5, loss_sum, *matrix = values
+        confusion = None
+        if matrix:
+            c = math.isqrt(len(matrix))
+            confusion = torch.tensor(matrix, dtype=torch.float64).round().to(torch.int64).view(c, c)
+        return cls(int(round(images)), int(round(top1)), int(round(top5)), float(loss_sum), confusion)
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.confusion is None else self.confusion.shape[0]
 
     def _percent_wrong(self, correct: int) -> float:
         return 100.0 * (1 - correct / self.images) if self.images else math.nan
@@ -69,10 +83,12 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     A batch of images shaped (N, C, H, W) is scored directly; one shaped (N, crops, C, H, W)
     (the ImageNet 10-crop evaluation) is scored by averaging the softmax over the crops. A batch
     holding NaN or infinite values is refused (:class:`densenet.data.DataError`) rather than scored.
+    The confusion matrix is counted on ``device`` and read back once, at the end.
     """
     was_training = model.training
     model.eval()
     counts = EvalCounts()
+    confusion: Tensor | None = None
     try:
         for index, (images, labels) in enumerate(batches):
             check_finite(images, f"batch {index + 1} of the evaluation data")
@@ -88,6 +104,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
             counts.top1 += c1
             counts.top5 += c5
             counts.images += labels.numel()
+            c = logits.shape[1]
+            cells = torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
+            confusion = cells if confusion is None else confusion + cells
     finally:
         model.train(was_training)
+    if confusion is not None:
+        counts.confusion = confusion.view(c, c).cpu()
     return counts

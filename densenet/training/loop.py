@@ -8,11 +8,14 @@
           evaluate_split                 validation and test counts, summed over processes
           save_snapshot                  checkpoint at the epoch end
           write_epoch_logs               metrics.csv, curves.png, TensorBoard
-        make_report                    report.json
+        make_report                    report.json; confusion.csv and confusion.png of the test split
 
 A run directory holds ``config.yaml`` (the resolved configuration), ``metrics.csv`` (one row per
 epoch), ``curves.png``, TensorBoard events under ``tensorboard/``, ``checkpoint.pt`` (and the one
-before it, ``checkpoint.prev.pt``) and, at the end, ``report.json``.
+before it, ``checkpoint.prev.pt``) and, at the end, ``report.json`` and the test split's confusion
+matrix (``confusion.csv``, counts; ``confusion.png``, normalised by row). Per-class precision, recall
+and F1, their macro averages and the balanced accuracy (scikit-learn, the ``metrics`` extra) go into
+``metrics.csv`` and ``report.json``; top-5 errors only with more than 5 classes.
 
 Host synchronisation: every ``sync_every`` steps (each step on a CPU) the loop reads back one small
 all-reduced vector (loss, hits, images, a signal flag); everything that decides what the ranks do
@@ -21,6 +24,7 @@ next is taken from that reduced vector, so that every process takes the same bra
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -44,9 +48,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..analysis.plots import plot_curves
-from ..data import Data, build_data
-from ..errors import DenseNetError
+from ..analysis.metrics import class_metrics, metric_columns, sklearn_metrics, top5_applies, write_confusion_csv
+from ..analysis.plots import plot_confusion, plot_curves
+from ..data import Data, DataError, build_data
+from ..errors import DenseNetError, MissingDependency
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_rotating
 from ..models import (
@@ -60,7 +65,16 @@ from ..models import (
     read_state_dict,
     weights_file,
 )
-from .config import RUNTIME_KEYS, ConfigError, TrainConfig, check_keys_and_types, milestones, validate
+from .config import (
+    FOLDER_DATASETS,
+    RUNTIME_KEYS,
+    ConfigError,
+    TrainConfig,
+    check_keys_and_types,
+    milestones,
+    native_image_size,
+    validate,
+)
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .evaluate import EvalCounts, evaluate
 from .memory import check_memory, estimate_memory
@@ -69,10 +83,15 @@ from .runlock import RunLock
 __all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_model", "learning_rate",
            "load_run_config", "load_checkpoint_for_resume"]
 
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "checkpoint.prev.pt", "report.json", "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "checkpoint.prev.pt", "report.json", "tensorboard",
+             "confusion.csv", "confusion.png")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
                   "images_per_s")
+#: after METRIC_COLUMNS, when scikit-learn is there: the test split's macro averages and balanced accuracy (percent)
+CLASS_METRIC_COLUMNS = ("test_macro_precision", "test_macro_recall", "test_macro_f1", "test_balanced_accuracy")
 PLAN_STEPS = 5  # steps timed after the first one for the estimate of the run's duration
+IMBALANCE_NOTE = 10  # a largest-to-smallest class ratio above this is pointed out
+SIZE_NOTE = (0.5, 4.0)  # images whose short side is below / above these multiples of image_size are pointed out
 
 
 class TrainingStopped(DenseNetError, RuntimeError):
@@ -154,12 +173,20 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
         on_main(dd, lambda: claim_run_dir(out, resume, held))
         on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
         checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
+        if config.image_size is None and config.dataset in FOLDER_DATASETS:
+            # a run of an earlier version kept None in config.yaml: the size it trained at is in its checkpoint
+            image_size = (checkpoint or {}).get("data", {}).get("image_size") or native_image_size(config)
+            config = dataclasses.replace(config, image_size=image_size)
         configure_runtime(config, device)
         data = build_data(
             config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
             val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
             train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
+            balanced=config.balanced_sampler,
         )
+        if data.num_classes < 2:
+            raise DataError(f"{config.data}: one class only ({data.class_names[0]}/); a classifier needs at least 2 "
+                            "classes, one folder per class: <class>/<image>, or train/<class>/ and test/<class>/")
         if device.type == "cuda":  # CIFAR/SVHN on the GPU: batches built there, no host in the step
             data.to(device)
         log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
@@ -231,6 +258,7 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
     log_plan(run, state, num_params)
     steps_left = (config.epochs - state.epoch) * data.train.num_batches - state.step
     clock = FirstStepsClock(steps_left, run.log)
+    test: EvalCounts | None = None
     try:
         with stop_on_signals() as stop:
             for epoch in range(state.epoch, config.epochs):
@@ -238,7 +266,9 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
                 if data.val is not None:
                     row["val_error"] = evaluate_split(run, state, data.val).top1_error
                 test = evaluate_split(run, state, data.test)
-                row.update(test_error=test.top1_error, test_top5_error=test.top5_error)
+                row.update(test_error=test.top1_error,
+                           test_top5_error=test.top5_error if top5_applies(data.num_classes) else None)
+                row.update(metric_columns(split_metrics(data, test), "test", data.class_names))
                 state.history.append(row)
                 state.epoch, state.step, state.partial = epoch + 1, 0, {}
                 save_snapshot(run, state)
@@ -255,12 +285,56 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
     finally:
         if writer is not None:
             writer.close()
+    if test is None:  # resumed after the last epoch's checkpoint: the final model's counts once more
+        test = evaluate_split(run, state, data.test)
     report = make_report(config, state.history, num_params, str(run.device))
+    report.update(class_report(data, test))
     if dd.enabled:
         report["processes"] = dd.world_size
-    on_main(dd, lambda: atomic_write_text(run.out / "report.json", json.dumps(report, indent=2) + "\n"))
-    run.log(f"done: final test error {report['test_error']:.2f}% (top-5 {report['test_top5_error']:.2f}%); run in {run.out}")
+    on_main(dd, lambda: write_final_files(run, report, test))
+    top5 = report["test_top5_error"]
+    run.log(f"done: final test error {report['test_error']:.2f}%" + ("" if top5 is None else f" (top-5 {top5:.2f}%)")
+            + (f", balanced accuracy {report['test_balanced_accuracy']:.2f}%, macro F1 {report['test_macro_f1']:.2f}%"
+               if "test_macro_f1" in report else "") + f"; run in {run.out}")
     return report
+
+
+def split_metrics(data: Data, counts: EvalCounts) -> dict[str, Any]:
+    """:func:`class_metrics` of a split's confusion matrix; {} without scikit-learn (said at the plan)."""
+    if counts.confusion is None:
+        return {}
+    try:
+        return class_metrics(counts.confusion.numpy(), data.class_names)
+    except MissingDependency:
+        return {}
+
+
+def class_report(data: Data, test: EvalCounts) -> dict[str, Any]:
+    """What report.json says about the classes: their names and training images, the imbalance, and the
+    test split's balanced accuracy, macro and per-class precision, recall and F1 (percent)."""
+    counts = data.class_counts
+    out: dict[str, Any] = {"class_names": list(data.class_names)}
+    if counts:
+        out["train_class_counts"] = dict(zip(data.class_names, counts))
+        out["class_imbalance"] = round(max(counts) / min(counts), 2) if min(counts) else None
+    metrics = split_metrics(data, test)
+    if metrics:
+        out.update({f"test_{k}": metrics[k] for k in ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")})
+        out["test_per_class"] = metrics["per_class"]
+    if test.confusion is not None:
+        out["confusion_matrix"] = "confusion.csv"
+    return out
+
+
+def write_final_files(run: Run, report: dict[str, Any], test: EvalCounts) -> None:
+    """report.json, and the test split's confusion matrix as confusion.csv (counts) and confusion.png."""
+    if test.confusion is not None:
+        names, config = run.data.class_names, run.config
+        write_confusion_csv(run.out / "confusion.csv", test.confusion.numpy(), names)
+        plot_confusion(run.out / "confusion.png", test.confusion.numpy(), names,
+                       title=f"{config.model} on {config.dataset}, epoch {report['epochs']}: test split, "
+                             f"{test.images:,} images\n(rows: true class, normalised by row)")
+    atomic_write_text(run.out / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "FirstStepsClock") -> dict[str, Any]:
@@ -359,7 +433,8 @@ def save_snapshot(run: Run, state: State) -> None:
     rngs = dd.gather(rng_state())
     data = run.data
     data_info = {"dataset": run.config.dataset, "num_classes": data.num_classes, "class_names": list(data.class_names),
-                 "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
+                 "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size,
+                 "seed": run.config.seed}  # the seed chose the held-out split: eval finds the same test images
     # the new file complete on disk before the old one becomes checkpoint.prev.pt
     on_main(dd, lambda: save_rotating(run.out, {
         "format": "densenet-checkpoint-v1", "config": run.config.to_dict(), "model_config": model.config(),
@@ -386,6 +461,37 @@ def log_plan(run: Run, state: State, num_params: int) -> None:
             + f", device {run.device}" + (f", amp {config.amp}" if run.amp_dtype else ""))
     if config.data is None:
         run.log("(a short demo on the 1,000-image sample; give --data for a real dataset and the paper's recipe)")
+    for note in data_notes(config, data):
+        run.log(f"note: {note}")
+
+
+def data_notes(config: TrainConfig, data: Data) -> list[str]:
+    """What a user should know about their data before a run starts: images much smaller or larger
+    than the size they are resized to, classes out of balance, files left out, metrics not available."""
+    notes = []
+    if data.typical_size:
+        w, h = data.typical_size
+        factor = min(w, h) / data.image_size
+        if not SIZE_NOTE[0] <= factor <= SIZE_NOTE[1]:
+            change = f"--image-size {min(w, h)} trains at their size" if factor < 1 else "--image-size N changes the size"
+            notes.append(f"the images are about {w}x{h} pixels (median of a sample) and are resized to "
+                         f"{data.image_size}x{data.image_size} ({'upscaled' if factor < 1 else 'downscaled'} "
+                         f"{max(factor, 1 / factor):.1f}x), the input size of {config.model}; {change}")
+    counts = data.class_counts
+    if counts and max(counts) > IMBALANCE_NOTE * min(counts):
+        big, small = counts.index(max(counts)), counts.index(min(counts))
+        ratio = "no images" if not counts[small] else f"{counts[big] / counts[small]:.0f}:1"
+        notes.append(f"the classes are out of balance ({ratio}: {data.class_names[big]} has {counts[big]:,} training "
+                     f"images, {data.class_names[small]} {counts[small]:,}); the balanced accuracy and macro F1 in "
+                     "report.json weigh every class alike" + ("" if config.balanced_sampler else
+                                                             ", and --balanced-sampler draws classes evenly"))
+    if data.ignored:
+        notes.append(f"{len(data.ignored):,} file(s) left out, not images by their suffix (e.g. {data.ignored[0]})")
+    try:
+        sklearn_metrics()
+    except MissingDependency as e:
+        notes.append(f"{e}; the run goes on without them")
+    return notes
 
 
 class FirstStepsClock:
@@ -593,18 +699,23 @@ def write_epoch_logs(out: Path, writer: SummaryWriter, config: TrainConfig, hist
     write_metrics_csv(out / "metrics.csv", history)
     plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
     row = history[-1]
-    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s"):
+    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s", *CLASS_METRIC_COLUMNS):
         if row.get(key) is not None:
             writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """One row per epoch: :data:`METRIC_COLUMNS`, then the class metrics the rows hold (macro averages,
+    balanced accuracy, per-class ``test_f1[NAME]`` ...); missing values are empty."""
+    extra = [k for k in CLASS_METRIC_COLUMNS if any(k in r for r in rows)]
+    extra += [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("test_") and "[" in k]
+    columns = [*METRIC_COLUMNS, *extra]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     atomic_write_text(path, buffer.getvalue())
 
 
