@@ -1,5 +1,5 @@
 """The ``densenet`` command: ``densenet models``, ``info``, ``train``, ``eval``, ``predict``, ``export``,
-``reuse``, ``table``, ``plot``."""
+``explain``, ``weights``, ``reuse``, ``table``, ``plot``."""
 from __future__ import annotations
 
 import argparse
@@ -37,12 +37,14 @@ from .analysis import (
     write_confusion_csv,
     write_reuse_csv,
 )
+from .analysis.explain import METHODS, ExplainError
 from .data import DataError, build_data
 from .errors import DenseNetError, MissingDependency, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
 from .serving import (
     expand_image_paths,
+    explain_images,
     export_checkpoint,
     export_model,
     folder_truth,
@@ -50,6 +52,7 @@ from .serving import (
     model_from_checkpoint,
     model_from_weights,
     predict_images,
+    resolve_class,
 )
 from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
@@ -265,6 +268,47 @@ def _check_out_folder(path: str) -> None:
         raise MissingFile(f"cannot write {path}: the folder {folder} does not exist")
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    if source.is_file():
+        if source.suffix.lower() == ".onnx":
+            raise ExplainError(f"{source} is an ONNX export: explanations need gradients through the PyTorch model; "
+                               "give its checkpoint (checkpoint.pt) or the trained weights by name")
+        model, info = load_predictor(source, args.image_size)
+    else:
+        try:
+            model, info = model_from_weights(args.source)
+        except DenseNetError as e:
+            raise MissingFile(f"{source} is neither a file nor trained weights by name: {e}") from None
+        if args.image_size:
+            model.check_input_size(args.image_size)
+            info = {**info, "image_size": args.image_size}
+    skipped = []
+
+    def skip(path: Path, error: Exception) -> None:
+        print(f"densenet explain: skipped {error}", file=sys.stderr)
+        skipped.append(path)
+
+    target = resolve_class(args.target, list(info["class_names"]))
+    done = explain_images(model, info, args.images, args.out, method=args.method, target=target, layer=args.layer,
+                          top=args.top, on_error=skip if args.skip_bad else None)
+    if not done:
+        raise DataError(f"no image could be explained in {', '.join(args.images)}"
+                        + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
+    for e in done:
+        print(f"{e.image}: {', '.join(f'{n} {p:.1%}' for n, p in e.top)}; map for {e.explained} in {e.overlay}")
+    if args.csv:
+        _check_out_folder(args.csv)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image", "explained", "overlay", "map"] + [f"{c}{i + 1}" for i in range(args.top)
+                                                                     for c in ("class", "prob")])
+        writer.writerows([str(e.image), e.explained, str(e.overlay), str(e.raw)]
+                         + [x for n, p in e.top for x in (n, f"{p:.6f}")] for e in done)
+        atomic_write_text(args.csv, buffer.getvalue())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.weights:
         model, info = trained_model(args, args.checkpoint)
@@ -398,6 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each image's folder is its true class (<class>/<image>, as in the training data): also print "
                         "the accuracy, the confusion matrix and per-class metrics")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="class activation maps of images: an overlay PNG and the raw map per image",
+                       description="Where the model sees a class in each image (Grad-CAM, Grad-CAM++, Score-CAM, "
+                                   "Eigen-CAM from the grad-cam package, or CAM): OUT/<image>.png (the image, its heat "
+                                   "map, the top classes) and OUT/<image>.npy (the map, float32 in [0, 1]).")
+    p.add_argument("source", metavar="WEIGHTS_OR_CHECKPOINT",
+                   help="a checkpoint, a safetensors export, or trained weights by name (MODEL.TAG; see densenet weights)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for the overlays and maps (created)")
+    p.add_argument("--method", choices=METHODS, default="gradcam", help="default gradcam")
+    p.add_argument("--class", dest="target", metavar="CLASS",
+                   help="the class to explain, an index or a name (default: each image's top prediction)")
+    p.add_argument("--layer", help="the module the Grad-CAM family looks at (default: the last dense block)")
+    p.add_argument("--top", type=_positive, default=3, help="classes shown with their probabilities (default 3)")
+    p.add_argument("--csv", help="also write the predictions and file names to this CSV file")
+    p.add_argument("--image-size", type=_positive, help="side in pixels the images are resized to (default: the model's)")
+    p.add_argument("--skip-bad", action="store_true", help="name and skip images that cannot be decoded (default: stop)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript or safetensors for serving",
                        description="Export the model of a checkpoint (standard graph, eval mode, dynamic batch size) "

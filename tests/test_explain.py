@@ -116,3 +116,48 @@ def test_overlay_png(trained, tmp_path):
     with Image.open(tmp_path / "o.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
         assert np.asarray(im.convert("RGB")).std() > 10  # a picture, not a blank canvas
+
+
+def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys):
+    """densenet explain on a checkpoint of a short sample run: one PNG and one .npy per image, the
+    predictions in a CSV; bad requests are one-line errors."""
+    import csv
+    import zipfile
+
+    from densenet.cli import main
+    from densenet.data.build import SAMPLE_PATH
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "densenet_bc16_k8", "--epochs", "1", "--train-subset", "128", "--batch-size", "32",
+                 "--threads", "1", "--quiet", "--out", str(run)]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    with zipfile.ZipFile(SAMPLE_PATH) as z:
+        for name in ["test/cat/0000.jpg", "test/ship/0000.jpg"]:
+            (images / name.replace("/", "_")).write_bytes(z.read(name))
+    (images / "broken.png").write_bytes(b"not an image")
+    ckpt, out = str(run / "checkpoint.pt"), tmp_path / "maps"
+    assert main(["explain", ckpt, str(images), "--out", str(out), "--method", "cam", "--csv", str(tmp_path / "p.csv")]) == 2
+    assert "broken.png: cannot decode image" in capsys.readouterr().err
+    assert main(["explain", ckpt, str(images), "--out", str(out), "--method", "cam", "--class", "cat", "--skip-bad",
+                 "--csv", str(tmp_path / "p.csv")]) == 0
+    printed = capsys.readouterr()
+    assert "skipped" in printed.err and printed.out.count("map for cat") == 2
+    assert sorted(p.name for p in out.iterdir()) == ["test_cat_0000.npy", "test_cat_0000.png", "test_ship_0000.npy",
+                                                      "test_ship_0000.png"]
+    heat = np.load(out / "test_cat_0000.npy")
+    assert heat.shape == (32, 32) and heat.dtype == np.float32 and heat.min() == 0 and heat.max() == 1
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["explained"] for r in rows] == ["cat", "cat"] and float(rows[0]["prob1"]) > 0
+    for argv, message in [
+        (["--layer", "features.nope"], "no layer 'features.nope' in the model; layers to explain: features.conv0"),
+        (["--class", "10"], "class 10 is out of range: the model has 10 classes"),
+        (["--class", "zebra"], "no class 'zebra'; the model's classes: airplane"),
+    ]:
+        assert main(["explain", ckpt, str(images / "test_cat_0000.jpg"), "--out", str(out), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["export", ckpt, "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["explain", str(tmp_path / "m.onnx"), str(images), "--out", str(out)]) == 2
+    assert "ONNX export: explanations need gradients" in capsys.readouterr().err
+    assert main(["explain", "nonexistent.pt", str(images), "--out", str(out)]) == 2
+    assert "nonexistent.pt is neither a file nor trained weights by name" in capsys.readouterr().err
