@@ -56,6 +56,7 @@ def trained() -> DenseNet:
             opt.zero_grad()
             loss.backward()
             opt.step()
+    opt.zero_grad()  # no gradients left on the parameters
     return model.eval()
 
 
@@ -95,6 +96,16 @@ def test_targets_and_other_methods(trained):
     wrong = ((y + 1) % 3).tolist()
     assert on_object(explain(trained, x, "cam", target=wrong), corners) < on_object(explain(trained, x, "cam"), corners) - 0.2
     assert trained.training is False and all(p.grad is None for p in trained.parameters())
+    # gradients the caller holds survive, unchanged, and the training mode is restored
+    held = [torch.full_like(p, 0.5) for p in trained.parameters()]
+    for p, g in zip(trained.parameters(), held):
+        p.grad = g
+    trained.train()
+    try:
+        explain(trained, x[:4], "gradcam")
+        assert trained.training and all(p.grad is g and (g == 0.5).all() for p, g in zip(trained.parameters(), held))
+    finally:
+        trained.eval().zero_grad()
 
 
 def test_bad_requests_name_the_problem(trained):
