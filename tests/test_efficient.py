@@ -328,3 +328,30 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
     transition = model.features.transition1.train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         transition(torch.randn(1, transition.in_channels, 1, 1))
+
+
+HOOKS = ["forward", "forward_pre", "full_backward", "full_backward_pre"]
+
+
+@pytest.mark.parametrize("kind", HOOKS)
+def test_any_hook_inside_a_block_or_global_makes_it_run_layer_by_layer(kind):
+    """A hook of any kind, on a module inside the block or registered globally, sees every layer's
+    modules (the block falls back to the reference path); removed, the fast path is back."""
+    torch.manual_seed(14)
+    block = DenseBlock(2, 8, 4).train()
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    seen = []
+    inner = getattr(block.denselayer2.conv1, f"register_{kind}_hook")(lambda m, *a: seen.append("inner"))
+    assert not can_use_fast_block(block, x)
+    block(x).sum().backward()
+    inner.remove()
+    assert seen == ["inner"] and can_use_fast_block(block, x)
+    register = getattr(torch.nn.modules.module, f"register_module_{kind}_hook")
+    handle = register(lambda m, *a: seen.append(type(m).__name__))
+    try:
+        assert not can_use_fast_block(block, x)
+        block(x).sum().backward()
+    finally:
+        handle.remove()
+    assert seen.count("BatchNorm2d") >= 2 and seen.count("Conv2d") >= 2, seen
+    assert can_use_fast_block(block, x)

@@ -38,7 +38,7 @@ _CHECKPOINT_TESTS = ["tests/test_checkpoint.py", "tests/test_reliability.py", "-
                      "not memory and not lock and not run_folder and not estimate"]
 #: each core module and the pytest arguments that select its own tests (fast ones first: -x stops at the first failure)
 MODULES: dict[str, list[str]] = {
-    "densenet/models/efficient.py": ["tests/test_efficient.py"],
+    "densenet/models/efficient.py": ["tests/test_efficient.py", "tests/test_sync_bn.py"],
     "densenet/models/sync_bn.py": ["tests/test_sync_bn.py"],
     "densenet/io/checkpoint.py": [*_CHECKPOINT_TESTS],
     "densenet/io/atomic.py": [*_CHECKPOINT_TESTS],
