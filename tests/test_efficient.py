@@ -333,6 +333,7 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
 HOOKS = ["forward", "forward_pre", "full_backward", "full_backward_pre"]
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 @pytest.mark.parametrize("kind", HOOKS)
 def test_any_hook_inside_a_block_or_global_makes_it_run_layer_by_layer(kind):
     """A hook of any kind, on a module inside the block or registered globally, sees every layer's
