@@ -10,7 +10,9 @@ module's own tests on each mutant (``pytest -x -m "not slow"``, a timeout per mu
 and print every survivor and the score. Equivalent mutants (no behaviour change) are listed with their
 reason in tools/mutation_equivalent.tsv and left out of the score. Results go to .mutation/<module>.sqlite
 (cosmic-ray's session format: ``cr-report .mutation/<name>.sqlite`` shows them); ``--resume`` continues
-an interrupted run. Not part of CI (``bash .ci/run`` does not run it). docs/mutation.md has the figures.
+an interrupted run; ``--rerun survivors`` runs the last survivors again (after adding tests), ``--rerun
+timeouts`` the mutants that ran out of time (on a busy machine a slow run is not a kill); ``--report``
+prints the last figures. Not part of CI (``bash .ci/run`` does not run it). docs/mutation.md has the figures.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def db_path(module: str) -> Path:
 
 
 def run_module(module: str, sample: int, seed: int, again: str, timeout: float | None) -> dict[str, int]:
-    """Run (``again`` "": a fresh sample; "resume": the mutants not yet run; "survivors": last run's survivors)."""
+    """Run (``again`` "": a fresh sample; "resume": the mutants not yet run; "survivors" or "timeouts": those of the
+    last run that survived or ran out of time)."""
     db_path(module).parent.mkdir(exist_ok=True)
     command = shlex.join([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
                          *MODULES[module]])
@@ -115,7 +118,7 @@ def run_module(module: str, sample: int, seed: int, again: str, timeout: float |
         took = time.monotonic() - start
         if baseline.returncode != 0:
             sys.exit(f"{module}: its tests fail without any mutation; fix them first:\n{baseline.stdout[-3000:]}")
-        limit = timeout or 3 * took + 60
+        limit = timeout or 5 * took + 120
         print(f"{module}: tests pass unmutated in {took:.0f} s; timeout per mutant {limit:.0f} s\n  {command}", flush=True)
         with use_db(str(db_path(module)), WorkDB.Mode.create) as db:
             if not (again and db.num_work_items):
@@ -130,6 +133,8 @@ def run_module(module: str, sample: int, seed: int, again: str, timeout: float |
             pending = list(db.pending_work_items)
             if again == "survivors":
                 pending = [w for w, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED]
+            elif again == "timeouts":
+                pending = [w for w, r in db.completed_work_items if r.output == "timeout"]
             pending.sort(key=lambda w: (w.mutations[0].start_pos, w.mutations[0].operator_name))
             for i, item in enumerate(pending, 1):
                 result = mutate_and_test(item.mutations, command, limit)
@@ -146,7 +151,7 @@ def run_module(module: str, sample: int, seed: int, again: str, timeout: float |
 
 def summarise(module: str, db: WorkDB) -> dict[str, int]:
     known = equivalents()
-    counts = {"sampled": 0, "killed": 0, "equivalent": 0, "survived": 0, "not run": 0}
+    counts = {"sampled": 0, "killed": 0, "killed by timeout": 0, "equivalent": 0, "survived": 0, "not run": 0}
     survivors = []
     for item, result in sorted(db.completed_work_items, key=lambda wr: wr[0].mutations[0].start_pos):
         if result.worker_outcome == WorkerOutcome.SKIPPED:
@@ -157,6 +162,7 @@ def summarise(module: str, db: WorkDB) -> dict[str, int]:
             counts["not run"] += 1
         elif result.test_outcome == TestOutcome.KILLED:
             counts["killed"] += 1
+            counts["killed by timeout"] += result.output == "timeout"
         elif (module, old, new) in known:
             counts["equivalent"] += 1
         else:
@@ -177,9 +183,10 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every core module")
     parser.add_argument("--sample", type=int, default=50, help="mutants per module (all when fewer; default 50)")
     parser.add_argument("--seed", type=int, default=20, help="seed of the sample (default 20)")
-    parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x the unmutated run + 60)")
+    parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 5x the unmutated run + 120)")
     parser.add_argument("--resume", action="store_true", help="continue the last run of each module")
-    parser.add_argument("--survivors", action="store_true", help="run the last run's survivors again (after adding tests)")
+    parser.add_argument("--rerun", choices=["survivors", "timeouts"],
+                        help="run the last run's survivors again (after adding tests), or its timeouts (a busy machine)")
     parser.add_argument("--report", action="store_true", help="only summarise the last run of each module")
     args = parser.parse_args()
     modules = list(MODULES) if args.all else args.modules
@@ -193,7 +200,7 @@ def main() -> None:
             with use_db(str(db_path(module)), WorkDB.Mode.open) as db:
                 summarise(module, db)
         else:
-            again = "survivors" if args.survivors else "resume" if args.resume else ""
+            again = args.rerun or ("resume" if args.resume else "")
             run_module(module, args.sample, args.seed, again, args.timeout)
 
 
