@@ -155,7 +155,7 @@ def test_unpickling_errors_name_the_refused_global_or_the_damage(tmp_path):
         read_torch_file(tmp_path / "bad.pt", "x")
     assert checkpoint._unpickler_reason("Weights only load failed.\n(1) advice\nWeightsUnpickler error: bad opcode\n") == \
         "bad opcode"
-    assert checkpoint._unpickler_reason("Weights only load failed.\nCheck the documentation\n  the reason  \n") == \
+    assert checkpoint._unpickler_reason("Weights only load failed.\nCheck the documentation\n  the reason  \ndetails\n") == \
         "the reason"
     assert checkpoint._unpickler_reason("\n(1) x\n(2) y\n") == "unreadable pickle"
     assert checkpoint._unpickler_reason("WeightsUnpickler error: " + "y" * 300) == "y" * 200
@@ -203,6 +203,21 @@ def test_transient_errors_are_retried_with_growing_pauses(tmp_path, monkeypatch)
         save_checkpoint(tmp_path / "d.pt", state(), retries=3, retry_delay=2.0)
     assert sleeps == [2.0, 4.0, 6.0]
     assert not (tmp_path / "d.pt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_retries_zero_or_one_still_write_once(tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(checkpoint.time, "sleep", sleeps.append)
+    for retries in [0, 1]:
+        save_checkpoint(tmp_path / f"c{retries}.pt", state(step=retries), retries=retries, retry_delay=0.5)
+        assert load_checkpoint(tmp_path / f"c{retries}.pt")["step"] == retries
+    flaky_fsync(monkeypatch, [errno.EIO])
+    save_checkpoint(tmp_path / "again.pt", state(), retries=1, retry_delay=0.5)  # one retry
+    assert sleeps == [0.5] and load_checkpoint(tmp_path / "again.pt")["step"] == 7
+    flaky_fsync(monkeypatch, [errno.EIO])
+    with pytest.raises(CheckpointError, match=r"\[EIO\]; the last complete"):  # no retry
+        save_checkpoint(tmp_path / "never.pt", state(), retries=0, retry_delay=0.5)
+    assert sleeps == [0.5] and not (tmp_path / "never.pt").exists()
 
 
 @pytest.mark.parametrize("err, fix", [
