@@ -321,3 +321,18 @@ def test_atomic_open_syncs_the_data_before_the_rename_and_the_folder_after(tmp_p
     events.clear()
     atomic_write_bytes(target, b"newer")
     assert target.read_bytes() == b"newer" and [e[0] for e in events] == ["fsync", "replace"]
+
+
+def test_an_error_reported_after_the_rename_is_the_one_raised(tmp_path, monkeypatch):
+    """A network file system may report a failure of a rename that happened: the temporary is gone
+    then, and the caller sees the rename's error (not a FileNotFoundError from the clean-up)."""
+    real = os.replace
+
+    def replace_then_fail(src, dst):
+        real(src, dst)
+        raise OSError(errno.EIO, "reply lost")
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="reply lost"), atomic_open(tmp_path / "f.bin") as f:
+        f.write(b"new")
+    assert os.listdir(tmp_path) == ["f.bin"]

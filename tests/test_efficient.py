@@ -356,3 +356,20 @@ def test_any_hook_inside_a_block_or_global_makes_it_run_layer_by_layer(kind):
         handle.remove()
     assert seen.count("BatchNorm2d") >= 2 and seen.count("Conv2d") >= 2, seen
     assert can_use_fast_block(block, x)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_growth_rate_one_and_single_layer_blocks(mode, bottleneck):
+    """Edge sizes of the shared buffer: one new map per layer, a block of one layer."""
+    torch.manual_seed(15)
+    for layers, k in [(3, 1), (1, 3)]:
+        ref = DenseBlock(layers, 3, k, bottleneck, fast=False).double()
+        with torch.no_grad():
+            for m in ref.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.normal_()
+                    m.bias.normal_()
+        other = copy.deepcopy(ref)
+        other.execution = "memory_efficient" if MODES[mode].get("memory_efficient") else "fast"
+        compare(ref.train(), other.train(), torch.randn(2, 3, 4, 4, dtype=torch.float64), rtol=1e-10)

@@ -272,3 +272,10 @@ def test_non_strict_loading_forgives_only_the_classifier():
         load_state_dict(tiny(), {**state, "extra": torch.ones(1)}, strict=False)
     with pytest.raises(WeightsError, match=r"shape mismatch: features\.conv0\.weight"):
         load_state_dict(tiny(stem="imagenet"), state, strict=False)
+
+
+def test_only_the_safetensors_suffix_selects_safetensors(tmp_path):
+    state = tiny().state_dict()
+    for name in ["w.weights", "w.tv", "w.zip", "w.pth", "w"]:  # suffixes sorting before and after ".safetensors"
+        torch.save(state, tmp_path / name)
+        assert read_state_dict(tmp_path / name).keys() == state.keys(), name
