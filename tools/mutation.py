@@ -50,7 +50,7 @@ MODULES: dict[str, list[str]] = {
     "densenet/data/archive.py": ["tests/test_hostile.py", "tests/test_data.py", "tests/test_fuzz.py", "-k",
                                  "zip or tar or escapes or member or links or extract or truncated_archive or official "
                                  "or cifar_archive or bomb"],
-    "densenet/data/matfile.py": ["tests/test_data.py", "tests/test_fuzz.py", "-k", "mat or svhn"],
+    "densenet/data/matfile.py": ["tests/test_matfile.py", "tests/test_data.py", "tests/test_fuzz.py", "-k", "mat or svhn"],
 }
 
 
