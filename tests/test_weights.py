@@ -249,6 +249,9 @@ def test_loading_checks_every_key_and_shape_and_lists_at_most_five():
     assert message.count("running_mean") == 5 and f"({len(norms)} in all)" in message and len(norms) > 5
     assert "unexpected" not in message and "shape mismatch" not in message
     with pytest.raises(WeightsError) as raised:
+        load_state_dict(tiny(), {k: v for k, v in state.items() if k not in norms[:5]})
+    assert "in all" not in str(raised.value) and all(n in str(raised.value) for n in norms[:5])
+    with pytest.raises(WeightsError) as raised:
         load_state_dict(tiny(), {k: v for k, v in state.items() if k != norms[0]})
     assert "in all" not in str(raised.value) and f"missing: {norms[0]}" in str(raised.value)
     with pytest.raises(WeightsError, match=r"unexpected: extra\.weight$"):
@@ -265,6 +268,10 @@ def test_non_strict_loading_forgives_only_the_classifier():
     load_state_dict(target, state, strict=False)  # another class count: the head stays as initialised
     assert torch.equal(target.classifier.weight, head) and torch.equal(target.features.conv0.weight, source.features.conv0.weight)
     target = tiny()
+    load_state_dict(target, state, strict=False)  # the same class count: the head is loaded too
+    assert torch.equal(target.classifier.weight, source.classifier.weight)
+    assert torch.equal(target.classifier.bias, source.classifier.bias)
+    target = tiny()
     load_state_dict(target, {k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
     with pytest.raises(WeightsError, match="missing: features.conv0.weight"):
         load_state_dict(tiny(), {k: v for k, v in state.items() if k != "features.conv0.weight"}, strict=False)
@@ -279,3 +286,14 @@ def test_only_the_safetensors_suffix_selects_safetensors(tmp_path):
     for name in ["w.weights", "w.tv", "w.zip", "w.pth", "w"]:  # suffixes sorting before and after ".safetensors"
         torch.save(state, tmp_path / name)
         assert read_state_dict(tmp_path / name).keys() == state.keys(), name
+
+
+def test_load_torchvision_weights_is_strict_unless_told(tmp_path):
+    from densenet.models.weights import load_torchvision_weights
+
+    source = tiny()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match=r"shape mismatch: classifier\.weight"):
+        load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth")
+    model = load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth", strict=False)
+    assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)
