@@ -589,3 +589,18 @@ def test_bundled_sample_is_the_first_images_of_the_shared_zip(tmp_path):
             assert s.read(n) == z.read(n)
     rebuilt = make_sample(SHARED_ZIP, tmp_path / "s.zip")  # the committed file is what the script makes
     assert rebuilt.read_bytes() == build_mod.SAMPLE_PATH.read_bytes()
+
+
+def test_safe_loads_pickle_nesting_limit_is_exact():
+    """Objects nested 50 levels below the top are admitted, 51 levels refused (a bound on the check's recursion)."""
+    from densenet.data.safe_pickle import safe_loads
+
+    def nested(levels: int):
+        obj: object = 1
+        for i in range(levels):
+            obj = [obj] if i % 2 else {"k": obj}
+        return obj
+
+    assert safe_loads(pickle.dumps(nested(50), protocol=2), "x") == nested(50)
+    with pytest.raises(DataError, match="x: refused: .*refused object of type"):
+        safe_loads(pickle.dumps(nested(51), protocol=2), "x")

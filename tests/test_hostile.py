@@ -229,3 +229,23 @@ def test_tar_gz_bomb_is_refused(tmp_path):
     with pytest.raises(DataError, match="zip bomb"):
         safe_extract(arch, tmp_path / "out")
     assert not (tmp_path / "out" / "cifar-10-batches-py" / "data_batch_1").exists()
+
+
+def test_bomb_check_boundaries_and_message():
+    """check_expansion directly: sizes up to 64 MiB pass at any ratio; above, the ratio to the compressed size
+    (at least one byte) is compared with the limit, and the message gives the ratio and the setting that admits it."""
+    from densenet.data.archive import EXPANSION_FREE_BYTES, check_expansion
+    from densenet.data.errors import ExpansionRefused
+
+    check_expansion("a.zip", "m", EXPANSION_FREE_BYTES, 0)  # at the free size: any ratio
+    check_expansion("a.zip", "m", 150_000_000, 0, limit=1e9)  # nothing compressed counts as one byte
+    check_expansion("a.zip", "m", 150_000_000, 1, limit=150_000_000)  # at the limit
+    with pytest.raises(ExpansionRefused) as raised:
+        check_expansion("a.zip", "member 'm'", 150_000_000, 1, limit=1e8)
+    assert str(raised.value) == ("a.zip: refused member 'm': 150,000,000 bytes from 1 compressed (150,000,000x), more than "
+                                 f"the limit of 1e+08x (a possible zip bomb); if you trust this archive, raise the limit "
+                                 f"with {EXPANSION_ENV}=150000001")
+    with pytest.raises(ExpansionRefused, match=r"from 0 compressed \(150,000,000x\).*=150000001$"):
+        check_expansion("a.zip", "m", 150_000_000, 0, limit=1e8)
+    with pytest.raises(ExpansionRefused, match=r"from 3 compressed \(50,000,000x\).*=50000001$"):
+        check_expansion("a.zip", "m", 150_000_000, 3)
