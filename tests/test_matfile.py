@@ -178,3 +178,12 @@ def test_files_that_are_not_matlab_5(tmp_path):
     with pytest.raises(DataError, match="cannot read"):
         read_mat_arrays(tmp_path / "folder.mat", ("x",))
     assert read_mat_arrays(tmp_path / "g.mat", ("x",)) == {}
+
+
+def test_a_cut_compressed_variable_says_how_much_is_there(tmp_path):
+    inner = matrix(b"x", np.arange(1600).astype(np.uint8).reshape(40, 40))
+    z = zlib.compress(inner)[:-30]
+    have = len(zlib.decompressobj().decompress(z)) - 8
+    path = matfile(tmp_path / "c.mat", struct.pack("<II", 15, len(z)) + z)
+    with pytest.raises(DataError, match=rf"truncated compressed variable \({have:,} of {len(inner) - 8:,} bytes\)$"):
+        read_mat_arrays(path, ("x",))
