@@ -604,3 +604,26 @@ def test_safe_loads_pickle_nesting_limit_is_exact():
     assert safe_loads(pickle.dumps(nested(50), protocol=2), "x") == nested(50)
     with pytest.raises(DataError, match="x: refused: .*refused object of type"):
         safe_loads(pickle.dumps(nested(51), protocol=2), "x")
+
+
+def test_safe_loads_pickle_checks_dict_keys_and_values_inside_containers():
+    """Objects the unpickler builds without any global (sets, frozensets: protocol 4 opcodes) are refused
+    wherever they are: dict values, dict keys, nested tuples used as keys."""
+    from densenet.data.safe_pickle import safe_loads
+
+    for bad in [{"k": {1, 2}}, {frozenset({1}): 1}, [{"a": [frozenset()]}], ({"x": 1}, {2: set()})]:
+        with pytest.raises(DataError, match="x: refused: .*refused object of type"):
+            safe_loads(pickle.dumps(bad, protocol=4), "x")
+
+    def deep(depth: int, key_levels: int):  # a dict at ``depth`` whose key nests ``key_levels`` tuples
+        key: object = 0
+        for _ in range(key_levels):
+            key = (key,)
+        obj: object = {key: 1}
+        for _ in range(depth):
+            obj = [obj]
+        return obj
+
+    assert safe_loads(pickle.dumps(deep(40, 9), protocol=2), "x") == deep(40, 9)  # the key's 0 at depth 50
+    with pytest.raises(DataError, match="x: refused"):
+        safe_loads(pickle.dumps(deep(40, 10), protocol=2), "x")  # at depth 51
