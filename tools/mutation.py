@@ -103,12 +103,12 @@ def db_path(module: str) -> Path:
     return ROOT / ".mutation" / (module.replace("/", "-").removesuffix(".py") + ".sqlite")
 
 
-def run_module(module: str, sample: int, seed: int, again: str, timeout: float | None) -> dict[str, int]:
+def run_module(module: str, sample: int, seed: int, again: str, timeout: float | None, tests: str = "") -> dict[str, int]:
     """Run (``again`` "": a fresh sample; "resume": the mutants not yet run; "survivors" or "timeouts": those of the
     last run that survived or ran out of time)."""
     db_path(module).parent.mkdir(exist_ok=True)
     command = shlex.join([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-                         *MODULES[module]])
+                         *(shlex.split(tests) if tests else MODULES[module])])
     scratch = scratch_copy()
     os.chdir(scratch)
     os.environ["PYTHONPATH"] = str(scratch)
@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--rerun", choices=["survivors", "timeouts"],
                         help="run the last run's survivors again (after adding tests), or its timeouts (a busy machine)")
     parser.add_argument("--report", action="store_true", help="only summarise the last run of each module")
+    parser.add_argument("--tests", default="", help="with --rerun survivors: only these pytest arguments (the tests added "
+                        "since; exact, as the survivors passed all the others)")
     args = parser.parse_args()
     modules = list(MODULES) if args.all else args.modules
     unknown = [m for m in modules if m not in MODULES]
@@ -202,7 +204,9 @@ def main() -> None:
                 summarise(module, db)
         else:
             again = args.rerun or ("resume" if args.resume else "")
-            run_module(module, args.sample, args.seed, again, args.timeout)
+            if args.tests and args.rerun != "survivors":
+                parser.error("--tests goes with --rerun survivors")
+            run_module(module, args.sample, args.seed, again, args.timeout, args.tests)
 
 
 if __name__ == "__main__":
