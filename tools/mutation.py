@@ -133,7 +133,9 @@ def run_module(module: str, sample: int, seed: int, again: str, timeout: float |
                 print(f"  {len(items)} mutants, {len(eligible)} outside annotations, {len(chosen)} sampled (seed {seed})")
             pending = list(db.pending_work_items)
             if again == "survivors":
-                pending = [w for w, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED]
+                known = equivalents()
+                pending = [w for w, r in db.completed_work_items if r.test_outcome == TestOutcome.SURVIVED
+                           and (module, *diff_lines(r.diff or "")) not in known]
             elif again == "timeouts":
                 pending = [w for w, r in db.completed_work_items if r.output == "timeout"]
             pending.sort(key=lambda w: (w.mutations[0].start_pos, w.mutations[0].operator_name))
