@@ -240,6 +240,9 @@ def test_bomb_check_boundaries_and_message():
     assert EXPANSION_FREE_BYTES == 64 << 20
     check_expansion("a.zip", "m", 64 << 20, 1)  # up to 64 MiB: any ratio
     check_expansion("a.zip", "m", 1000, 1)
+    check_expansion("a.zip", "m", 80_000_000, 400_000)  # exactly the default limit of 200x
+    with pytest.raises(ExpansionRefused, match="more than the limit of 200x"):
+        check_expansion("a.zip", "m", 80_000_001, 400_000)
     with pytest.raises(ExpansionRefused):
         check_expansion("a.zip", "m", (64 << 20) + 1, 1)
     check_expansion("a.zip", "m", 150_000_000, 0, limit=1e9)  # nothing compressed counts as one byte
