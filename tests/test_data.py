@@ -592,18 +592,20 @@ def test_bundled_sample_is_the_first_images_of_the_shared_zip(tmp_path):
 
 
 def test_safe_loads_pickle_nesting_limit_is_exact():
-    """Objects nested 50 levels below the top are admitted, 51 levels refused (a bound on the check's recursion)."""
+    """Objects nested 50 levels below the top are admitted, 51 levels refused (a bound on the check's
+    recursion), with dicts and lists at even and at odd depths."""
     from densenet.data.safe_pickle import safe_loads
 
-    def nested(levels: int):
+    def nested(levels: int, dict_first: bool):
         obj: object = 1
         for i in range(levels):
-            obj = [obj] if i % 2 else {"k": obj}
+            obj = {"k": obj} if (i % 2 == 0) == dict_first else [obj]
         return obj
 
-    assert safe_loads(pickle.dumps(nested(50), protocol=2), "x") == nested(50)
-    with pytest.raises(DataError, match="x: refused: .*refused object of type"):
-        safe_loads(pickle.dumps(nested(51), protocol=2), "x")
+    for dict_first in (True, False):
+        assert safe_loads(pickle.dumps(nested(50, dict_first), protocol=2), "x") == nested(50, dict_first)
+        with pytest.raises(DataError, match="x: refused: .*refused object of type"):
+            safe_loads(pickle.dumps(nested(51, dict_first), protocol=2), "x")
 
 
 def test_safe_loads_pickle_checks_dict_keys_and_values_inside_containers():
@@ -624,6 +626,7 @@ def test_safe_loads_pickle_checks_dict_keys_and_values_inside_containers():
             obj = [obj]
         return obj
 
-    assert safe_loads(pickle.dumps(deep(40, 9), protocol=2), "x") == deep(40, 9)  # the key's 0 at depth 50
-    with pytest.raises(DataError, match="x: refused"):
-        safe_loads(pickle.dumps(deep(40, 10), protocol=2), "x")  # at depth 51
+    for depth in (40, 41):  # the dict at an even and an odd depth
+        assert safe_loads(pickle.dumps(deep(depth, 49 - depth), protocol=2), "x") == deep(depth, 49 - depth)  # 0 at depth 50
+        with pytest.raises(DataError, match="x: refused"):
+            safe_loads(pickle.dumps(deep(depth, 50 - depth), protocol=2), "x")  # at depth 51
