@@ -22,6 +22,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -200,6 +201,7 @@ def main() -> None:
         parser.error(f"name modules among: {', '.join(MODULES)} (or --all)")
     os.environ.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     os.nice(19)  # share the machine
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # clean up the scratch copy on kill
     for module in modules:
         if args.report:
             with use_db(str(db_path(module)), WorkDB.Mode.open) as db:
