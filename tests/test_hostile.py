@@ -256,6 +256,8 @@ def test_bomb_check_boundaries_and_message():
         check_expansion("a.zip", "m", 150_000_000, 0, limit=1e8)
     with pytest.raises(ExpansionRefused, match=r"from 3 compressed \(50,000,000x\).*=50000001$"):
         check_expansion("a.zip", "m", 150_000_000, 3)
+    with pytest.raises(ExpansionRefused, match=r"from 1 compressed \(150,000,001x\).*=150000002$"):  # an odd ratio
+        check_expansion("a.zip", "m", 150_000_001, 1, limit=1e8)
 
 
 def test_zip_extraction_writes_files_and_folders_where_they_belong(tmp_path):
