@@ -187,3 +187,11 @@ def test_a_cut_compressed_variable_says_how_much_is_there(tmp_path):
     path = matfile(tmp_path / "c.mat", struct.pack("<II", 15, len(z)) + z)
     with pytest.raises(DataError, match=rf"truncated compressed variable \({have:,} of {len(inner) - 8:,} bytes\)$"):
         read_mat_arrays(path, ("x",))
+
+
+def test_a_compressed_variable_one_byte_short(tmp_path):
+    inner = matrix(b"x", np.arange(6, dtype=np.uint8).reshape(2, 3))
+    n = len(inner) - 8
+    path = matfile(tmp_path / "s.mat", compressed(inner[:-1]))  # a whole zlib stream of one byte less
+    with pytest.raises(DataError, match=rf"truncated compressed variable \({n - 1:,} of {n:,} bytes\)$"):
+        read_mat_arrays(path, ("x",))
