@@ -1,7 +1,7 @@
 """Mutation testing of the core modules with cosmic-ray (issue #20): do the tests fail when the code is wrong?
 
     python tools/mutation.py densenet/io/checkpoint.py      # one module (or several)
-    python tools/mutation.py --all                          # every core module (about 2-3 hours on 2 CPU cores)
+    python tools/mutation.py --all                          # every core module (about 3 hours on 2 CPU cores)
 
 For each module: copy densenet/ and tests/ to a scratch folder (your working tree is never touched), list
 cosmic-ray's mutants of the module (those inside type annotations excluded: with ``from __future__
