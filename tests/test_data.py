@@ -589,3 +589,44 @@ def test_bundled_sample_is_the_first_images_of_the_shared_zip(tmp_path):
             assert s.read(n) == z.read(n)
     rebuilt = make_sample(SHARED_ZIP, tmp_path / "s.zip")  # the committed file is what the script makes
     assert rebuilt.read_bytes() == build_mod.SAMPLE_PATH.read_bytes()
+
+
+def test_safe_loads_pickle_nesting_limit_is_exact():
+    """Objects nested 50 levels below the top are admitted, 51 levels refused (a bound on the check's
+    recursion), with dicts and lists at even and at odd depths."""
+    from densenet.data.safe_pickle import safe_loads
+
+    def nested(levels: int, dict_first: bool):
+        obj: object = 1
+        for i in range(levels):
+            obj = {"k": obj} if (i % 2 == 0) == dict_first else [obj]
+        return obj
+
+    for dict_first in (True, False):
+        assert safe_loads(pickle.dumps(nested(50, dict_first), protocol=2), "x") == nested(50, dict_first)
+        with pytest.raises(DataError, match="x: refused: .*refused object of type"):
+            safe_loads(pickle.dumps(nested(51, dict_first), protocol=2), "x")
+
+
+def test_safe_loads_pickle_checks_dict_keys_and_values_inside_containers():
+    """Objects the unpickler builds without any global (sets, frozensets: protocol 4 opcodes) are refused
+    wherever they are: dict values, dict keys, nested tuples used as keys."""
+    from densenet.data.safe_pickle import safe_loads
+
+    for bad in [{"k": {1, 2}}, {frozenset({1}): 1}, [{"a": [frozenset()]}], ({"x": 1}, {2: set()})]:
+        with pytest.raises(DataError, match="x: refused: .*refused object of type"):
+            safe_loads(pickle.dumps(bad, protocol=4), "x")
+
+    def deep(depth: int, key_levels: int):  # a dict at ``depth`` whose key nests ``key_levels`` tuples
+        key: object = 0
+        for _ in range(key_levels):
+            key = (key,)
+        obj: object = {key: 1}
+        for _ in range(depth):
+            obj = [obj]
+        return obj
+
+    for depth in (40, 41):  # the dict at an even and an odd depth
+        assert safe_loads(pickle.dumps(deep(depth, 49 - depth), protocol=2), "x") == deep(depth, 49 - depth)  # 0 at depth 50
+        with pytest.raises(DataError, match="x: refused"):
+            safe_loads(pickle.dumps(deep(depth, 50 - depth), protocol=2), "x")  # at depth 51

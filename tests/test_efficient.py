@@ -381,3 +381,48 @@ def test_eval_under_autocast_uses_the_fast_path(monkeypatch):
         out, expected = other.eval()(x), ref.eval()(x)
     assert out.dtype == expected.dtype == torch.bfloat16 and len(blocks) == 3 and pooled == [True, True]
     assert rel(out, ref.eval()(x)) < 0.03 and rel(expected, ref.eval()(x)) < 0.03
+
+
+HOOKS = ["forward", "forward_pre", "full_backward", "full_backward_pre"]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("kind", HOOKS)
+def test_any_hook_inside_a_block_or_global_makes_it_run_layer_by_layer(kind):
+    """A hook of any kind, on a module inside the block or registered globally, sees every layer's
+    modules (the block falls back to the reference path); removed, the fast path is back."""
+    torch.manual_seed(14)
+    block = DenseBlock(2, 8, 4).train()
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    seen = []
+    inner = getattr(block.denselayer2.conv1, f"register_{kind}_hook")(lambda m, *a: seen.append("inner"))
+    assert not can_use_fast_block(block, x)
+    block(x).sum().backward()
+    inner.remove()
+    assert seen == ["inner"] and can_use_fast_block(block, x)
+    register = getattr(torch.nn.modules.module, f"register_module_{kind}_hook")
+    handle = register(lambda m, *a: seen.append(type(m).__name__))
+    try:
+        assert not can_use_fast_block(block, x)
+        block(x).sum().backward()
+    finally:
+        handle.remove()
+    assert seen.count("BatchNorm2d") >= 2 and seen.count("Conv2d") >= 2, seen
+    assert can_use_fast_block(block, x)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("bottleneck", [True, False])
+def test_growth_rate_one_and_single_layer_blocks(mode, bottleneck):
+    """Edge sizes of the shared buffer: one new map per layer, a block of one layer."""
+    torch.manual_seed(15)
+    for layers, k in [(3, 1), (1, 3)]:
+        ref = DenseBlock(layers, 3, k, bottleneck, fast=False).double()
+        with torch.no_grad():
+            for m in ref.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.normal_()
+                    m.bias.normal_()
+        other = copy.deepcopy(ref)
+        other.execution = "memory_efficient" if MODES[mode].get("memory_efficient") else "fast"
+        compare(ref.train(), other.train(), torch.randn(2, 3, 4, 4, dtype=torch.float64), rtol=1e-10)

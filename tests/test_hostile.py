@@ -229,3 +229,60 @@ def test_tar_gz_bomb_is_refused(tmp_path):
     with pytest.raises(DataError, match="zip bomb"):
         safe_extract(arch, tmp_path / "out")
     assert not (tmp_path / "out" / "cifar-10-batches-py" / "data_batch_1").exists()
+
+
+def test_bomb_check_boundaries_and_message():
+    """check_expansion directly: sizes up to 64 MiB pass at any ratio; above, the ratio to the compressed size
+    (at least one byte) is compared with the limit, and the message gives the ratio and the setting that admits it."""
+    from densenet.data.archive import EXPANSION_FREE_BYTES, check_expansion
+    from densenet.data.errors import ExpansionRefused
+
+    assert EXPANSION_FREE_BYTES == 64 << 20
+    check_expansion("a.zip", "m", 64 << 20, 1)  # up to 64 MiB: any ratio
+    check_expansion("a.zip", "m", 1000, 1)
+    check_expansion("a.zip", "m", 80_000_000, 400_000)  # exactly the default limit of 200x
+    with pytest.raises(ExpansionRefused, match="more than the limit of 200x"):
+        check_expansion("a.zip", "m", 80_000_001, 400_000)
+    with pytest.raises(ExpansionRefused):
+        check_expansion("a.zip", "m", (64 << 20) + 1, 1)
+    check_expansion("a.zip", "m", 150_000_000, 0, limit=1e9)  # nothing compressed counts as one byte
+    check_expansion("a.zip", "m", 150_000_000, 1, limit=150_000_000)  # at the limit
+    with pytest.raises(ExpansionRefused) as raised:
+        check_expansion("a.zip", "member 'm'", 150_000_000, 1, limit=1e8)
+    assert str(raised.value) == ("a.zip: refused member 'm': 150,000,000 bytes from 1 compressed (150,000,000x), more than "
+                                 f"the limit of 1e+08x (a possible zip bomb); if you trust this archive, raise the limit "
+                                 f"with {EXPANSION_ENV}=150000001")
+    with pytest.raises(ExpansionRefused, match=r"from 0 compressed \(150,000,000x\).*=150000001$"):
+        check_expansion("a.zip", "m", 150_000_000, 0, limit=1e8)
+    with pytest.raises(ExpansionRefused, match=r"from 3 compressed \(50,000,000x\).*=50000001$"):
+        check_expansion("a.zip", "m", 150_000_000, 3)
+    with pytest.raises(ExpansionRefused, match=r"from 1 compressed \(150,000,001x\).*=150000002$"):  # an odd ratio
+        check_expansion("a.zip", "m", 150_000_001, 1, limit=1e8)
+
+
+def test_zip_extraction_writes_files_and_folders_where_they_belong(tmp_path):
+    """A zip with folder entries (first), nested files without folder entries, and two files in one
+    folder: every file is written under the destination with its content."""
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("top/", "")
+        z.writestr("top/empty/", "")
+        z.writestr("top/a.txt", b"a")
+        z.writestr("top/deep/er/b.bin", b"b" * 1000)
+        z.writestr("top/deep/er/c.bin", b"c")
+        z.writestr("d.txt", b"d")
+    out = safe_extract(archive, tmp_path / "out" / "here")
+    assert out == tmp_path / "out" / "here"
+    files = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert files == {"top/a.txt": b"a", "top/deep/er/b.bin": b"b" * 1000, "top/deep/er/c.bin": b"c", "d.txt": b"d"}
+    assert (out / "top" / "empty").is_dir()
+    safe_extract(archive, out)  # again over what is there
+
+
+def test_member_names_with_a_drive_or_one_character():
+    from densenet.data.archive import check_member_name
+
+    for name in ["C:", "C:x", "c:/x"]:
+        with pytest.raises(DataError, match="absolute path or '..'"):
+            check_member_name("a.zip", name)
+    assert [check_member_name("a.zip", n) for n in ["a", "ab:c", "x/./y", "..a/b"]] == ["a", "ab:c", "x/y", "..a/b"]

@@ -367,3 +367,139 @@ def test_load_report_text():
     assert str(LoadReport(loaded=3, renamed=["removed prefix 'module.'", "classifier.0 -> classifier"],
                           dropped=["classifier.weight: kept"])) == (
         "loaded 3 tensors; renamed: removed prefix 'module.'; classifier.0 -> classifier; not loaded: classifier.weight: kept")
+
+
+# ----------------------------------------------------------------------------------- small models, every rule (issue #20)
+def tiny(num_classes: int = 5, **kw) -> nn.Module:
+    from densenet import DenseNet
+
+    return DenseNet(growth_rate=4, block_config=(2, 2), num_classes=num_classes, **kw)
+
+
+def test_legacy_names_are_renamed_and_nothing_else():
+    from densenet.models.weights import from_torchvision_state_dict
+
+    t = torch.zeros(1)
+    state = {"features.denseblock1.denselayer1.norm.1.weight": t, "features.denseblock1.denselayer1.conv.2.weight": t,
+             "features.denseblock2.denselayer12.norm.2.running_var": t, "features.denseblock1.denselayer1.relu.1.bias": t,
+             "features.norm.1.weight": t, "features.denseblock1.denselayer1.norm.3.weight": t,
+             "features.denseblock1.denselayer2.conv1.weight": t, "features.denseblock1.denselayer1.norm.1.num_batches_tracked": t}
+    assert list(from_torchvision_state_dict(state)) == [
+        "features.denseblock1.denselayer1.norm1.weight", "features.denseblock1.denselayer1.conv2.weight",
+        "features.denseblock2.denselayer12.norm2.running_var", "features.denseblock1.denselayer1.relu1.bias",
+        "features.norm.1.weight", "features.denseblock1.denselayer1.norm.3.weight",
+        "features.denseblock1.denselayer2.conv1.weight", "features.denseblock1.denselayer1.norm.1.num_batches_tracked"]
+
+
+def test_wrappers_and_prefixes_are_removed_only_where_they_are(tmp_path):
+    from densenet.models.weights import unwrap_state_dict
+
+    w = {"a.weight": torch.ones(1), "b.bias": torch.zeros(1)}
+    for key in ["state_dict", "model", "model_state", "model_state_dict", "ema"]:
+        assert unwrap_state_dict({"epoch": 1, key: w}) == w
+        assert unwrap_state_dict({key: {"model": {f"module.{k}": v for k, v in w.items()}}}) == w
+    assert unwrap_state_dict({"model": "resnet", "state_dict": w}) == w  # a wrapper key whose value is no mapping
+    mixed = {"module.a.weight": torch.ones(1), "b.bias": torch.zeros(1)}
+    assert unwrap_state_dict(mixed) == mixed  # a prefix on only some keys stays
+    assert unwrap_state_dict({"module.module.x": torch.ones(1)}) == {"module.x": torch.ones(1)}
+    for bad in [{}, [torch.ones(1)], {"a": 1}, {"a": torch.ones(1), "b": [1]}, {"model": {}}]:
+        with pytest.raises(WeightsError, match="^here does not hold a state dict"):
+            unwrap_state_dict(bad, "here")
+    torch.save({"model": {"module.a.weight": torch.ones(2)}}, tmp_path / "c.pt")
+    assert list(read_state_dict(tmp_path / "c.pt")) == ["a.weight"]
+
+
+def test_a_damaged_checkpoint_of_this_project_is_refused_as_weights(tmp_path):
+    from densenet.io.checkpoint import save_checkpoint
+
+    model = tiny()
+    save_checkpoint(tmp_path / "c.pt", {"config": {}, "model": model.state_dict(), "step": 3})
+    assert read_state_dict(tmp_path / "c.pt").keys() == model.state_dict().keys()
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    raw["step"] = 4
+    torch.save(raw, tmp_path / "changed.pt")
+    with pytest.raises(WeightsError, match=r"changed.pt is corrupted: its content does not match the SHA-256 digest"):
+        read_state_dict(tmp_path / "changed.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(WeightsError, match="bad.safetensors is not a readable safetensors file"):
+        read_state_dict(tmp_path / "bad.safetensors")
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(WeightsError, match="weight file not found"):
+        read_state_dict(tmp_path / "folder.pth")
+
+
+def test_to_torchvision_gives_detached_copies():
+    model = tiny()
+    state = to_torchvision_state_dict(model)
+    assert list(state) == list(model.state_dict())
+    weight = model.features.conv0.weight
+    assert not state["features.conv0.weight"].requires_grad
+    assert torch.equal(state["features.conv0.weight"], weight)
+    state["features.conv0.weight"].add_(1)
+    assert not torch.equal(state["features.conv0.weight"], weight)
+
+
+def test_loading_checks_every_key_and_shape_and_lists_at_most_five():
+    source = tiny()
+    randomise_bn(source)
+    state = source.state_dict()
+    target = tiny()
+    load_state_dict(target, state)
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), state.values()))
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # PyTorch < 0.4.1
+    load_state_dict(tiny(), old)
+    norms = sorted(k for k in state if k.endswith(".running_mean"))
+    with pytest.raises(WeightsError) as raised:
+        load_state_dict(tiny(), {k: v for k, v in state.items() if k not in norms})
+    message = str(raised.value)
+    assert message.count("running_mean") == 5 and f"({len(norms)} in all)" in message and len(norms) > 5
+    assert "unexpected" not in message and "shape mismatch" not in message
+    with pytest.raises(WeightsError) as raised:
+        load_state_dict(tiny(), {k: v for k, v in state.items() if k not in norms[:5]})
+    assert "in all" not in str(raised.value) and all(n in str(raised.value) for n in norms[:5])
+    with pytest.raises(WeightsError) as raised:
+        load_state_dict(tiny(), {k: v for k, v in state.items() if k != norms[0]})
+    assert "in all" not in str(raised.value) and f"missing: {norms[0]}" in str(raised.value)
+    with pytest.raises(WeightsError, match=r"unexpected: extra\.weight$"):
+        load_state_dict(tiny(), {**state, "extra.weight": torch.ones(1)})
+    with pytest.raises(WeightsError, match=r"shape mismatch: classifier\.weight: file \(5, \d+\) vs model \(7, \d+\)"):
+        load_state_dict(tiny(num_classes=7), state)
+
+
+def test_non_strict_loading_forgives_only_the_classifier():
+    source = tiny()
+    state = source.state_dict()
+    target = tiny(num_classes=7)
+    head = target.classifier.weight.clone()
+    load_state_dict(target, state, strict=False)  # another class count: the head stays as initialised
+    assert torch.equal(target.classifier.weight, head) and torch.equal(target.features.conv0.weight, source.features.conv0.weight)
+    target = tiny()
+    load_state_dict(target, state, strict=False)  # the same class count: the head is loaded too
+    assert torch.equal(target.classifier.weight, source.classifier.weight)
+    assert torch.equal(target.classifier.bias, source.classifier.bias)
+    target = tiny()
+    load_state_dict(target, {k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
+    with pytest.raises(WeightsError, match="missing: features.conv0.weight"):
+        load_state_dict(tiny(), {k: v for k, v in state.items() if k != "features.conv0.weight"}, strict=False)
+    with pytest.raises(WeightsError, match=r"unexpected: extra"):
+        load_state_dict(tiny(), {**state, "extra": torch.ones(1)}, strict=False)
+    with pytest.raises(WeightsError, match=r"shape mismatch: features\.conv0\.weight"):
+        load_state_dict(tiny(stem="imagenet"), state, strict=False)
+
+
+def test_only_the_safetensors_suffix_selects_safetensors(tmp_path):
+    state = tiny().state_dict()
+    for name in ["w.weights", "w.tv", "w.zip", "w.pth", "w"]:  # suffixes sorting before and after ".safetensors"
+        torch.save(state, tmp_path / name)
+        assert read_state_dict(tmp_path / name).keys() == state.keys(), name
+
+
+def test_load_torchvision_weights_is_strict_unless_told(tmp_path):
+    from densenet.models.weights import load_torchvision_weights
+
+    source = tiny()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match=r"shape mismatch: classifier\.weight"):
+        load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth")
+    model = load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth", strict=False)
+    assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)

@@ -164,7 +164,7 @@ def _refused_global(message: str) -> str | None:
 
 def _unpickler_reason(message: str) -> str:
     """The reason in a ``weights_only`` load's error, without torch's advice to load unsafely."""
-    match = re.search(r"WeightsUnpickler error: ([^\n]*)", message)
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
     if match:
         return match.group(1)[:200]
     advice = ("Weights only load failed", "Check the documentation", "(1)", "(2)", "WeightsUnpickler")
