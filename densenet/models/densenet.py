@@ -492,10 +492,11 @@ class DenseNet(nn.Module):
             raise ArgumentTypeError(f"DenseNet expects a torch.Tensor, got {type(x).__name__}")
         want = 2 + self.spatial_dims
         if x.dim() != want:
-            hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == want - 1 else ""
-            if x.dim() in (3, 4, 5) and x.dim() != want - 1:
-                hint += (f"; a {x.dim() - 2}-D input needs a model with spatial_dims={x.dim() - 2}, this one has "
-                         f"spatial_dims={self.spatial_dims}")
+            hints = ["add a batch dimension with x.unsqueeze(0)"] if x.dim() == want - 1 else []
+            if x.dim() in (3, 4, 5):
+                hints.append(f"a {x.dim() - 2}-D input needs a model with spatial_dims={x.dim() - 2}, this one has "
+                             f"spatial_dims={self.spatial_dims}")
+            hint = f" ({'; '.join(hints)})" if hints else ""
             raise ArgumentError(
                 f"DenseNet expects a {want}-D input {_SHAPES[self.spatial_dims]}, got shape {tuple(x.shape)}{hint}"
             )
@@ -526,11 +527,11 @@ class DenseNet(nn.Module):
         """Check the input (not while tracing or compiling) and give it the blocks' memory layout."""
         if not torch.jit.is_scripting():
             self._check_untraced(x)
-        layout = channels_last_format(self.spatial_dims)
-        if layout is not None and (self.fast or self.memory_efficient) and not (self.training and self.drop_rate > 0):
+        if self.spatial_dims > 1 and (self.fast or self.memory_efficient) and not (self.training and self.drop_rate > 0):
             # channels_last suits the shared-buffer blocks; with dropout in training the blocks run
             # layer by layer, kept in NCHW so that dropout masks match the reference bit for bit
-            x = x.contiguous(memory_format=layout)
+            # (1-D input (N, C, L) has no channels-last format: the blocks read it as it is)
+            x = x.contiguous(memory_format=torch.channels_last_3d if self.spatial_dims == 3 else torch.channels_last)
         return x
 
     @torch.jit.unused
