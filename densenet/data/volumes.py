@@ -66,7 +66,7 @@ def _finite(a: np.ndarray, name: str) -> np.ndarray:
     if a.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(a)))
         if bad:
-            raise DataError(f"{name}: {bad} NaN or infinite value(s); refusing to use it")
+            raise DataError(f"{name}: {bad} NaN or infinite value(s) (or values beyond float32's range); refusing to use it")
     return a
 
 
@@ -80,7 +80,7 @@ def read_npy(data: bytes, name: str, max_values: int | None = DEFAULT_MAX_VALUES
             raise ValueError(f"unknown .npy version {version}")
         read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read(f, max_header_size=10_000)
-    except (ValueError, EOFError, OSError, SyntaxError, TypeError, struct.error, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises an open set (tokenize.TokenError, ...)
         raise DataError(f"{name}: not a readable .npy file ({type(e).__name__}: {e})") from None
     if not isinstance(dtype, np.dtype) or dtype.kind not in _NUMERIC or dtype.fields is not None or dtype.subdtype:
         raise DataError(f"{name}: unsupported element type {dtype!r} (numbers only)")
@@ -135,7 +135,8 @@ def read_nifti(data: bytes, name: str, max_values: int | None = DEFAULT_MAX_VALU
         header = image.header
         shape = tuple(int(s) for s in header.get_data_shape())
         dtype = np.dtype(header.get_data_dtype())
-        offset = int(header.get_data_offset())
+        # where the voxels start: after the header and its 4-byte extension flag at least
+        offset = max(int(float(header["vox_offset"])), int(header["sizeof_hdr"]) + 4)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types on malformed headers
         raise DataError(f"{name}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
     if dtype.kind not in _NUMERIC or dtype.fields is not None:
@@ -145,7 +146,8 @@ def read_nifti(data: bytes, name: str, max_values: int | None = DEFAULT_MAX_VALU
     if len(data) < need:
         raise DataError(f"{name}: truncated: the header declares {need:,} bytes, the file holds {len(data):,}")
     try:
-        a = np.asarray(image.dataobj, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - as above, for the data and its scaling
         raise DataError(f"{name}: cannot read the NIfTI data ({type(e).__name__}: {e})") from None
     return _finite(a, name)
@@ -168,7 +170,9 @@ def _as_channels(a: np.ndarray, name: str, spatial_dims: int, channels_first: bo
         raise DataError(f"{name}: {a.shape[0]} channels (at most {MAX_CHANNELS}), shape {tuple(a.shape)}")
     if min(a.shape[1:]) < 1:
         raise DataError(f"{name}: empty {'signal' if spatial_dims == 1 else 'volume'}, shape {tuple(a.shape)}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return _finite(a, name)  # again in float32: a float64 value past its range is infinite there
 
 
 def read_volume(data: bytes, name: str, max_values: int | None = DEFAULT_MAX_VALUES) -> np.ndarray:
