@@ -17,15 +17,18 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, ArgumentTypeError, check_int
 from .efficient import (
+    bn_relu_maxpool,
     bn_relu_pool,
     bn_relu_pool_eval,
     can_fuse_bn_relu_pool,
+    can_fuse_stem,
     can_use_fast_block,
+    conv_bn_relu_maxpool,
     fast_block_forward,
     hooks_inside,
 )
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "GlobalPool", "STEMS", "EXECUTION_MODES",
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "Features", "GlobalPool", "STEMS", "EXECUTION_MODES",
            "POOL_TYPES", "SPATIAL_DIMS", "feature_take_indices", "channels_last_format"]
 
 STEMS = ("cifar", "imagenet")
@@ -243,6 +246,52 @@ class Transition(nn.Sequential):
         return self.conv(self.pool(self.relu(self.norm(x))))
 
 
+class Features(nn.Sequential):
+    """The feature extractor (``model.features``, torchvision's names): its modules in order. In the
+    fast modes, training with gradients, the ImageNet stem's BN-ReLU-max pool runs as one step that
+    keeps only the stem convolution's output for backward (``densenet.models.efficient.bn_relu_maxpool``:
+    the ReLU output and the pool's indices are recomputed there); the memory-efficient mode keeps only
+    the stem's input (the convolution runs again in backward). Hooks on the stem's modules, tracing
+    and scripting keep the module-by-module form."""
+
+    _STEM = ["conv0", "norm0", "relu0", "pool0"]
+
+    def __init__(self, layers: "OrderedDict[str, nn.Module]") -> None:
+        super().__init__(layers)
+        self.execution = "fast"  # set by DenseNet.set_execution
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._stem_fuses(x):
+            return self._forward_fused_stem(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _stem_fuses(self, x: torch.Tensor) -> bool:
+        return (self.execution != "reference" and self.training and torch.is_grad_enabled() and not traced(x)
+                and list(self._modules)[:4] == self._STEM)
+
+    @torch.jit.unused
+    def _forward_fused_stem(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self._modules.values())
+        conv, norm, relu, pool = modules[:4]
+        if self.execution == "memory_efficient" and _plain_conv(conv) and can_fuse_stem(norm, relu, pool, x, conv):
+            x = conv_bn_relu_maxpool(conv, norm, x)
+        else:
+            x = conv(x)
+            x = bn_relu_maxpool(norm, x) if can_fuse_stem(norm, relu, pool, x) else pool(relu(norm(x)))
+        for module in modules[4:]:
+            x = module(x)
+        return x
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A bias-free, zero-padded nn.Conv1d/2d/3d without hooks (what the fused stem recomputes)."""
+    return (type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and conv.bias is None and conv.padding_mode == "zeros"
+            and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks or conv._backward_pre_hooks))
+
+
 class GlobalPool(nn.Module):
     """Global pooling of (N, C, H, W) maps ((N, C, L), (N, C, D, H, W) with ``spatial_dims`` 1, 3):
     ``"avg"``, ``"max"`` or ``"avgmax"`` (their mean) give (N, C); ``""`` keeps the maps (no
@@ -394,7 +443,7 @@ class DenseNet(nn.Module):
         layers["norm5"] = _NORM[d](channels)
         layers["relu5"] = nn.ReLU()
         self.feature_info.append({"num_chs": channels, "reduction": reduction, "module": "features.relu5"})
-        self.features = nn.Sequential(layers)
+        self.features = Features(layers)
         self.num_features = self.head_hidden_size = channels
         self.global_pool = GlobalPool(global_pool, d)
         if num_classes > 0 and global_pool == "":
@@ -404,6 +453,12 @@ class DenseNet(nn.Module):
         self.pretrained_cfg = default_pretrained_cfg(stem, in_channels, num_classes, d)
         self.fast, self.memory_efficient = True, False
         self.set_execution(fast=fast, memory_efficient=memory_efficient)
+        if d == 3:
+            # 3-D convolution weights in the layout of the activations (channels_last_3d): oneDNN would
+            # otherwise reorder every weight and its gradient at every call (the state dict is the same)
+            for m in self.modules():
+                if isinstance(m, nn.Conv3d):
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
         self.reset_parameters()
 
     def set_execution(self, fast: bool | None = None, memory_efficient: bool | None = None) -> "DenseNet":
@@ -425,6 +480,8 @@ class DenseNet(nn.Module):
                 m.execution = mode
             elif isinstance(m, Transition):
                 m.execution = "reference" if mode == "reference" else "fast"
+            elif isinstance(m, Features):
+                m.execution = mode
         return self
 
     # ------------------------------------------------------------------ set-up

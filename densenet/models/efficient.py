@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
-__all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_use_fast_block",
-           "fast_block_forward", "hooks_inside"]
+__all__ = ["autocast_on", "bn_relu_maxpool", "conv_bn_relu_maxpool", "bn_relu_pool", "bn_relu_pool_eval",
+           "can_fuse_bn_relu_pool", "can_fuse_stem", "can_use_fast_block", "fast_block_forward", "hooks_inside"]
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)
@@ -597,3 +597,215 @@ def bn_relu_pool_eval(norm: nn.Module, x: Tensor) -> Tensor | None:
     for a in range(0, n, per):
         out[a : a + per] = _AVG_POOL_FN[d](torch.addcmul(shift, x[a : a + per], scale).relu_(), 2)
     return out
+
+
+# ---------------------------------------------------------------------------- the ImageNet stem
+#: size of each chunk of images that the fused stem's BN-ReLU-max pool works on at a time
+STEM_CHUNK_BYTES = 1 << 25
+
+
+def _conv_positions(conv: nn.Module, x: Tensor) -> int:
+    """Values per channel of ``conv(x)``."""
+    sides = [(s + 2 * p - dl * (k - 1) - 1) // st + 1
+             for s, k, st, p, dl in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    return x.shape[0] * math.prod(sides)
+
+
+def can_fuse_stem(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor, conv: nn.Module | None = None) -> bool:
+    """Whether the stem's BN-ReLU-3x3/2 max pool can run as :func:`bn_relu_maxpool` on ``x`` (or, with
+    ``conv``, on ``conv(x)``: :func:`conv_bn_relu_maxpool`): training with gradients, a plain
+    ``nn.BatchNorm1d/2d/3d`` of x's dimensions, float32/64 input without autocast, more than one value
+    per channel, and no hook on the three modules (nor a global one)."""
+    d = _NORM_DIMS.get(type(norm))
+    positions = _positions(x) if conv is None else _conv_positions(conv, x)
+    ok = (
+        d is not None and x.dim() == 2 + d and type(relu) is nn.ReLU and not relu.inplace
+        and isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and norm.training and torch.is_grad_enabled()
+        and x.dtype in _FLOATS and not autocast_on(x) and norm.weight is not None and norm.weight.dtype == x.dtype
+        and norm.affine and norm.track_running_stats and positions > 1 and not _global_hooks()
+        and (conv is None or conv.weight.dtype == x.dtype)
+    )
+    if not ok:
+        return False
+    k, s, p = (pool.kernel_size, pool.stride, pool.padding)
+    if (k, s, p, pool.dilation, pool.ceil_mode) not in ((3, 2, 1, 1, False), ((3,) * d, (2,) * d, (1,) * d, (1,) * d, False)):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in (norm, relu, pool))
+
+
+def _max_pool(y: Tensor) -> tuple[Tensor, Tensor]:
+    """3x3/2 (3, 3x3x3) max pool with padding 1, and its indices; 1-D as the 2-D kernel on (N, C, 1, L)."""
+    d = y.dim() - 2
+    if d == 3:
+        return _aten.max_pool3d_with_indices(y, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
+    if d == 2:
+        return _aten.max_pool2d_with_indices(y, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    out, idx = _aten.max_pool2d_with_indices(y.unsqueeze(2), [1, 3], [1, 2], [0, 1], [1, 1], False)
+    return out.squeeze(2), idx.squeeze(2)
+
+
+def _max_pool_backward(grad: Tensor, y: Tensor, idx: Tensor, out: Tensor) -> Tensor:
+    """The gradient of ``y`` through :func:`_max_pool`, written into ``out`` (shaped as y)."""
+    d = y.dim() - 2
+    if d == 3:
+        return _aten.max_pool3d_with_indices_backward.grad_input(grad, y, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False,
+                                                                 idx, grad_input=out)
+    if d == 2:
+        return _aten.max_pool2d_with_indices_backward.grad_input(grad, y, [3, 3], [2, 2], [1, 1], [1, 1], False, idx,
+                                                                 grad_input=out)
+    out.copy_(_aten.max_pool2d_with_indices_backward(grad.unsqueeze(2), y.unsqueeze(2), [1, 3], [1, 2], [0, 1], [1, 1],
+                                                     False, idx.unsqueeze(2)).squeeze(2))
+    return out
+
+
+def _image_chunks(x: Tensor) -> range:
+    """Start of each chunk of images of ``x`` with about STEM_CHUNK_BYTES of values (one image at least)."""
+    per = max(1, STEM_CHUNK_BYTES // max(1, x.element_size() * x[0].numel()))
+    return range(0, x.shape[0], per)
+
+
+def _stem_stats(norm: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch mean and 1/std of ``x`` (running statistics updated once), and BN's per-channel scale and shift."""
+    var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+    update_running(norm, mean, var, _positions(x))
+    invstd = torch.rsqrt(var + norm.eps)
+    return mean, invstd, *_stem_affine(x, weight, bias, mean, invstd)
+
+
+def _stem_affine(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    return (weight * invstd).view(per_channel), (bias - mean * weight * invstd).view(per_channel)
+
+
+def _stem_forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """max_pool(relu(x * scale + shift)), a chunk of images at a time (no full-size temporary)."""
+    chunks = _image_chunks(x)
+    out = None
+    for a in chunks:
+        part = _max_pool(torch.addcmul(shift, x[a : a + chunks.step], scale).relu_())[0]
+        if out is None:
+            out = part if len(chunks) == 1 else part.new_empty((x.shape[0], *part.shape[1:]))
+        if len(chunks) > 1:
+            out[a : a + chunks.step] = part
+    return out
+
+
+def _stem_backward(x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of x, BN weight and BN bias through BN-ReLU-max pool; the ReLU output and the pool's
+    indices are recomputed a chunk of images at a time. Holds x's gradient and one chunk's temporaries."""
+    scale, shift = _stem_affine(x, weight, bias, mean, invstd)
+    per_channel = scale.shape
+    dims = (0, *range(2, x.dim()))
+    m, i = mean.view(per_channel), invstd.view(per_channel)
+    chunks = _image_chunks(x)
+    gx = torch.empty_like(x)
+    gb = torch.zeros_like(mean)
+    gw = torch.zeros_like(mean)
+    for a in chunks:  # first pass: the gradient of BN's output (into gx), and its two sums
+        b = a + chunks.step
+        y = torch.addcmul(shift, x[a:b], scale).relu_()
+        g = _max_pool_backward(grad[a:b], y, _max_pool(y)[1], gx[a:b])
+        _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+        gb += g.sum(dims)
+        gw += torch.mul(g, torch.sub(x[a:b], m, out=y).mul_(i), out=y).sum(dims)  # g * x_hat, in y's memory
+    count = _positions(x)
+    for a in chunks:  # second pass: BN's input gradient, x_hat recomputed
+        b = a + chunks.step
+        xhat = torch.sub(x[a:b], m).mul_(i)
+        gx[a:b].sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
+    return gx, gw, gb
+
+
+class _BNReLUMaxPool(torch.autograd.Function):
+    """max_pool(relu(batch_norm(x)), 3, 2, 1) saving only x and the batch statistics. Neither the
+    BN-ReLU output nor the pool's indices are kept: both are recomputed in backward, a chunk of
+    images at a time, so the stem keeps one full-resolution tensor (its convolution's output) where
+    the layer-by-layer form keeps two and the indices."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> Tensor:  # type: ignore[override]
+        mean, invstd, scale, shift = _stem_stats(norm, x, weight, bias)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        return _stem_forward(x, scale, shift)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        return (*_stem_backward(x, grad, weight, bias, mean, invstd), None)
+
+
+class _ConvBNReLUMaxPool(torch.autograd.Function):
+    """The whole ImageNet stem, conv-BN-ReLU-max pool, keeping only its input (memory-efficient mode).
+    Backward works a chunk of images at a time and never holds a full-resolution tensor: a first
+    pass computes the convolution of the chunk again, the gradient of BN's output and its two
+    per-channel sums; a second pass computes them again with the sums known, and the convolution's
+    gradients of the chunk (two more stem convolutions per step than the fast mode)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, conv_w: Tensor, weight: Tensor, bias: Tensor, conv: nn.Module,  # type: ignore[override]
+                norm: nn.Module) -> Tensor:
+        c = conv._conv_forward(x, conv_w, None)
+        mean, invstd, scale, shift = _stem_stats(norm, c, weight, bias)
+        out = _stem_forward(c, scale, shift)
+        ctx.save_for_backward(x, conv_w, weight, bias, mean, invstd)
+        ctx.conv, ctx.per_image = conv, c[0].numel() * c.element_size()
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, conv_w, weight, bias, mean, invstd = ctx.saved_tensors
+        conv = ctx.conv
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        dims = (0, *range(2, x.dim()))
+        scale, shift = (weight * invstd).view(per_channel), (bias - mean * weight * invstd).view(per_channel)
+        m, i = mean.view(per_channel), invstd.view(per_channel)
+        step = max(1, STEM_CHUNK_BYTES // max(1, ctx.per_image))
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nd = x.dim() - 2
+
+        def output_grad(a: int) -> tuple[Tensor, Tensor]:
+            """(the chunk's convolution output, the gradient of BN's output there)."""
+            with torch.no_grad():
+                c = conv._conv_forward(x[a : a + step], conv_w, None)
+            y = torch.addcmul(shift, c, scale).relu_()
+            g = _max_pool_backward(grad[a : a + step], y, _max_pool(y)[1], torch.empty_like(y))
+            _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+            return c, g
+
+        gb, gw = torch.zeros_like(mean), torch.zeros_like(mean)
+        for a in range(0, x.shape[0], step):  # first pass: the two sums of BN backward
+            c, g = output_grad(a)
+            gb += g.sum(dims)
+            gw += g.mul_(c.sub_(m).mul_(i)).sum(dims)
+        total = x.shape[0] * (ctx.per_image // (conv_w.shape[0] * x.element_size()))  # values per channel
+        g_x = torch.empty_like(x) if need_x else None
+        g_cw = torch.zeros_like(conv_w) if need_w else None
+        for a in range(0, x.shape[0], step):  # second pass: BN's input gradient, then the convolution's
+            c, g = output_grad(a)
+            xhat = c.sub_(m).mul_(i)
+            g.sub_((gb / total).view(per_channel)).sub_(xhat.mul_((gw / total).view(per_channel))).mul_(scale)
+            del c, xhat
+            gi, gwi, _ = _aten.convolution_backward(g, x[a : a + step], conv_w, None, list(conv.stride), list(conv.padding),
+                                                    list(conv.dilation), False, [0] * nd, conv.groups,
+                                                    [need_x, need_w, False])
+            if need_x:
+                g_x[a : a + step] = gi
+            if need_w:
+                g_cw += gwi
+        return g_x, g_cw, gw, gb, None, None
+
+
+def bn_relu_maxpool(norm: nn.Module, x: Tensor) -> Tensor:
+    """The ImageNet stem after its convolution in training: BN (batch statistics, running statistics
+    updated once), ReLU and 3x3/2 max pool (every spatial side), keeping only ``x`` for backward;
+    call only when :func:`can_fuse_stem`."""
+    return _BNReLUMaxPool.apply(x, norm.weight, norm.bias, norm)
+
+
+def conv_bn_relu_maxpool(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """The whole ImageNet stem in training keeping only its input ``x`` (the memory-efficient mode:
+    the convolution runs again in backward); call only when :func:`can_fuse_stem` holds for the
+    convolution's output and ``conv`` is a plain bias-free convolution."""
+    return _ConvBNReLUMaxPool.apply(x, conv.weight, norm.weight, norm.bias, conv, norm)

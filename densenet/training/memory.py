@@ -107,8 +107,12 @@ def _training_count(model: nn.Module, image_size: int | Sequence[int], fast: boo
     count.stage(model.in_channels * pixels * (2 if fast else 1), 0)  # the batch (+ its channels_last copy)
     if model.stem == "imagenet":
         half = math.prod((s - 1) // 2 + 1 for s in sides)
-        # conv0 output (kept by norm0), ReLU output (kept by ReLU and the max pool), pool indices (int64)
-        count.stage(2 * half * model.stem_channels, half * model.stem_channels, 8 * blocks[0][0] * model.stem_channels)
+        if efficient:  # the fused stem keeps only its input; its output exists while the stem runs
+            count.stage(0, 2 * half * model.stem_channels)
+        elif fast:  # the fused stem keeps the conv0 output; BN-ReLU and the pool's indices are recomputed
+            count.stage(half * model.stem_channels, half * model.stem_channels)
+        else:  # conv0 output (kept by norm0), ReLU output (kept by ReLU and the max pool), pool indices (int64)
+            count.stage(2 * half * model.stem_channels, half * model.stem_channels, 8 * blocks[0][0] * model.stem_channels)
     else:
         count.stage(0, 2 * pixels * model.stem_channels)
     grad_peak = 0.0  # the most any stage's backward adds on top of what is kept up to it
