@@ -125,7 +125,7 @@ def test_fused_stem_in_chunks_of_one_image(spatial_dims, mode, monkeypatch):
     monkeypatch.setattr(efficient, "STEM_CHUNK_BYTES", 1)
     torch.manual_seed(9)
     ref, other = pair(mode, spatial_dims, stem="imagenet")
-    stems = counting(monkeypatch, dn, "conv_bn_relu_maxpool" if mode == "memory_efficient" else "bn_relu_maxpool")
+    stems = counting(monkeypatch, dn, "fused_stem")
     x = batch(spatial_dims, "imagenet") if spatial_dims != 2 else torch.randn(3, 3, 20, 18, dtype=torch.float64)
     compare(ref.train(), other.train(), x)
     compare(ref, other, x)
@@ -141,7 +141,7 @@ def test_a_hook_on_the_stem_keeps_the_module_by_module_form(monkeypatch):
     ref, other = pair("memory_efficient", 3, stem="imagenet")
     seen = []
     other.features.relu0.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    stems = counting(monkeypatch, dn, "conv_bn_relu_maxpool")
+    stems = counting(monkeypatch, dn, "fused_stem")
     compare(ref.train(), other.train(), batch(3, "imagenet"))
     assert stems == [] and seen == [(3, 8, 10, 10, 10)]
 

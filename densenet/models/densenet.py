@@ -17,14 +17,13 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, ArgumentTypeError, check_int
 from .efficient import (
-    bn_relu_maxpool,
     bn_relu_pool,
     bn_relu_pool_eval,
     can_fuse_bn_relu_pool,
     can_fuse_stem,
     can_use_fast_block,
-    conv_bn_relu_maxpool,
     fast_block_forward,
+    fused_stem,
     hooks_inside,
 )
 
@@ -249,7 +248,7 @@ class Transition(nn.Sequential):
 class Features(nn.Sequential):
     """The feature extractor (``model.features``, torchvision's names): its modules in order. In the
     fast modes, training with gradients, the ImageNet stem's BN-ReLU-max pool runs as one step that
-    keeps only the stem convolution's output for backward (``densenet.models.efficient.bn_relu_maxpool``:
+    keeps only the stem convolution's output for backward (``densenet.models.efficient.fused_stem``:
     the ReLU output and the pool's indices are recomputed there); the memory-efficient mode keeps only
     the stem's input (the convolution runs again in backward). Hooks on the stem's modules, tracing
     and scripting keep the module-by-module form."""
@@ -276,11 +275,10 @@ class Features(nn.Sequential):
     def _forward_fused_stem(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())
         conv, norm, relu, pool = modules[:4]
-        if self.execution == "memory_efficient" and _plain_conv(conv) and can_fuse_stem(norm, relu, pool, x, conv):
-            x = conv_bn_relu_maxpool(conv, norm, x)
+        if _plain_conv(conv) and can_fuse_stem(norm, relu, pool, x, conv):
+            x = fused_stem(conv, norm, x, keep_output=self.execution != "memory_efficient")
         else:
-            x = conv(x)
-            x = bn_relu_maxpool(norm, x) if can_fuse_stem(norm, relu, pool, x) else pool(relu(norm(x)))
+            x = pool(relu(norm(conv(x))))
         for module in modules[4:]:
             x = module(x)
         return x

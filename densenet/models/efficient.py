@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
-__all__ = ["autocast_on", "bn_relu_maxpool", "conv_bn_relu_maxpool", "bn_relu_pool", "bn_relu_pool_eval",
-           "can_fuse_bn_relu_pool", "can_fuse_stem", "can_use_fast_block", "fast_block_forward", "hooks_inside"]
+__all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_fuse_stem",
+           "can_use_fast_block", "fast_block_forward", "fused_stem", "hooks_inside"]
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)
@@ -612,8 +612,8 @@ def _conv_positions(conv: nn.Module, x: Tensor) -> int:
 
 
 def can_fuse_stem(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor, conv: nn.Module | None = None) -> bool:
-    """Whether the stem's BN-ReLU-3x3/2 max pool can run as :func:`bn_relu_maxpool` on ``x`` (or, with
-    ``conv``, on ``conv(x)``: :func:`conv_bn_relu_maxpool`): training with gradients, a plain
+    """Whether the stem's BN-ReLU-3x3/2 max pool can run fused on ``x`` (or, with ``conv``, on
+    ``conv(x)``: :func:`fused_stem`): training with gradients, a plain
     ``nn.BatchNorm1d/2d/3d`` of x's dimensions, float32/64 input without autocast, more than one value
     per channel, and no hook on the three modules (nor a global one)."""
     d = _NORM_DIMS.get(type(norm))
@@ -718,52 +718,93 @@ def _stem_backward(x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor, mean: 
     return gx, gw, gb
 
 
-class _BNReLUMaxPool(torch.autograd.Function):
-    """max_pool(relu(batch_norm(x)), 3, 2, 1) saving only x and the batch statistics. Neither the
-    BN-ReLU output nor the pool's indices are kept: both are recomputed in backward, a chunk of
-    images at a time, so the stem keeps one full-resolution tensor (its convolution's output) where
-    the layer-by-layer form keeps two and the indices."""
+def _space_to_depth(x: Tensor) -> Tensor:
+    """(N, C, *sides) padded by 3 (and 1 more at the end of odd sides) -> (N, C * 2^d, *halves): each
+    2x2x2 block of positions becomes 8 channels. A 7x7x7 stride-2 convolution of x with padding 3 is a
+    4x4x4 stride-1 convolution of this, which oneDNN differentiates several times faster when x has
+    one channel (a CT or MR volume)."""
+    d = x.dim() - 2
+    pads: list[int] = []
+    for side in reversed(x.shape[2:]):
+        pads += [3, 3 + side % 2]
+    xp = F.pad(x, pads)
+    n, c, *sides = xp.shape
+    split = [n, c] + [v for s in sides for v in (s // 2, 2)]
+    order = [0, 1] + [3 + 2 * k for k in range(d)] + [2 + 2 * k for k in range(d)]
+    out = xp.reshape(split).permute(order).reshape(n, c * 2**d, *(s // 2 for s in sides))
+    return out.contiguous(memory_format=torch.channels_last_3d) if d == 3 else out
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> Tensor:  # type: ignore[override]
-        mean, invstd, scale, shift = _stem_stats(norm, x, weight, bias)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        return _stem_forward(x, scale, shift)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        return (*_stem_backward(x, grad, weight, bias, mean, invstd), None)
+def _depth_to_weight(g: Tensor, out_channels: int, in_channels: int, d: int) -> Tensor:
+    """The 4x4x4 kernel gradient over the 8 phase channels -> the 7x7x7 kernel's (inverse of the
+    rearrangement in :func:`_space_to_depth`; the eighth tap of each axis, which is padding, dropped)."""
+    g = g.reshape([out_channels, in_channels] + [2] * d + [4] * d)
+    order = [0, 1] + [v for k in range(d) for v in (2 + d + k, 2 + k)]
+    g = g.permute(order).reshape([out_channels, in_channels] + [8] * d)
+    return g[(slice(None), slice(None)) + (slice(0, 7),) * d]
 
 
-class _ConvBNReLUMaxPool(torch.autograd.Function):
-    """The whole ImageNet stem, conv-BN-ReLU-max pool, keeping only its input (memory-efficient mode).
-    Backward works a chunk of images at a time and never holds a full-resolution tensor: a first
-    pass computes the convolution of the chunk again, the gradient of BN's output and its two
-    per-channel sums; a second pass computes them again with the sums known, and the convolution's
-    gradients of the chunk (two more stem convolutions per step than the fast mode)."""
+def _conv0_grads(g: Tensor, x: Tensor, conv_w: Tensor, conv: nn.Module, need_x: bool, need_w: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the stem convolution's input and weight from that of its output ``g``."""
+    d = x.dim() - 2
+    ones, zeros = [1] * d, [0] * d
+    g_x = g_w = None
+    if need_x:
+        g_x = _aten.convolution_backward(g, x, conv_w, None, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                         False, zeros, conv.groups, [True, False, False])[0]
+    if need_w:
+        if (d == 3 and tuple(conv.kernel_size) == (7,) * 3 and tuple(conv.stride) == (2,) * 3
+                and tuple(conv.padding) == (3,) * 3 and tuple(conv.dilation) == ones and conv.groups == 1):
+            xs = _space_to_depth(x)
+            ws = torch.empty((conv_w.shape[0], xs.shape[1], 4, 4, 4), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last_3d)
+            gs = _aten.convolution_backward(g, xs, ws, None, ones, zeros, ones, False, zeros, 1, [False, True, False])[1]
+            g_w = _depth_to_weight(gs, conv_w.shape[0], conv_w.shape[1], d).contiguous(
+                memory_format=torch.channels_last_3d if conv_w.is_contiguous(memory_format=torch.channels_last_3d)
+                else torch.contiguous_format)
+        else:
+            g_w = _aten.convolution_backward(g, x, conv_w, None, list(conv.stride), list(conv.padding),
+                                             list(conv.dilation), False, zeros, conv.groups, [False, True, False])[1]
+    return g_x, g_w
+
+
+class _Stem(torch.autograd.Function):
+    """The whole ImageNet stem in training, conv-BN-ReLU-max pool. Neither the BN-ReLU output nor
+    the pool's indices are kept: backward recomputes both, a chunk of images at a time.
+
+    ``keep`` (the fast mode) keeps the convolution's output: one full-resolution tensor where the
+    layer-by-layer form keeps two and the indices. Without it (the memory-efficient mode) only the
+    stem's input is kept, and backward never holds a full-resolution tensor: a first pass computes
+    the convolution of a chunk again, the gradient of BN's output and its two per-channel sums; a
+    second pass computes them again with the sums known, and the convolution's gradients of the
+    chunk (two more stem convolutions per step than the fast mode)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, conv_w: Tensor, weight: Tensor, bias: Tensor, conv: nn.Module,  # type: ignore[override]
-                norm: nn.Module) -> Tensor:
+                norm: nn.Module, keep: bool) -> Tensor:
         c = conv._conv_forward(x, conv_w, None)
         mean, invstd, scale, shift = _stem_stats(norm, c, weight, bias)
         out = _stem_forward(c, scale, shift)
-        ctx.save_for_backward(x, conv_w, weight, bias, mean, invstd)
+        ctx.save_for_backward(x, conv_w, weight, bias, mean, invstd, *([c] if keep else []))
         ctx.conv, ctx.per_image = conv, c[0].numel() * c.element_size()
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, conv_w, weight, bias, mean, invstd = ctx.saved_tensors
+        x, conv_w, weight, bias, mean, invstd, *kept = ctx.saved_tensors
         conv = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if kept:
+            gc, gw, gb = _stem_backward(kept[0], grad, weight, bias, mean, invstd)
+            del kept
+            g_x, g_cw = _conv0_grads(gc, x, conv_w, conv, need_x, need_w)
+            return g_x, g_cw, gw, gb, None, None, None
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
         dims = (0, *range(2, x.dim()))
-        scale, shift = (weight * invstd).view(per_channel), (bias - mean * weight * invstd).view(per_channel)
+        scale, shift = _stem_affine(grad, weight, bias, mean, invstd)
         m, i = mean.view(per_channel), invstd.view(per_channel)
         step = max(1, STEM_CHUNK_BYTES // max(1, ctx.per_image))
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        nd = x.dim() - 2
 
         def output_grad(a: int) -> tuple[Tensor, Tensor]:
             """(the chunk's convolution output, the gradient of BN's output there)."""
@@ -787,25 +828,17 @@ class _ConvBNReLUMaxPool(torch.autograd.Function):
             xhat = c.sub_(m).mul_(i)
             g.sub_((gb / total).view(per_channel)).sub_(xhat.mul_((gw / total).view(per_channel))).mul_(scale)
             del c, xhat
-            gi, gwi, _ = _aten.convolution_backward(g, x[a : a + step], conv_w, None, list(conv.stride), list(conv.padding),
-                                                    list(conv.dilation), False, [0] * nd, conv.groups,
-                                                    [need_x, need_w, False])
+            gi, gwi = _conv0_grads(g, x[a : a + step], conv_w, conv, need_x, need_w)
             if need_x:
                 g_x[a : a + step] = gi
             if need_w:
                 g_cw += gwi
-        return g_x, g_cw, gw, gb, None, None
+        return g_x, g_cw, gw, gb, None, None, None
 
 
-def bn_relu_maxpool(norm: nn.Module, x: Tensor) -> Tensor:
-    """The ImageNet stem after its convolution in training: BN (batch statistics, running statistics
-    updated once), ReLU and 3x3/2 max pool (every spatial side), keeping only ``x`` for backward;
-    call only when :func:`can_fuse_stem`."""
-    return _BNReLUMaxPool.apply(x, norm.weight, norm.bias, norm)
-
-
-def conv_bn_relu_maxpool(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-    """The whole ImageNet stem in training keeping only its input ``x`` (the memory-efficient mode:
-    the convolution runs again in backward); call only when :func:`can_fuse_stem` holds for the
-    convolution's output and ``conv`` is a plain bias-free convolution."""
-    return _ConvBNReLUMaxPool.apply(x, conv.weight, norm.weight, norm.bias, conv, norm)
+def fused_stem(conv: nn.Module, norm: nn.Module, x: Tensor, keep_output: bool = True) -> Tensor:
+    """The ImageNet stem in training, conv-BN (batch statistics, running statistics updated once)-
+    ReLU-3x3/2 max pool (every spatial side), keeping the convolution's output for backward
+    (``keep_output``, the fast mode) or only ``x`` (the memory-efficient mode); call only when
+    :func:`can_fuse_stem` holds for ``x`` with ``conv`` a plain bias-free convolution."""
+    return _Stem.apply(x, conv.weight, norm.weight, norm.bias, conv, norm, keep_output)
