@@ -75,15 +75,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     spec = model_spec(args.name)
+    dims = args.spatial_dims or 2
     with torch.device("meta"):
         classes = spec.kwargs["num_classes"] if args.num_classes is None else args.num_classes
-        model = create_model(args.name, num_classes=classes)
+        extra = {"in_channels": args.in_channels} if args.in_channels else {}
+        model = create_model(args.name, num_classes=classes, spatial_dims=dims, **extra)
     size = args.input_size or spec.input_size
     model.check_input_size(size)
+    shape = "x".join([str(size)] * dims)
     print(f"{args.name}: {model.extra_repr()}")
-    print(f"parameters: {count_parameters(model):,}; multiply-adds at {size}x{size}: "
+    print(f"parameters: {count_parameters(model):,}; multiply-adds at {shape}: "
           f"{count_macs(model, size) / 1e9:.3f} G\n")
-    rows = [[s.name, s.in_channels, s.out_channels, f"{s.size}x{s.size}", f"{s.params:,}"]
+    rows = [[s.name, s.in_channels, s.out_channels, "x".join([str(s.size)] * dims), f"{s.params:,}"]
             for s in stage_summary(model, size)]
     print(markdown_table(["stage", "in", "out", "output size", "parameters"], rows))
     return 0
@@ -103,6 +106,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(annotation) is list:
             p.add_argument(flag, type=typing.get_args(annotation)[0], nargs="*", metavar="EPOCH", **kw)
+        elif typing.get_origin(base) is list:  # one value or several (--image-size 96, or 96 112 80)
+            p.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="N", **kw)
         else:
             p.add_argument(flag, type=base, metavar=type_name(base).upper(), **kw)
     p.add_argument("--config", help="YAML file of the same keys (flags override it)")
@@ -402,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_positive, default=None, help="image side in pixels (default: the model's native size)")
     p.add_argument("--num-classes", type=_non_negative, default=None,
                    help="outputs of the classifier (0: none; default: the model's)")
+    p.add_argument("--spatial-dims", type=int, choices=(1, 2, 3), default=None,
+                   help="1 (signals), 2 (images, the default) or 3 (volumes); --input-size is then the side of each axis")
+    p.add_argument("--in-channels", type=_positive, default=None, help="input channels (default: the model's, 3)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model with the paper's recipe for a dataset",

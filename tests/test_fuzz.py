@@ -43,6 +43,7 @@ from densenet.data.cache import load_arrays, save_arrays
 from densenet.data.cifar import find_cifar, read_cifar
 from densenet.data.matfile import read_mat_arrays
 from densenet.data.svhn import read_svhn_mat
+from densenet.data.volumes import read_signal, read_volume
 from densenet.io.checkpoint import (
     CheckpointError,
     content_digest,
@@ -207,9 +208,41 @@ def seeds(tmp_path_factory) -> dict:
     save_arrays(root / "cache.npz", {"train_x": np.zeros((2, 3, 32, 32), np.uint8), "train_y": np.arange(2),
                                      "class_names": np.asarray(["a", "b"])})
     s["cache"] = (root / "cache.npz").read_bytes()
+    s["volumes"], s["signals"] = _volume_seeds()
+    vol = zipfile.ZipFile(root / "volumes.zip", "w")
+    with vol:
+        one_channel = {k: v for k, v in s["volumes"].items() if k not in ("four.npy", "two.nii")}
+        for i, (name, content) in enumerate(sorted(one_channel.items())):
+            vol.writestr(f"{'ab'[i % 2]}/{i}{name[name.index('.'):]}", content)
+            vol.writestr(f"{'ba'[i % 2]}/x{i}{name[name.index('.'):]}", content)
+    s["volume_zip"] = (root / "volumes.zip").read_bytes()
     s["yaml"] = yaml.safe_dump({"model": "densenet_bc100_k12", "dataset": "cifar10+", "epochs": 10, "lr": 0.1,
                                 "lr_milestones": [5, 8], "batch_size": 64, "memory_efficient": True, "data": None})
     return s
+
+
+def _volume_seeds() -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """Small valid volumes (.npy, NIfTI-1 .nii and .nii.gz, NIfTI-2, 4-D) and signals (.npy)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    volumes, signals = {}, {}
+    for key, arr in (("vol.npy", a), ("int.npy", (a * 10).astype(np.int16)), ("four.npy", np.stack([a, a]))):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        volumes[key] = buf.getvalue()
+    try:
+        import nibabel as nib
+    except ImportError:  # the .npy seeds only
+        nib = None
+    if nib is not None:
+        volumes["vol.nii"] = nib.Nifti1Image(a, np.eye(4)).to_bytes()
+        volumes["vol.nii.gz"] = gzip.compress(nib.Nifti1Image((a * 100).astype(np.int16), np.eye(4)).to_bytes())
+        volumes["two.nii"] = nib.Nifti2Image(np.stack([a, a], -1), np.eye(4)).to_bytes()
+    for key, arr in (("sig.npy", rng.normal(size=(3, 40)).astype(np.float32)), ("one.npy", np.arange(30.0))):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        signals[key] = buf.getvalue()
+    return volumes, signals
 
 
 # ----------------------------------------------------------------------------------- readers
@@ -340,6 +373,45 @@ def image_folders(seeds, examples):
     run_fuzz("image folders and zips", payload, check, (DataError,), examples)
 
 
+def volumes(seeds, examples):
+    originals = {**seeds["volumes"], **{f"signal {k}": v for k, v in seeds["signals"].items()}}
+    payload = st.sampled_from(sorted(originals)).flatmap(lambda f: st.tuples(st.just(f), damaged(originals[f])))
+
+    def check(example, tmp: Path):
+        name, content = example
+        reader = read_signal if name.startswith("signal") else read_volume
+        a = reader(content, f"fuzzed {name}", max_values=MAX_PIXELS)
+        assert a.dtype == np.float32 and a.ndim == (2 if reader is read_signal else 4) and np.isfinite(a).all()
+        assert a.size <= MAX_PIXELS
+
+    run_fuzz("volumes and signals (.npy, .nii, .nii.gz, NIfTI-2)", payload, check, (DataError,), examples)
+
+
+def volume_folders(seeds, examples):
+    payload = st.one_of(st.tuples(st.just("zip"), damaged(seeds["volume_zip"])),
+                        st.tuples(st.just("member"), st.tuples(st.sampled_from([".npy", ".nii", ".nii.gz"]), st.data())))
+
+    def check(example, tmp: Path):
+        kind, content = example
+        path = tmp / "volumes.zip"
+        if kind == "zip":
+            path.write_bytes(content)
+        else:  # a folder tree with one file damaged
+            path = tmp / "tree"
+            with zipfile.ZipFile(io.BytesIO(seeds["volume_zip"])) as z:
+                z.extractall(path)
+            suffix, data = content
+            target = next(p for p in sorted(path.rglob("*")) if p.is_file() and p.name.endswith(suffix))
+            target.write_bytes(data.draw(damaged(target.read_bytes())))
+        data = build_data("volumes", path, image_size=8, batch_size=2, workers=0, max_image_pixels=MAX_PIXELS,
+                          val_fraction=0.3)
+        for loader in (data.train, data.test):
+            for x, _ in loader.batches(0):
+                assert x.shape[2:] == (8, 8, 8) and torch.isfinite(x).all()
+
+    run_fuzz("volume folders and zips", payload, check, (DataError,), examples)
+
+
 def checkpoints(seeds, examples):
     payload = st.one_of(st.tuples(st.just("digest"), damaged(seeds["checkpoint"])),
                         st.tuples(st.just("legacy"), mutated(seeds["legacy_checkpoint"])))
@@ -449,7 +521,7 @@ def test_mat_file_that_crashed_scipy(tmp_path):
 
 
 READERS = {f.__name__: f for f in (cifar_binary, cifar_python, cifar_archive, svhn_mat, images, image_folders,
-                                   checkpoints, weights, data_cache, yaml_configs)}
+                                   checkpoints, weights, data_cache, yaml_configs, volumes, volume_folders)}
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -327,7 +327,8 @@ def test_monai_3d_state_dict_is_refused_naming_the_tensor(tmp_path):
     torch.save(state, tmp_path / "monai3d.pt")
     for strict in (True, False):
         with pytest.raises(WeightsError, match=r"monai3d\.pt: the state dict holds 3-D convolutions .*this DenseNet is "
-                                               r"2-D: shape mismatch: features\.conv0\.weight: file \(16, 3, 7, 7, 7\) vs "
+                                               r"2-D; create the model with spatial_dims=3: shape mismatch: "
+                                               r"features\.conv0\.weight: file \(16, 3, 7, 7, 7\) vs "
                                                r"model \(16, 3, 7, 7\); features\.denseblock1\.denselayer1\.conv1\.weight "
                                                r"\(features\.denseblock1\.denselayer1\.layers\.conv1\.weight in the file\)"):
             load_weight_file(small_imagenet_densenet(num_classes=4), tmp_path / "monai3d.pt", strict=strict)

@@ -19,12 +19,13 @@ from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree, typical_size
 from .loader import ArrayLoader, FolderLoader
 from .svhn import find_svhn, read_svhn
 from .transforms import derive_seed
+from .volumes import DEFAULT_MAX_VALUES, VOLUME_DATASETS, VolumeLoader, volume_parts
 
 __all__ = ["DATASETS", "Data", "build_data", "SAMPLE_PATH", "IMAGENET_MEAN", "IMAGENET_STD", "channel_stats"]
 
 log = logging.getLogger("densenet.data")
 
-DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder")
+DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder", *VOLUME_DATASETS)
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "assets" / "cifar10-sample.zip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,15 +41,22 @@ class Data:
     class_names: list[str]
     mean: tuple[float, float, float]  # per-channel normalisation on the 0-1 scale
     std: tuple[float, float, float]
-    image_size: int
-    train: ArrayLoader | FolderLoader
-    val: ArrayLoader | FolderLoader | None
-    test: ArrayLoader | FolderLoader
+    image_size: int | tuple[int, ...]  # one side; volumes: (D, H, W); signals: the length
+    train: ArrayLoader | FolderLoader | VolumeLoader
+    val: ArrayLoader | FolderLoader | VolumeLoader | None
+    test: ArrayLoader | FolderLoader | VolumeLoader
     source: str = ""  # where the data came from (file, or cache file)
     skipped: list[str] = field(default_factory=list)  # images left out by skip_bad_images at import
     class_counts: list[int] = field(default_factory=list)  # training images per class
     typical_size: tuple[int, int] | None = None  # image folders: median (width, height) of a sample of training images
     ignored: list[str] = field(default_factory=list)  # image folders: files left out, their suffix not an image's
+    spatial_dims: int = 2  # 3 for volumes, 1 for signals
+    in_channels: int = 3
+
+    def model_args(self) -> dict[str, int]:
+        """What a model for this data needs besides the class count: nothing for images (the models'
+        defaults), ``spatial_dims`` and ``in_channels`` for volumes and signals."""
+        return {} if self.spatial_dims == 2 else {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
 
     def to(self, device: str | torch.device) -> Data:
         """Hold the array datasets (CIFAR, SVHN) on ``device`` as uint8, batches built there (see
@@ -199,7 +207,8 @@ def stratified_split(labels: np.ndarray, class_names: list[str], fraction: float
 def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: int = 64,
                eval_batch_size: int | None = None, val_size: int | None = None, seed: int = 0, workers: int = 2,
                cache_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
-               image_size: int | None = None, val_fraction: float | None = None, train_subset: int | None = None,
+               image_size: int | tuple[int, ...] | None = None, val_fraction: float | None = None,
+               train_subset: int | None = None,
                test_subset: int | None = None, coarse_labels: bool = False, download: bool = False,
                max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2, balanced: bool = False) -> Data:
     """Loaders for dataset ``name`` (one of :data:`DATASETS`) read from ``root``.
@@ -218,6 +227,11 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
     (default 224; ``densenet train`` passes the model's native size) with flip and evaluate the centre
     crop after resizing to 256 (for 224; the whole image resized for sizes up to 64); pass
     ``ten_crop=True`` to ``data.test.batches`` for the 10-crop view, images (N, 10, 3, S, S).
+    volumes / signals: a folder or zip of ``<class>/<file>`` (or ``train/<class>/`` with ``val/`` or
+    ``test/``) of NIfTI or ``.npy`` volumes (3-D) / ``.npy`` signals (channels, length), normalised per
+    file and fitted to ``image_size`` (one side or three; default 64, for signals the first file's
+    length); see :mod:`densenet.data.volumes`; ``max_image_pixels`` then limits the values per file
+    (default 2**28).
 
     ``val_size``: training images held out for validation (paper: 5,000 CIFAR, 6,000 SVHN), chosen by
     ``seed``; ``train_subset``/``test_subset``: use only this many images (chosen by ``seed``);
@@ -234,6 +248,18 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
         raise DataError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
     eval_bs = eval_batch_size or batch_size
     base = name.rstrip("+")
+    if name in VOLUME_DATASETS:
+        if balanced:
+            raise DataError(f"class-balanced sampling is for image datasets, not {name}; leave out --balanced-sampler")
+        p = volume_parts(name, root, batch_size=batch_size, eval_batch_size=eval_bs, val_size=val_size, seed=seed,
+                         workers=workers, image_size=image_size, val_fraction=val_fraction, train_subset=train_subset,
+                         test_subset=test_subset,
+                         max_values=DEFAULT_MAX_VALUES if max_image_pixels == DEFAULT_MAX_PIXELS else max_image_pixels)
+        zeros, ones = (0.0,) * p.channels, (1.0,) * p.channels  # normalised per file
+        size = p.size if p.spatial_dims == 3 else p.size[0]
+        return Data(name, p.num_classes, p.class_names, zeros, ones, size, p.train, p.val, p.test, p.source,
+                    spatial_dims=p.spatial_dims, in_channels=p.channels,
+                    class_counts=_class_counts(p.train, p.num_classes))
     if base in ("imagenet", "folder"):
         size = image_size or 224
         if size < 8:
@@ -287,5 +313,5 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
                 class_counts=_class_counts(train, len(names)))
 
 
-def _class_counts(loader: ArrayLoader | FolderLoader, num_classes: int) -> list[int]:
+def _class_counts(loader: ArrayLoader | FolderLoader | VolumeLoader, num_classes: int) -> list[int]:
     return np.bincount(loader.labels(), minlength=num_classes).tolist()

@@ -177,13 +177,14 @@ def list_entries(root: Path) -> list[tuple[str, bool]]:
     return out
 
 
-def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required: bool = True) -> dict[str, ImageTree]:
+def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required: bool = True,
+              suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> dict[str, ImageTree]:
     """The splits of an image-folder tree at ``root`` (directory or zip).
 
     ``splits``: the split folders to look for, e.g. ``("train", "val", "test")``; those present are
     returned (none: :class:`DataError`, or ``{}`` if not ``required``). None: the classes sit at the
-    top (one tree, key ``""``). A tree wrapped in a single top folder (``cifar10/train/...``,
-    ``own/<class>/...``) is found too. Empty class folders, trees without classes and
+    top (one tree, key ``""``). ``suffixes``: the files that count (images by default). A tree wrapped in a single
+    top folder (``cifar10/train/...``, ``own/<class>/...``) is found too. Empty class folders, trees without classes and
     splits whose class folders differ raise :class:`DataError`.
     """
     root = Path(root)
@@ -218,7 +219,7 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
             cls, _, rest = f[len(prefix):].partition("/")
             if f[len(prefix):].startswith(".") or "/." in f[len(prefix):]:
                 continue  # hidden files and folders
-            if not f.lower().endswith(IMAGE_SUFFIXES) or not rest or cls not in index:
+            if not f.lower().endswith(suffixes) or not rest or cls not in index:
                 ignored.append(f)
                 continue
             names.append(f)
@@ -227,7 +228,7 @@ def scan_tree(root: str | os.PathLike, splits: tuple[str, ...] | None, required:
         empty = [c for c, n in zip(classes, counts) if n == 0]
         if empty:
             raise DataError(f"{root}: empty class folder(s) in {prefix or 'top level'}: {', '.join(empty[:10])}"
-                            f"{' ...' if len(empty) > 10 else ''} (no images with suffix {', '.join(IMAGE_SUFFIXES)})")
+                            f"{' ...' if len(empty) > 10 else ''} (no images with suffix {', '.join(suffixes)})")
         trees[split] = ImageTree(root, prefix, classes, names, np.asarray(labels, np.int64), ignored)
     first = next(iter(trees.values()))
     for t in trees.values():

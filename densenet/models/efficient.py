@@ -1,7 +1,9 @@
 """Fast and memory-efficient dense blocks: one shared buffer per block, BN statistics computed once.
 
 A dense block's output is the concatenation of its input and every layer's k new maps. Here it is
-one pre-allocated (N, H, W, C_out) buffer (channels_last); layer l reads the channel prefix
+one pre-allocated (N, H, W, C_out) buffer (channels_last; (N, L, C_out) for 1-D signals and
+(N, D, H, W, C_out) for 3-D volumes: everything below holds for any number of spatial dimensions,
+with M = N x the number of positions); layer l reads the channel prefix
 ``buf[..., :C_l]`` and writes its k maps into ``buf[..., C_l:C_l + k]``, so nothing is ever
 concatenated. In training, the batch statistics of a map are the same numbers for every later
 layer's first BN (only the affine weight differs per layer), so they are computed once, when the
@@ -28,6 +30,7 @@ In eval mode without gradients, BN2 is folded into the 1x1 convolution (inferenc
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -37,12 +40,26 @@ from torch import Tensor, nn
 
 from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
-__all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_use_fast_block",
-           "fast_block_forward", "hooks_inside"]
+__all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_fuse_stem",
+           "can_use_fast_block", "fast_block_forward", "fused_stem", "hooks_inside"]
 
 _aten = torch.ops.aten
 _FLOATS = (torch.float32, torch.float64)
 _HALF = (torch.bfloat16, torch.float16)
+_BN = nn.modules.batchnorm._BatchNorm
+_NORM_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_AVG_POOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def _norm_dims(norm: nn.Module) -> int | None:
+    """The spatial dimensions of a BatchNorm1d/2d/3d (or a subclass), None for anything else."""
+    return next((d for cls, d in _NORM_DIMS.items() if isinstance(norm, cls)), None)
+
+
+def _positions(x: Tensor) -> int:
+    """Values per channel of a (N, C, *spatial) batch: N times the number of positions."""
+    return x.shape[0] * math.prod(x.shape[2:])
 
 
 def _global_hooks() -> bool:
@@ -101,10 +118,12 @@ def can_use_fast_block(block: nn.ModuleDict, x: Tensor) -> bool:
     training batch with one value per channel (BN raises there), or input and parameters that are
     neither float32/64 nor float32 under bfloat16/float16 autocast.
     """
-    if x.dim() != 4 or not len(block) or not _supported_input(x, block) or hooks_inside(block):
+    if not len(block) or x.dim() != next(iter(block.values())).conv1.weight.dim() or x.dim() < 3:
+        return False
+    if not _supported_input(x, block) or hooks_inside(block):
         return False
     training = block.training
-    if training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+    if training and _positions(x) <= 1:
         return False
     if not training and torch.is_grad_enabled():
         return False
@@ -116,20 +135,25 @@ def can_use_fast_block(block: nn.ModuleDict, x: Tensor) -> bool:
         for m in layer.modules():
             if m.training != training:
                 return False
-            if isinstance(m, nn.BatchNorm2d) and not (m.affine and m.track_running_stats and m.running_mean is not None):
+            if isinstance(m, _BN) and not (m.affine and m.track_running_stats and m.running_mean is not None):
                 return False
     return True
 
 
-def _nchw(t2d: Tensor, n: int, h: int, w: int) -> Tensor:
-    """(N*H*W, C) row-major matrix -> (N, C, H, W) channels_last view."""
-    return t2d.view(n, h, w, -1).permute(0, 3, 1, 2)
+def _nchw(t2d: Tensor, n: int, spatial: Sequence[int]) -> Tensor:
+    """(N*H*W, C) row-major matrix -> (N, C, H, W) channels_last view (any number of spatial sides)."""
+    return t2d.view(n, *spatial, -1).movedim(-1, 1)
 
 
 def _rows(t: Tensor) -> Tensor:
-    """(N, C, H, W) tensor -> (N*H*W, C) matrix (a view when t is channels_last)."""
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    """(N, C, H, W) tensor -> (N*H*W, C) matrix (a view when t is channels_last; any spatial sides)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _conv_backward(spec: "_Block", g_o: Tensor, inp: Tensor, weight: Tensor, mask: list[bool]) -> tuple[Any, ...]:
+    """Gradients of a stride-1, padding-1 (3x3, 3, 3x3x3) convolution without bias."""
+    ones, zeros = [1] * spec.d, [0] * spec.d
+    return _aten.convolution_backward(g_o, inp, weight, None, ones, ones, ones, False, zeros, 1, mask)
 
 
 class _Block:
@@ -137,8 +161,11 @@ class _Block:
 
     def __init__(self, block: nn.ModuleDict, x: Tensor, memory_efficient: bool) -> None:
         self.layers: list[nn.Module] = list(block.values())
-        self.n, self.c0, self.h, self.w = x.shape
-        self.m = self.n * self.h * self.w
+        self.n, self.c0 = x.shape[:2]
+        self.spatial = tuple(x.shape[2:])  # (H, W); (L,) for signals, (D, H, W) for volumes
+        self.d = len(self.spatial)
+        self.conv = _CONV_FN[self.d]
+        self.m = _positions(x)
         self.dtype = x.dtype  # the buffer's and the convolutions'
         self.stat_dtype = _stat_dtype(x.dtype)  # statistics, reductions, BN1 gradients
         self.k = self.layers[0].growth_rate
@@ -202,9 +229,9 @@ def _block_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Any]]:
     """Training-mode forward (batch statistics). Returns the (M, C) buffer, the per-channel batch
     mean and inverse std, the per-channel biased variance and, if ``save``, per-layer saved tensors."""
-    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
-    buf = x.new_empty(n, h, w, spec.c)
-    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    n, sp, m, k, c0 = spec.n, spec.spatial, spec.m, spec.k, spec.c0
+    buf = x.new_empty(n, *sp, spec.c)
+    buf[..., :c0].copy_(x.movedim(1, -1))
     b2 = buf.view(m, spec.c)
     mean = x.new_empty(spec.c, dtype=spec.stat_dtype)
     var = x.new_empty(spec.c, dtype=spec.stat_dtype)
@@ -239,18 +266,18 @@ def _block_forward(
                 update_running(norm2, m2, v2, total)
                 s2 = torch.rsqrt(v2 + norm2.eps)
                 sc2 = p[3] * s2
-                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2, out=r_rows).relu_(), n, h, w)
-                z4 = _nchw(z, n, h, w)
+                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2, out=r_rows).relu_(), n, sp)
+                z4 = _nchw(z, n, sp)
             else:
-                z4 = _nchw(t @ w1.t(), n, h, w)
+                z4 = _nchw(t @ w1.t(), n, sp)
                 f = bn_factor(norm2)
                 u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
                 r = u.relu_()
-            o = F.conv2d(r, p[5], padding=1)
+            o = spec.conv(r, p[5], padding=1)
             if save:
                 saved.append((m2, s2) if spec.memory_efficient else (m2, s2, z4, r))
         else:
-            o = F.conv2d(_nchw(t, n, h, w), p[2], padding=1)
+            o = spec.conv(_nchw(t, n, sp), p[2], padding=1)
         lo, hi = c, c + k
         b2[:, lo:hi].copy_(_rows(o))
         _chunk_stats(spec, b2, lo, hi, mean, var, invstd)
@@ -293,18 +320,17 @@ def _lean_bottleneck_backward(
     temporary exists; the bottleneck output (M, 4k) before and after BN2-ReLU lives in ``ws_z`` and
     ``ws_r``. Adds BN1 weight * (grad of the normalised prefix) to ``gw``; returns the layer's six
     parameter gradients in :meth:`_Block.params` order."""
-    n, h, w, m = spec.n, spec.h, spec.w, spec.m
+    n, sp, m = spec.n, spec.spatial, spec.m
     scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
     w1, prefix = p[2].view(-1, c), b2[:, :c]
     rows = _rows_per_chunk(b2, c)
     z = _bn_relu_matmul_rows(prefix, scale, shift, w1, ws_z)
     sc2 = p[3] * s2
     r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
-    g_r, g_w2, _ = _aten.convolution_backward(
-        g_o, _nchw(r, n, h, w), p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    g_r, g_w2, _ = _conv_backward(spec, g_o, _nchw(r, n, sp), p[5], [True, True, False])
     sdt = spec.stat_dtype
     if spec.sync:
-        g_u = _aten.threshold_backward(g_r, _nchw(r, n, h, w), 0)
+        g_u = _aten.threshold_backward(g_r, _nchw(r, n, sp), 0)
         g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (z - m2) * s2, s2, p[3], spec.total, spec.group)
         g_z = g_z.to(spec.dtype)
     else:  # BN2-ReLU backward in place; temporaries in the workspaces
@@ -335,7 +361,7 @@ def _block_backward(
     spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of the block input and of every parameter, walking the layers in reverse."""
-    n, h, w, k, c0 = spec.n, spec.h, spec.w, spec.k, spec.c0
+    n, sp, k, c0 = spec.n, spec.spatial, spec.k, spec.c0
     gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
     sdt = spec.stat_dtype
     gw = gd.new_zeros(gd.shape, dtype=sdt)  # sum over readers of BN1 weight * grad of the normalised map
@@ -366,7 +392,7 @@ def _block_backward(
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         g_o = gd[:, c : c + k] if i == len(spec.layers) - 1 else finish(c, c + k)
-        g_o = _nchw(g_o.to(spec.dtype).contiguous(), n, h, w)
+        g_o = _nchw(g_o.to(spec.dtype).contiguous(), n, sp)
         if lean:
             grads[per * i : per * (i + 1)] = _lean_bottleneck_backward(
                 spec, b2, mean, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
@@ -376,8 +402,7 @@ def _block_backward(
         if spec.bottleneck:
             norm2 = layer.norm2
             m2, s2, z4, r4 = saved[i]
-            g_r, g_w2, _ = _aten.convolution_backward(
-                g_o, r4, p[5], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            g_r, g_w2, _ = _conv_backward(spec, g_o, r4, p[5], [True, True, False])
             g_u = _aten.threshold_backward(g_r, r4, 0)
             if spec.sync:
                 g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
@@ -390,8 +415,7 @@ def _block_backward(
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
             g_t = torch.mm(g_z, p[2].view(-1, c), out=ws_g[: m * c].view(m, c))
         else:
-            g_t4, g_w1, _ = _aten.convolution_backward(
-                g_o, _nchw(t, n, h, w), p[2], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+            g_t4, g_w1, _ = _conv_backward(spec, g_o, _nchw(t, n, sp), p[2], [True, True, False])
             g_t = _rows(g_t4)
             if not g_t.is_contiguous():
                 g_t = g_t.contiguous()
@@ -401,7 +425,7 @@ def _block_backward(
         g_w1n = g_a.mul_(normalised(0, c, out=t)).sum(0, dtype=sdt)  # t is no longer needed: its memory takes x_hat
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
-    return _nchw(g_x.to(spec.dtype).contiguous(), n, h, w), grads
+    return _nchw(g_x.to(spec.dtype).contiguous(), n, sp), grads
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -412,7 +436,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         ctx.per_layer = len(saved[0]) if saved else 0
         # everything goes through save_for_backward (visible to saved_tensors_hooks, checked for in-place changes)
         ctx.save_for_backward(b2, mean, invstd, *params, *[t for layer in saved for t in layer])
-        return _nchw(b2, spec.n, spec.h, spec.w)
+        return _nchw(b2, spec.n, spec.spatial)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -430,9 +454,9 @@ class _DenseBlockFunction(torch.autograd.Function):
 
 def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
     """Eval-mode forward without autograd: running statistics, BN2 folded into the 1x1 convolution."""
-    n, h, w, m, k, c0 = spec.n, spec.h, spec.w, spec.m, spec.k, spec.c0
-    buf = x.new_empty(n, h, w, spec.c)
-    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    n, sp, m, k, c0 = spec.n, spec.spatial, spec.m, spec.k, spec.c0
+    buf = x.new_empty(n, *sp, spec.c)
+    buf[..., :c0].copy_(x.movedim(1, -1))
     b2 = buf.view(m, spec.c)
     ws = _workspace(x, spec)
     ws_r = x.new_empty(m, spec.layers[0].conv1.out_channels) if spec.bottleneck else None
@@ -446,15 +470,16 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
             s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
             w1 = (layer.conv1.weight.view(-1, c) * s2[:, None]).to(spec.dtype)
             r = torch.addmm((n2.bias - n2.running_mean * s2).to(spec.dtype), t, w1.t(), out=ws_r).relu_()
-            o = F.conv2d(_nchw(r, n, h, w), layer.conv2.weight.to(spec.dtype), padding=1)
+            o = spec.conv(_nchw(r, n, sp), layer.conv2.weight.to(spec.dtype), padding=1)
         else:
-            o = F.conv2d(_nchw(t, n, h, w), layer.conv1.weight.to(spec.dtype), padding=1)
+            o = spec.conv(_nchw(t, n, sp), layer.conv1.weight.to(spec.dtype), padding=1)
         b2[:, c : c + k].copy_(_rows(o))
-    return _nchw(b2, n, h, w)
+    return _nchw(b2, n, sp)
 
 
 def fast_block_forward(block: nn.ModuleDict, x: Tensor, memory_efficient: bool = False) -> Tensor:
-    """Run ``block`` on x (N, C_in, H, W) with the shared buffer; returns (N, C_out, H, W), channels_last.
+    """Run ``block`` on x (N, C_in, H, W) with the shared buffer; returns (N, C_out, H, W), channels_last
+    (any number of spatial sides: (N, C, L) signals, (N, C, D, H, W) volumes).
 
     Call only when ``can_use_fast_block(block, x)``. Under autocast the buffer and the convolutions
     are in autocast's dtype (the output too, as the layer-by-layer form gives it); batch statistics,
@@ -471,19 +496,31 @@ def fast_block_forward(block: nn.ModuleDict, x: Tensor, memory_efficient: bool =
             return _DenseBlockFunction.apply(spec, x, *params)
         with torch.no_grad():
             b2, *_ = _block_forward(spec, x, spec.compute_params(params), save=False)
-        return _nchw(b2, spec.n, spec.h, spec.w)
+        return _nchw(b2, spec.n, spec.spatial)
 
 
 # ---------------------------------------------------------------------------- transitions
 def can_fuse_bn_relu_pool(norm: nn.Module, x: Tensor) -> bool:
     """Whether a transition's BN-ReLU-2x2 average pool can run as :func:`bn_relu_pool`: training
-    with gradients, a plain ``nn.BatchNorm2d`` (not synchronised), float input, no autocast, more than
-    one value per channel (BN raises on one). The transition checks for hooks."""
+    with gradients, a plain ``nn.BatchNorm1d/2d/3d`` (not synchronised) of x's dimensions, float input,
+    more than one value per channel (BN raises on one). The transition checks for hooks."""
     return (
-        type(norm) is nn.BatchNorm2d and norm.training and torch.is_grad_enabled() and x.dim() == 4
-        and _supported_input(x, norm) and norm.affine and norm.track_running_stats
-        and x.shape[0] * x.shape[2] * x.shape[3] > 1
+        type(norm) in _NORM_DIMS and x.dim() == 2 + _NORM_DIMS[type(norm)] and norm.training
+        and torch.is_grad_enabled() and _supported_input(x, norm) and norm.affine and norm.track_running_stats
+        and _positions(x) > 1
     )
+
+
+def _avg_pool_backward(grad: Tensor, y: Tensor) -> Tensor:
+    """Gradient of ``y`` through a 2-wide (2x2, 2x2x2) average pool with stride 2."""
+    d = y.dim() - 2
+    if d == 3:
+        return _aten.avg_pool3d_backward(grad, y, [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, None)
+    if d == 2:
+        return _aten.avg_pool2d_backward(grad, y, [2, 2], [2, 2], [0, 0], False, True, None)
+    # 1-D: the 2-D kernel on (N, C, L, 1), as avg_pool1d itself computes
+    return _aten.avg_pool2d_backward(grad.unsqueeze(-1), y.unsqueeze(-1), [2, 1], [2, 1], [0, 0], False, True,
+                                     None).squeeze(-1)
 
 
 class _BNReLUPool(torch.autograd.Function):
@@ -496,7 +533,7 @@ class _BNReLUPool(torch.autograd.Function):
         y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f, norm.eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = norm.eps
-        return F.avg_pool2d(y.relu_(), 2)
+        return _AVG_POOL_FN[x.dim() - 2](y.relu_(), 2)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
@@ -505,12 +542,14 @@ class _BNReLUPool(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         dtype = x.dtype
         x, grad = x.to(_stat_dtype(dtype)), grad.to(_stat_dtype(dtype))  # no copies in float32/64
-        per_channel = (1, -1, 1, 1)
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
         scale = (weight * invstd).view(per_channel)
         y = torch.addcmul((bias - mean * weight * invstd).view(per_channel), x, scale).relu_()
-        g = _aten.avg_pool2d_backward(grad, y, [2, 2], [2, 2], [0, 0], False, True, None)
+        g = _avg_pool_backward(grad, y)
+        if not g.is_contiguous(memory_format=_layout_of(y)):
+            g = g.contiguous(memory_format=_layout_of(y))
         g = _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
-        dims = (0, 2, 3)
+        dims = (0, *range(2, x.dim()))
         xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))  # y's memory
         gb = g.sum(dims)
         gw = torch.mul(g, xhat, out=xhat).sum(dims)
@@ -521,29 +560,285 @@ class _BNReLUPool(torch.autograd.Function):
         return gx.to(dtype), gw, gb, None
 
 
-def bn_relu_pool(norm: nn.BatchNorm2d, x: Tensor) -> Tensor:
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """x's memory format: channels_last (or its 3-D form) when x has it, else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def bn_relu_pool(norm: nn.Module, x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, H // 2, W // 2): training-mode BN (running statistics updated once),
-    ReLU and 2x2 average pooling; call only when :func:`can_fuse_bn_relu_pool`."""
+    ReLU and 2x2 average pooling (every side halved for 1-D and 3-D input); call only when
+    :func:`can_fuse_bn_relu_pool`."""
     return _BNReLUPool.apply(x, norm.weight, norm.bias, norm)
 
 
 def bn_relu_pool_eval(norm: nn.Module, x: Tensor) -> Tensor | None:
     """Eval-mode BN (running statistics), ReLU and 2x2 average pool without autograd, (N, C, H, W) ->
-    (N, C, H // 2, W // 2), a few images at a time so that no full-size temporary is allocated.
-    Returns None when it does not apply (training, gradients, no running statistics, autocast).
-    The transition checks for hooks."""
+    (N, C, H // 2, W // 2) (1-D and 3-D alike), a few images at a time so that no full-size
+    temporary is allocated. Returns None when it does not apply (training, gradients, no running
+    statistics, autocast). The transition checks for hooks."""
+    d = _norm_dims(norm)
     if (
-        not isinstance(norm, nn.BatchNorm2d) or norm.training or torch.is_grad_enabled() or x.dim() != 4
+        d is None or norm.training or torch.is_grad_enabled() or x.dim() != 2 + d
         or not _supported_input(x, norm) or not norm.affine or norm.running_mean is None
     ):
         return None
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
+    per_channel = (1, -1) + (1,) * d
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = (norm.bias - norm.running_mean * scale).view(1, -1, 1, 1)
-    scale = scale.view(1, -1, 1, 1)
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device, memory_format=layout)
-    per = _rows_per_chunk(x, c * h * w)
+    shift = (norm.bias - norm.running_mean * scale).view(per_channel)
+    scale = scale.view(per_channel)
+    out = torch.empty(n, c, *(s // 2 for s in x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
+    per = _rows_per_chunk(x, c * math.prod(x.shape[2:]))
     for a in range(0, n, per):
-        out[a : a + per] = F.avg_pool2d(torch.addcmul(shift, x[a : a + per], scale).relu_(), 2)
+        out[a : a + per] = _AVG_POOL_FN[d](torch.addcmul(shift, x[a : a + per], scale).relu_(), 2)
     return out
+
+
+# ---------------------------------------------------------------------------- the ImageNet stem
+#: size of each chunk of images that the fused stem's BN-ReLU-max pool works on at a time
+STEM_CHUNK_BYTES = 1 << 25
+
+
+def _conv_positions(conv: nn.Module, x: Tensor) -> int:
+    """Values per channel of ``conv(x)``."""
+    sides = [(s + 2 * p - dl * (k - 1) - 1) // st + 1
+             for s, k, st, p, dl in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    return x.shape[0] * math.prod(sides)
+
+
+def can_fuse_stem(norm: nn.Module, relu: nn.Module, pool: nn.Module, x: Tensor, conv: nn.Module | None = None) -> bool:
+    """Whether the stem's BN-ReLU-3x3/2 max pool can run fused on ``x`` (or, with ``conv``, on
+    ``conv(x)``: :func:`fused_stem`): training with gradients, a plain
+    ``nn.BatchNorm1d/2d/3d`` of x's dimensions, float32/64 input without autocast, more than one value
+    per channel, and no hook on the three modules (nor a global one)."""
+    d = _NORM_DIMS.get(type(norm))
+    positions = _positions(x) if conv is None else _conv_positions(conv, x)
+    ok = (
+        d is not None and x.dim() == 2 + d and type(relu) is nn.ReLU and not relu.inplace
+        and isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and norm.training and torch.is_grad_enabled()
+        and x.dtype in _FLOATS and not autocast_on(x) and norm.weight is not None and norm.weight.dtype == x.dtype
+        and norm.affine and norm.track_running_stats and positions > 1 and not _global_hooks()
+        and (conv is None or conv.weight.dtype == x.dtype)
+    )
+    if not ok:
+        return False
+    k, s, p = (pool.kernel_size, pool.stride, pool.padding)
+    if (k, s, p, pool.dilation, pool.ceil_mode) not in ((3, 2, 1, 1, False), ((3,) * d, (2,) * d, (1,) * d, (1,) * d, False)):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in (norm, relu, pool))
+
+
+def _max_pool(y: Tensor) -> tuple[Tensor, Tensor]:
+    """3x3/2 (3, 3x3x3) max pool with padding 1, and its indices; 1-D as the 2-D kernel on (N, C, 1, L)."""
+    d = y.dim() - 2
+    if d == 3:
+        return _aten.max_pool3d_with_indices(y, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False)
+    if d == 2:
+        return _aten.max_pool2d_with_indices(y, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    out, idx = _aten.max_pool2d_with_indices(y.unsqueeze(2), [1, 3], [1, 2], [0, 1], [1, 1], False)
+    return out.squeeze(2), idx.squeeze(2)
+
+
+def _max_pool_backward(grad: Tensor, y: Tensor, idx: Tensor, out: Tensor) -> Tensor:
+    """The gradient of ``y`` through :func:`_max_pool`, written into ``out`` (shaped as y)."""
+    d = y.dim() - 2
+    if d == 3:
+        return _aten.max_pool3d_with_indices_backward.grad_input(grad, y, [3, 3, 3], [2, 2, 2], [1, 1, 1], [1, 1, 1], False,
+                                                                 idx, grad_input=out)
+    if d == 2:
+        return _aten.max_pool2d_with_indices_backward.grad_input(grad, y, [3, 3], [2, 2], [1, 1], [1, 1], False, idx,
+                                                                 grad_input=out)
+    out.copy_(_aten.max_pool2d_with_indices_backward(grad.unsqueeze(2), y.unsqueeze(2), [1, 3], [1, 2], [0, 1], [1, 1],
+                                                     False, idx.unsqueeze(2)).squeeze(2))
+    return out
+
+
+def _image_chunks(x: Tensor) -> range:
+    """Start of each chunk of images of ``x`` with about STEM_CHUNK_BYTES of values (one image at least)."""
+    per = max(1, STEM_CHUNK_BYTES // max(1, x.element_size() * x[0].numel()))
+    return range(0, x.shape[0], per)
+
+
+def _stem_stats(norm: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch mean and 1/std of ``x`` (running statistics updated once), and BN's per-channel scale and shift."""
+    var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+    update_running(norm, mean, var, _positions(x))
+    invstd = torch.rsqrt(var + norm.eps)
+    return mean, invstd, *_stem_affine(x, weight, bias, mean, invstd)
+
+
+def _stem_affine(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    return (weight * invstd).view(per_channel), (bias - mean * weight * invstd).view(per_channel)
+
+
+def _stem_forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """max_pool(relu(x * scale + shift)), a chunk of images at a time (no full-size temporary)."""
+    chunks = _image_chunks(x)
+    out = None
+    for a in chunks:
+        part = _max_pool(torch.addcmul(shift, x[a : a + chunks.step], scale).relu_())[0]
+        if out is None:
+            out = part if len(chunks) == 1 else part.new_empty((x.shape[0], *part.shape[1:]))
+        if len(chunks) > 1:
+            out[a : a + chunks.step] = part
+    return out
+
+
+def _stem_backward(x: Tensor, grad: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of x, BN weight and BN bias through BN-ReLU-max pool; the ReLU output and the pool's
+    indices are recomputed a chunk of images at a time. Holds x's gradient and one chunk's temporaries."""
+    scale, shift = _stem_affine(x, weight, bias, mean, invstd)
+    per_channel = scale.shape
+    dims = (0, *range(2, x.dim()))
+    m, i = mean.view(per_channel), invstd.view(per_channel)
+    chunks = _image_chunks(x)
+    gx = torch.empty_like(x)
+    gb = torch.zeros_like(mean)
+    gw = torch.zeros_like(mean)
+    for a in chunks:  # first pass: the gradient of BN's output (into gx), and its two sums
+        b = a + chunks.step
+        y = torch.addcmul(shift, x[a:b], scale).relu_()
+        g = _max_pool_backward(grad[a:b], y, _max_pool(y)[1], gx[a:b])
+        _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+        gb += g.sum(dims)
+        gw += torch.mul(g, torch.sub(x[a:b], m, out=y).mul_(i), out=y).sum(dims)  # g * x_hat, in y's memory
+    count = _positions(x)
+    for a in chunks:  # second pass: BN's input gradient, x_hat recomputed
+        b = a + chunks.step
+        xhat = torch.sub(x[a:b], m).mul_(i)
+        gx[a:b].sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
+    return gx, gw, gb
+
+
+def _space_to_depth(x: Tensor) -> Tensor:
+    """(N, C, *sides) padded by 3 (and 1 more at the end of odd sides) -> (N, C * 2^d, *halves): each
+    2x2x2 block of positions becomes 8 channels. A 7x7x7 stride-2 convolution of x with padding 3 is a
+    4x4x4 stride-1 convolution of this, which oneDNN differentiates several times faster when x has
+    one channel (a CT or MR volume)."""
+    d = x.dim() - 2
+    pads: list[int] = []
+    for side in reversed(x.shape[2:]):
+        pads += [3, 3 + side % 2]
+    xp = F.pad(x, pads)
+    n, c, *sides = xp.shape
+    split = [n, c] + [v for s in sides for v in (s // 2, 2)]
+    order = [0, 1] + [3 + 2 * k for k in range(d)] + [2 + 2 * k for k in range(d)]
+    out = xp.reshape(split).permute(order).reshape(n, c * 2**d, *(s // 2 for s in sides))
+    return out.contiguous(memory_format=torch.channels_last_3d) if d == 3 else out
+
+
+def _depth_to_weight(g: Tensor, out_channels: int, in_channels: int, d: int) -> Tensor:
+    """The 4x4x4 kernel gradient over the 8 phase channels -> the 7x7x7 kernel's (inverse of the
+    rearrangement in :func:`_space_to_depth`; the eighth tap of each axis, which is padding, dropped)."""
+    g = g.reshape([out_channels, in_channels] + [2] * d + [4] * d)
+    order = [0, 1] + [v for k in range(d) for v in (2 + d + k, 2 + k)]
+    g = g.permute(order).reshape([out_channels, in_channels] + [8] * d)
+    return g[(slice(None), slice(None)) + (slice(0, 7),) * d]
+
+
+def _conv0_grads(g: Tensor, x: Tensor, conv_w: Tensor, conv: nn.Module, need_x: bool, need_w: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the stem convolution's input and weight from that of its output ``g``."""
+    d = x.dim() - 2
+    ones, zeros = [1] * d, [0] * d
+    g_x = g_w = None
+    if need_x:
+        g_x = _aten.convolution_backward(g, x, conv_w, None, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                         False, zeros, conv.groups, [True, False, False])[0]
+    if need_w:
+        if (d == 3 and tuple(conv.kernel_size) == (7,) * 3 and tuple(conv.stride) == (2,) * 3
+                and tuple(conv.padding) == (3,) * 3 and tuple(conv.dilation) == ones and conv.groups == 1):
+            xs = _space_to_depth(x)
+            ws = torch.empty((conv_w.shape[0], xs.shape[1], 4, 4, 4), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last_3d)
+            gs = _aten.convolution_backward(g, xs, ws, None, ones, zeros, ones, False, zeros, 1, [False, True, False])[1]
+            g_w = _depth_to_weight(gs, conv_w.shape[0], conv_w.shape[1], d).contiguous(
+                memory_format=torch.channels_last_3d if conv_w.is_contiguous(memory_format=torch.channels_last_3d)
+                else torch.contiguous_format)
+        else:
+            g_w = _aten.convolution_backward(g, x, conv_w, None, list(conv.stride), list(conv.padding),
+                                             list(conv.dilation), False, zeros, conv.groups, [False, True, False])[1]
+    return g_x, g_w
+
+
+class _Stem(torch.autograd.Function):
+    """The whole ImageNet stem in training, conv-BN-ReLU-max pool. Neither the BN-ReLU output nor
+    the pool's indices are kept: backward recomputes both, a chunk of images at a time.
+
+    ``keep`` (the fast mode) keeps the convolution's output: one full-resolution tensor where the
+    layer-by-layer form keeps two and the indices. Without it (the memory-efficient mode) only the
+    stem's input is kept, and backward never holds a full-resolution tensor: a first pass computes
+    the convolution of a chunk again, the gradient of BN's output and its two per-channel sums; a
+    second pass computes them again with the sums known, and the convolution's gradients of the
+    chunk (two more stem convolutions per step than the fast mode)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, conv_w: Tensor, weight: Tensor, bias: Tensor, conv: nn.Module,  # type: ignore[override]
+                norm: nn.Module, keep: bool) -> Tensor:
+        c = conv._conv_forward(x, conv_w, None)
+        mean, invstd, scale, shift = _stem_stats(norm, c, weight, bias)
+        out = _stem_forward(c, scale, shift)
+        ctx.save_for_backward(x, conv_w, weight, bias, mean, invstd, *([c] if keep else []))
+        ctx.conv, ctx.per_image = conv, c[0].numel() * c.element_size()
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, conv_w, weight, bias, mean, invstd, *kept = ctx.saved_tensors
+        conv = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if kept:
+            gc, gw, gb = _stem_backward(kept[0], grad, weight, bias, mean, invstd)
+            del kept
+            g_x, g_cw = _conv0_grads(gc, x, conv_w, conv, need_x, need_w)
+            return g_x, g_cw, gw, gb, None, None, None
+        per_channel = (1, -1) + (1,) * (x.dim() - 2)
+        dims = (0, *range(2, x.dim()))
+        scale, shift = _stem_affine(grad, weight, bias, mean, invstd)
+        m, i = mean.view(per_channel), invstd.view(per_channel)
+        step = max(1, STEM_CHUNK_BYTES // max(1, ctx.per_image))
+
+        def output_grad(a: int) -> tuple[Tensor, Tensor]:
+            """(the chunk's convolution output, the gradient of BN's output there)."""
+            with torch.no_grad():
+                c = conv._conv_forward(x[a : a + step], conv_w, None)
+            y = torch.addcmul(shift, c, scale).relu_()
+            g = _max_pool_backward(grad[a : a + step], y, _max_pool(y)[1], torch.empty_like(y))
+            _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
+            return c, g
+
+        gb, gw = torch.zeros_like(mean), torch.zeros_like(mean)
+        for a in range(0, x.shape[0], step):  # first pass: the two sums of BN backward
+            c, g = output_grad(a)
+            gb += g.sum(dims)
+            gw += g.mul_(c.sub_(m).mul_(i)).sum(dims)
+        total = x.shape[0] * (ctx.per_image // (conv_w.shape[0] * x.element_size()))  # values per channel
+        g_x = torch.empty_like(x) if need_x else None
+        g_cw = torch.zeros_like(conv_w) if need_w else None
+        for a in range(0, x.shape[0], step):  # second pass: BN's input gradient, then the convolution's
+            c, g = output_grad(a)
+            xhat = c.sub_(m).mul_(i)
+            g.sub_((gb / total).view(per_channel)).sub_(xhat.mul_((gw / total).view(per_channel))).mul_(scale)
+            del c, xhat
+            gi, gwi = _conv0_grads(g, x[a : a + step], conv_w, conv, need_x, need_w)
+            if need_x:
+                g_x[a : a + step] = gi
+            if need_w:
+                g_cw += gwi
+        return g_x, g_cw, gw, gb, None, None, None
+
+
+def fused_stem(conv: nn.Module, norm: nn.Module, x: Tensor, keep_output: bool = True) -> Tensor:
+    """The ImageNet stem in training, conv-BN (batch statistics, running statistics updated once)-
+    ReLU-3x3/2 max pool (every spatial side), keeping the convolution's output for backward
+    (``keep_output``, the fast mode) or only ``x`` (the memory-efficient mode); call only when
+    :func:`can_fuse_stem` holds for ``x`` with ``conv`` a plain bias-free convolution."""
+    return _Stem.apply(x, conv.weight, norm.weight, norm.bias, conv, norm, keep_output)

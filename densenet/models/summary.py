@@ -18,7 +18,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: DenseNet, input_size: int) -> int:
-    """Multiply-adds of one forward pass of one ``input_size`` x ``input_size`` image.
+    """Multiply-adds of one forward pass of one ``input_size`` x ``input_size`` image (a signal of
+    that length, a volume of that side, for 1-D and 3-D models).
 
     Counted by ``torch.utils.flop_counter`` (which reports 2 FLOPs per multiply-add) on a copy of
     the architecture on the meta device: no memory, no arithmetic, any model size. The count is
@@ -27,7 +28,7 @@ def count_macs(model: DenseNet, input_size: int) -> int:
     """
     with torch.device("meta"):
         meta = DenseNet(**{**model.config(), "fast": False, "memory_efficient": False}).eval()
-        x = torch.empty(1, model.in_channels, input_size, input_size)
+        x = torch.empty(1, model.in_channels, *(input_size,) * model.spatial_dims)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         meta(x)
     return counter.get_total_flops() // 2

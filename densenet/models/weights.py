@@ -4,7 +4,9 @@ State dicts from other code load too, with every renaming reported (:class:`Load
 checkpoint (``{"state_dict": ...}``), under ``module.`` (DataParallel/DDP) and one wrapper prefix
 (``densenet121.``, ``model.``, ``backbone.``), with torchvision's legacy key names, a ``classifier.0``
 head (``nn.Sequential(nn.Linear, ...)``, as in CheXNet), or MONAI's names (``...denselayer1.layers.norm1``,
-``class_layers.out``). timm's DenseNet state dicts already use torchvision's names.
+``class_layers.out``; 1-D, 2-D and 3-D). timm's DenseNet state dicts already use torchvision's names.
+:func:`to_monai_state_dict` gives a model's weights under MONAI's names, for ``monai.networks.nets.DenseNet``
+built with :func:`monai_arguments`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ __all__ = [
     "from_torchvision_state_dict",
     "to_torchvision_state_dict",
     "load_torchvision_weights",
+    "monai_arguments",
+    "to_monai_state_dict",
 ]
 
 log = logging.getLogger("densenet.weights")
@@ -315,9 +319,14 @@ def _mismatch_message(model, state, own, missing, unexpected, mismatched, proble
             what = "the file's classifier does not fit the model's"
         return (f"{what} ({listed}): {fix}load with strict=False to keep the model's freshly initialised "
                 "classifier (what `densenet train --init` does, for fine-tuning)")
-    if any(state[k].dim() == own[k].dim() + 1 == 5 for k in mismatched):
-        return ("the state dict holds 3-D convolutions (5-D weights, e.g. a MONAI DenseNet with spatial_dims=3); "
-                f"this DenseNet is 2-D: {listed}")
+    conv_dims = {state[k].dim() - 2 for k in mismatched if k.endswith("conv0.weight") or ".conv" in k}
+    ours = getattr(model, "spatial_dims", 2)
+    if any(state[k].dim() != own[k].dim() and k.endswith("weight") and state[k].dim() >= 3 for k in mismatched):
+        theirs = max(conv_dims) if conv_dims else None
+        what = f"{theirs}-D convolutions ({theirs + 2}-D weights" if theirs else "convolutions of another dimension ("
+        hint = f"; create the model with spatial_dims={theirs}" if theirs in (1, 2, 3) else ""
+        return (f"the state dict holds {what}, e.g. a MONAI DenseNet with spatial_dims={theirs}); this DenseNet is "
+                f"{ours}-D{hint}: {listed}")
     return f"the state dict is from a different architecture than the model ({described}): {listed}"
 
 
@@ -325,6 +334,52 @@ def to_torchvision_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """This model's weights in torchvision's layout (loadable by ``torchvision.models.DenseNet``
     when the architecture is one torchvision can build: bottleneck, ImageNet stem, compression 0.5)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+_MONAI_LAYER_OURS = re.compile(r"^(features\.denseblock\d+\.denselayer\d+)\.(.*)$")
+
+
+def monai_arguments(model: nn.Module) -> dict[str, object]:
+    """The arguments of ``monai.networks.nets.DenseNet`` that build the architecture of ``model`` (whose
+    parameters then match one to one, :func:`to_monai_state_dict`). MONAI's DenseNet is the ImageNet
+    layout only: bottleneck layers, the 7x7/2 stem, compression 0.5, average pooling and a classifier;
+    anything else raises :class:`WeightsError` naming what MONAI cannot build. (MONAI applies dropout
+    once per dense layer, after its 3x3 convolution; this model after each convolution: the weights
+    are the same, training with dropout is not.)"""
+    problems = []
+    if not getattr(model, "bottleneck", False):
+        problems.append("bottleneck=False (MONAI's dense layers always have the 1x1 bottleneck)")
+    if getattr(model, "stem", None) != "imagenet":
+        problems.append(f"stem={getattr(model, 'stem', None)!r} (MONAI's is the 7x7/2 convolution and 3x3/2 max pool)")
+    if getattr(model, "compression", None) != 0.5:
+        problems.append(f"compression={getattr(model, 'compression', None)} (MONAI's transitions halve the maps)")
+    if getattr(model, "num_classes", 0) < 1:
+        problems.append("num_classes=0 (MONAI's DenseNet always ends in a linear classifier)")
+    pool = getattr(getattr(model, "global_pool", None), "pool_type", "avg")
+    if pool != "avg":
+        problems.append(f"global_pool={pool!r} (MONAI's is the average)")
+    if problems:
+        raise WeightsError("MONAI's DenseNet cannot hold this model: " + "; ".join(problems))
+    return {"spatial_dims": model.spatial_dims, "in_channels": model.in_channels, "out_channels": model.num_classes,
+            "init_features": model.stem_channels, "growth_rate": model.growth_rate,
+            "block_config": tuple(model.block_config), "bn_size": model.bn_size}
+
+
+def to_monai_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """This model's weights under the names of MONAI's ``DenseNet`` (``...denselayerL.layers.norm1.weight``,
+    ``class_layers.out.weight``), loadable with ``strict=True`` into
+    ``monai.networks.nets.DenseNet(**monai_arguments(model))`` (1-D, 2-D and 3-D models; tested to give
+    the same outputs). :class:`WeightsError` for an architecture MONAI cannot build."""
+    monai_arguments(model)  # refuses what MONAI cannot hold
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        match = _MONAI_LAYER_OURS.match(key)
+        if match:
+            key = f"{match.group(1)}.layers.{match.group(2)}"
+        elif key.startswith(_HEAD):
+            key = _MONAI_HEAD + key[len(_HEAD) :]
+        out[key] = value.detach().clone()
+    return out
 
 
 def load_weight_file(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> LoadReport:

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -59,7 +59,7 @@ def standard_model(model: DenseNet) -> DenseNet:
 def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
     """ONNX bytes of ``model`` in eval mode (dynamic batch size), exported from the layer-by-layer form
     of the dense blocks, with transitions that pool before their 1x1 convolution (equal outputs,
-    4x fewer multiply-adds in the transitions)."""
+    4x fewer multiply-adds in the transitions; 8x for 3-D models)."""
     ref = standard_model(model)
     for m in ref.modules():  # pool-first transitions only: the blocks stay layer by layer
         if isinstance(m, Transition):
@@ -103,12 +103,23 @@ def _compare(got: Tensor, expected: Tensor, what: str) -> float:
     return diff
 
 
-def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_size: int, data: dict | None = None,
-                 name: str | None = None, opset: int = 17) -> dict[str, Any]:
+def _sides(model: DenseNet, image_size: int | Sequence[int]) -> list[int]:
+    """``image_size`` as one side per spatial axis of ``model`` (one value: the same on every axis)."""
+    sides = [int(image_size)] if isinstance(image_size, (int, float)) else [int(s) for s in image_size]
+    sides = sides * model.spatial_dims if len(sides) == 1 else sides
+    if len(sides) != model.spatial_dims:
+        raise ExportError(f"image size {image_size} does not fit a {model.spatial_dims}-D model: give one side or "
+                          f"{model.spatial_dims}")
+    return sides
+
+
+def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_size: int | Sequence[int],
+                 data: dict | None = None, name: str | None = None, opset: int = 17) -> dict[str, Any]:
     """Write ``model`` to ``path`` in format ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``).
 
     ``image_size``: side in pixels of the (N, C, image_size, image_size) inputs the export is traced
-    and checked with (ONNX fixes it in the graph's input shape; the batch size N stays free).
+    and checked with (ONNX fixes it in the graph's input shape; the batch size N stays free). 1-D and
+    3-D models: (N, C, L) and (N, C, D, H, W) inputs, ``image_size`` one side or one per axis.
     Returns ``{"files": [paths written], "max_abs_diff": float}``.
     """
     if fmt not in FORMATS:
@@ -117,13 +128,14 @@ def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_si
         raise ExportError(f"can only export a densenet.DenseNet, got {type(model).__name__}")
     path = Path(path)
     _check_out(path)
-    model.check_input_size(image_size)
+    sides = _sides(model, image_size)
+    model.check_input_size(*sides)
     meta = export_metadata(model, data, name)
     meta["data"].setdefault("image_size", image_size)
     ref = standard_model(model)
     g = torch.Generator().manual_seed(0)
-    example = torch.randn(1, model.in_channels, image_size, image_size, generator=g)
-    check = torch.randn(2, model.in_channels, image_size, image_size, generator=g)  # another batch size
+    example = torch.randn(1, model.in_channels, *sides, generator=g)
+    check = torch.randn(2, model.in_channels, *sides, generator=g)  # another batch size
     with torch.no_grad():
         expected = ref(check)
     if fmt == "onnx":
@@ -194,4 +206,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike | N
     if not size:
         raise ExportError(f"{checkpoint} does not record an image size; give one (--image-size)")
     out = Path(path) if path else default_export_path(checkpoint, fmt)
-    return export_model(model, out, fmt, image_size=int(size), data=data, name=data.get("model"), opset=opset)
+    size = size if isinstance(size, (list, tuple)) else int(size)
+    return export_model(model, out, fmt, image_size=size, data=data, name=data.get("model"), opset=opset)

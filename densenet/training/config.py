@@ -45,7 +45,8 @@ class TrainConfig:
 
     model: str = _opt("densenet_bc100_k12", "registered name or densenet_bc{L}_k{k} (default densenet_bc100_k12; "
                       "densenet_bc40_k12 for the bundled sample)")
-    dataset: str = _opt("cifar10+", "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet or folder (default cifar10+)")
+    dataset: str = _opt("cifar10+", "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet, folder, volumes (3-D: NIfTI "
+                                    "or .npy) or signals (1-D .npy) (default cifar10+)")
     data: str | None = _opt(None, "dataset directory or archive (default: the bundled CIFAR-10 sample, with a short "
                                   "demo recipe)")
     out: str = _opt("runs/densenet", "run directory")
@@ -65,11 +66,14 @@ class TrainConfig:
                                       "default none")
     train_subset: int | None = _opt(None, "train on this many training images, chosen by the seed")
     test_subset: int | None = _opt(None, "evaluate on this many test images, chosen by the seed")
-    image_size: int | None = _opt(None, "image side in pixels for folder and imagenet datasets (default: the model's "
-                                        "native size, 32 for the CIFAR models, 224 for the ImageNet ones)")
+    image_size: list[int] | int | None = _opt(None, "image side in pixels for folder and imagenet datasets (default: the "
+                                                    "model's native size, 32 for the CIFAR models, 224 for the ImageNet "
+                                                    "ones); volumes: one side or three (default 64); signals: the length")
     balanced_sampler: bool = _opt(False, "draw training batches class-balanced (each image weighted by 1 / its class's "
                                          "images, with replacement; as many draws per epoch as images), for imbalanced "
                                          "classes")
+    spatial_dims: int | None = _opt(None, "1, 2 or 3: the model's spatial dimensions (default: the dataset's, 3 for "
+                                          "volumes, 1 for signals, else 2)")
     download: bool = _opt(False, "download missing official CIFAR/SVHN files (MD5-checked); needs internet")
     memory_efficient: bool = _opt(False, "keep only each dense block's buffer for backward (memory linear in depth)")
     sync_bn: bool = _opt(False, "synchronised BN over all processes (distributed training; matters for small "
@@ -126,6 +130,9 @@ SAMPLE_RECIPE = {"model": "densenet_bc40_k12", "epochs": 8}
 def paper_recipe(dataset: str) -> dict[str, Any]:
     """The paper's training recipe for ``dataset`` (Section 4.2)."""
     base = dataset.rstrip("+")
+    if base in ("volumes", "signals"):  # DenseNet-121 of the right dimension, batches that fit a CPU
+        return {"model": "densenet121", "epochs": 50, "batch_size": 4 if base == "volumes" else 64,
+                "lr_milestones": [], "drop_rate": 0.0}
     if base == "imagenet":
         return {"epochs": PAPER_EPOCHS["imagenet"], "batch_size": 256, "lr_milestones": [30, 60], "drop_rate": 0.0}
     # CIFAR and SVHN: lr divided at 50% and 75% of the epochs (lr_milestones [] means exactly that)
@@ -204,6 +211,8 @@ def resolve_config(overrides: dict[str, Any], config_file: str | os.PathLike | N
     values = {**paper_recipe(dataset), **(SAMPLE_RECIPE if sample else {}), **given}
     if dataset == "imagenet" and "epochs" in given and "lr_milestones" not in given:
         values["lr_milestones"] = [given["epochs"] // 3, 2 * given["epochs"] // 3]  # the paper's 30/90, 60/90
+    if isinstance(values.get("image_size"), list) and len(values["image_size"]) == 1:
+        values["image_size"] = values["image_size"][0]  # --image-size 96: one side
     config = TrainConfig(**values)
     validate(config)
     config.image_size = native_image_size(config)
@@ -243,6 +252,9 @@ def validate(config: TrainConfig) -> None:
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),
         (config.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, got {config.amp!r}"),
+        (config.spatial_dims in (None, 1, 2, 3), f"spatial_dims must be 1, 2 or 3, got {config.spatial_dims}"),
+        (not isinstance(config.image_size, list) or (len(config.image_size) in (1, 3) and min(config.image_size) >= 1),
+         f"image_size must be one side or three (depth, height, width), got {config.image_size}"),
         (config.dist_backend in ("auto", "nccl", "gloo"),
          f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
         (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),

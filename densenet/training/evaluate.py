@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
         for index, (images, labels) in enumerate(batches):
             check_finite(images, f"batch {index + 1} of the evaluation data")
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if images.dim() == 5:
+            if images.dim() == 3 + getattr(getattr(model, "module", model), "spatial_dims", 2):  # (N, crops, C, H, W)
                 b, crops = images.shape[:2]
                 probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
                 logits = probs.clamp_min(1e-12).log()

@@ -199,7 +199,7 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
     """The model (initial weights, frozen parts, synchronised BN), its optimizer and gradient scaler,
     restored from ``checkpoint`` when resuming; the memory of a step checked before anything runs."""
     config, dd, device = run.config, run.dd, run.device
-    model = build_model(config, run.data.num_classes)
+    model = build_model(config, run.data.num_classes, run.data.model_args())
     if config.init and checkpoint is None:  # a head of another class count stays freshly initialised
         run.log(f"--init {config.init}: {load_weight_file(model, config.init, strict=False)}")
     if config.weights and checkpoint is None:
@@ -215,7 +215,7 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
         check_memory(estimate, device=device, processes=1 if device.type == "cuda" else dd.local_world_size)
     # the dense blocks compute in channels_last, so their weight gradients come in that layout; under
     # DDP the weights take it too, so that gradients match DDP's buckets without a copy
-    model.to(device, memory_format=torch.channels_last if dd.enabled else run.memory_format)
+    model.to(device, memory_format=torch.channels_last if dd.enabled and model.spatial_dims == 2 else run.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay)
@@ -541,9 +541,16 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones(config))
 
 
-def build_model(config: TrainConfig, num_classes: int) -> DenseNet:
+def build_model(config: TrainConfig, num_classes: int, data_args: dict | None = None) -> DenseNet:
+    """The model of ``config`` for ``num_classes``; ``data_args`` (``Data.model_args()``): the spatial
+    dimensions and input channels of volume and signal datasets, checked against ``--spatial-dims``."""
+    data_args = dict(data_args or {})
+    wanted, have = config.spatial_dims, data_args.get("spatial_dims", 2)
+    if wanted is not None and wanted != have:
+        raise ConfigError(f"--spatial-dims {wanted}, but {config.dataset} is {have}-D data: drop --spatial-dims or "
+                          f"choose a dataset of that dimension")
     return create_model(config.model, num_classes=num_classes, drop_rate=config.drop_rate,
-                        memory_efficient=config.memory_efficient)
+                        memory_efficient=config.memory_efficient, **data_args)
 
 
 def configure_runtime(config: TrainConfig, device: torch.device) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -79,25 +80,39 @@ class _Count:
         self.peak = max(self.peak, self.kept + temporary)
 
 
-def _layer_widths(model: nn.Module, image_size: int) -> list[tuple[int, int, int, int]]:
-    """(pixels per image, input channels, layers, output channels) of each dense block."""
-    sizes = model.spatial_sizes(image_size)
+def _sides(model: nn.Module, image_size: int | Sequence[int]) -> list[int]:
+    """One side per spatial axis of the model (1-D signals, 2-D images, 3-D volumes)."""
+    dims = getattr(model, "spatial_dims", 2)
+    sides = [image_size] if isinstance(image_size, int) else list(image_size)
+    return sides * dims if len(sides) == 1 else sides
+
+
+def _layer_widths(model: nn.Module, image_size: int | Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """(positions per image: pixels, samples or voxels; input channels, layers, output channels) of each dense block."""
+    per_axis = [model.spatial_sizes(s) for s in _sides(model, image_size)]
+    sizes = [math.prod(block) for block in zip(*per_axis)]
     blocks = [m for name, m in model.features.named_children() if name.startswith("denseblock")]
-    return [(s * s, b.in_channels, len(b), b.out_channels) for s, b in zip(sizes, blocks)]
+    return [(s, b.in_channels, len(b), b.out_channels) for s, b in zip(sizes, blocks)]
 
 
-def _training_count(model: nn.Module, image_size: int, fast: bool, efficient: bool) -> _Count:
+def _training_count(model: nn.Module, image_size: int | Sequence[int], fast: bool, efficient: bool) -> _Count:
     """Activation elements per image kept for backward in a training step, and its peak."""
     k, bottleneck, drop = model.growth_rate, model.bottleneck, model.drop_rate
     inter = model.bn_size * k if bottleneck else 0
     blocks = _layer_widths(model, image_size)
     count = _Count()
-    pixels = image_size * image_size
+    sides = _sides(model, image_size)
+    pixels = math.prod(sides)
+    shrink = 2 ** len(sides)  # a transition's pool: 4 pixels, 8 voxels, 2 samples to one
     count.stage(model.in_channels * pixels * (2 if fast else 1), 0)  # the batch (+ its channels_last copy)
     if model.stem == "imagenet":
-        half = ((image_size - 1) // 2 + 1) ** 2
-        # conv0 output (kept by norm0), ReLU output (kept by ReLU and the max pool), pool indices (int64)
-        count.stage(2 * half * model.stem_channels, half * model.stem_channels, 8 * blocks[0][0] * model.stem_channels)
+        half = math.prod((s - 1) // 2 + 1 for s in sides)
+        if efficient:  # the fused stem keeps only its input; its output exists while the stem runs
+            count.stage(0, 2 * half * model.stem_channels)
+        elif fast:  # the fused stem keeps the conv0 output; BN-ReLU and the pool's indices are recomputed
+            count.stage(half * model.stem_channels, half * model.stem_channels)
+        else:  # conv0 output (kept by norm0), ReLU output (kept by ReLU and the max pool), pool indices (int64)
+            count.stage(2 * half * model.stem_channels, half * model.stem_channels, 8 * blocks[0][0] * model.stem_channels)
     else:
         count.stage(0, 2 * pixels * model.stem_channels)
     grad_peak = 0.0  # the most any stage's backward adds on top of what is kept up to it
@@ -128,10 +143,10 @@ def _training_count(model: nn.Module, image_size: int, fast: bool, efficient: bo
         if i < len(blocks) - 1:
             c_out = math.floor(model.compression * c)
             if fast:  # BN-ReLU-pool in one step keeping only its input; the conv keeps the pooled maps
-                count.stage((m // 4) * c, m * c)
-                grad_peak = max(grad_peak, count.kept + 2 * m * c + (m // 4) * c)
+                count.stage((m // shrink) * c, m * c)
+                grad_peak = max(grad_peak, count.kept + 2 * m * c + (m // shrink) * c)
             else:  # ReLU output (kept by ReLU and the conv), conv output (kept by the pool), pooled output
-                count.stage(m * c + m * c_out + (m // 4) * c_out, m * c, m * c_out if drop > 0 else 0)
+                count.stage(m * c + m * c_out + (m // shrink) * c_out, m * c, m * c_out if drop > 0 else 0)
                 grad_peak = max(grad_peak, count.kept + 2 * m * c + m * c_out)
     m, _, _, c = blocks[-1]
     count.stage(m * c, m * c)  # final BN-ReLU output (kept by ReLU and the global pool)
@@ -139,12 +154,12 @@ def _training_count(model: nn.Module, image_size: int, fast: bool, efficient: bo
     return count
 
 
-def _inference_count(model: nn.Module, image_size: int, fast: bool) -> _Count:
+def _inference_count(model: nn.Module, image_size: int | Sequence[int], fast: bool) -> _Count:
     """Activation elements per image alive at the peak of an evaluation forward (no gradients)."""
     k = model.growth_rate
     inter = model.bn_size * k if model.bottleneck else k
     count = _Count()
-    pixels = image_size * image_size
+    pixels = math.prod(_sides(model, image_size))
     for m, c0, _layers, c in _layer_widths(model, image_size):
         if fast:  # the shared buffer, one layer's BN1-ReLU output, bottleneck output and new maps
             live = m * c + m * c + m * inter + m * k
@@ -158,10 +173,11 @@ def _trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.features.parameters())
 
 
-def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, training: bool = True,
+def estimate_memory(model: nn.Module, batch_size: int, image_size: int | Sequence[int], *, training: bool = True,
                     momentum: bool = True, amp: bool = False, name: str | None = None) -> MemoryEstimate:
     """Peak bytes of one training step (``training``: forward, backward, SGD update) or of one
-    evaluation forward of ``batch_size`` images of ``image_size`` pixels, on CPU.
+    evaluation forward of ``batch_size`` images of ``image_size`` pixels, on CPU (``image_size``: one
+    side, or one per axis: a 1-D model's length, a 3-D model's depth, height and width).
 
     ``model``: a :class:`densenet.DenseNet` as it will train (its ``memory_efficient``, ``fast``,
     ``drop_rate`` and frozen parameters decide the path); ``name`` names it in messages. ``amp``:
@@ -184,7 +200,7 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int, *, train
     mode = "memory-efficient blocks" if efficient else "fast blocks" if fast else "layer-by-layer blocks"
     name = name or f"DenseNet(k={model.growth_rate}, blocks={list(model.block_config)})"
     what = (f"{'a training step' if training else 'an evaluation batch'} of {name}, batch {batch_size} at "
-            f"{image_size}x{image_size} ({mode})")
+            f"{'x'.join(map(str, _sides(model, image_size)))} ({mode})")
     def per_image(count: _Count, factor: float = ALLOCATOR_FACTOR) -> int:
         return math.ceil((count.peak * act_bytes + count.extra_bytes) * factor)
 
