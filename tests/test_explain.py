@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densenet import DenseNet
-from densenet.analysis.explain import METHODS, explain, save_overlay
+from densenet.analysis.explain import METHODS, ExplainError, explain, save_overlay
+from densenet.errors import ArgumentError
 
 torch.set_num_threads(2)
 SIZE, PATCH = 32, 8
@@ -172,3 +173,33 @@ def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys):
     assert "ONNX export: explanations need gradients" in capsys.readouterr().err
     assert main(["explain", "nonexistent.pt", str(images), "--out", str(out)]) == 2
     assert "nonexistent.pt is neither a file nor trained weights by name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spatial_dims,side", [(1, 40), (3, 12)])
+def test_signals_and_volumes(spatial_dims, side):
+    """1-D and 3-D models: CAM is the classifier's weights of the chosen class on the final feature
+    maps, upsampled linearly / trilinearly to the input; the Grad-CAM family where grad-cam has it
+    (volumes), a clear refusal where it has not (signals; Score-CAM of volumes)."""
+    torch.manual_seed(3)
+    model = DenseNet(growth_rate=4, block_config=(2, 2), num_classes=3, spatial_dims=spatial_dims, in_channels=2).eval()
+    x = torch.randn(2, 2, *(side,) * spatial_dims)
+    maps = explain(model, x, "cam", target=[1, 2])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        raw = torch.stack([(model.classifier.weight[t][:, None] * f.flatten(1)).sum(0).view(f.shape[1:])
+                           for t, f in zip([1, 2], features)])
+        mode = "linear" if spatial_dims == 1 else "trilinear"
+        up = F.interpolate(raw[:, None], size=x.shape[2:], mode=mode, align_corners=False)[:, 0]
+        low = up.flatten(1).min(1).values.view(-1, *[1] * spatial_dims)
+        high = up.flatten(1).max(1).values.view(-1, *[1] * spatial_dims)
+    assert maps.shape == (2, *(side,) * spatial_dims)
+    torch.testing.assert_close(maps, (up - low) / (high - low))
+    with pytest.raises(ArgumentError, match=r"\(N, C, [DL].*for this %d-D model" % spatial_dims):
+        explain(model, torch.randn(2, 2, 8, 8), "cam")
+    if spatial_dims == 1:
+        with pytest.raises(ExplainError, match="not of 1-D signals; use --method cam"):
+            explain(model, x, "gradcam")
+    else:
+        assert explain(model, x, "gradcam").shape == (2, side, side, side)
+        with pytest.raises(ExplainError, match="scores 2-D images only"):
+            explain(model, x, "scorecam")

@@ -64,9 +64,9 @@ def _targets(logits: Tensor, target: int | Sequence[int] | None) -> list[int]:
 
 
 def _scaled(maps: Tensor) -> Tensor:
-    """Each (H, W) map linearly scaled to [0, 1] (a constant map becomes zeros)."""
-    flat = maps.flatten(1)
-    low, high = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    """Each map (H, W, or any sides) linearly scaled to [0, 1] (a constant map becomes zeros)."""
+    flat, shape = maps.flatten(1), (-1,) + (1,) * (maps.dim() - 1)
+    low, high = flat.min(1).values.view(shape), flat.max(1).values.view(shape)
     return (maps - low) / (high - low).clamp_min(1e-12)
 
 
@@ -76,10 +76,11 @@ def _cam(model: nn.Module, images: Tensor, targets: list[int]) -> Tensor:
     if not isinstance(classifier, nn.Linear) or getattr(getattr(model, "global_pool", None), "pool_type", "avg") != "avg":
         raise ExplainError("CAM needs a linear classifier on average-pooled features; use --method gradcam")
     with torch.no_grad():
-        features = model.forward_features(images)  # (N, C, h, w), after the final BN-ReLU
+        features = model.forward_features(images)  # (N, C, *sides), after the final BN-ReLU
         weights = classifier.weight[targets].to(features.dtype)  # (N, C)
-        maps = torch.einsum("nc,nchw->nhw", weights, features)
-    return F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        maps = torch.einsum("nc,nc...->n...", weights, features)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[maps.dim() - 1]
+    return F.interpolate(maps[:, None], size=images.shape[2:], mode=mode, align_corners=False)[:, 0]
 
 
 def _grad_cam_family(model: nn.Module, images: Tensor, targets: list[int], method: str, layer: nn.Module) -> Tensor:
@@ -89,6 +90,12 @@ def _grad_cam_family(model: nn.Module, images: Tensor, targets: list[int], metho
     except ImportError:
         raise ExplainError(f"--method {method} needs the grad-cam package: pip install 'densenet[explain]' "
                            "(or use --method cam, which needs nothing more)") from None
+    if images.dim() == 3:
+        raise ExplainError(f"--method {method}: the grad-cam package makes maps of images and volumes, not of 1-D "
+                           "signals; use --method cam")
+    if images.dim() == 5 and method == "scorecam":
+        raise ExplainError("--method scorecam: the grad-cam package scores 2-D images only; for volumes use gradcam, "
+                           "gradcam++, eigencam or cam")
     kind = {"gradcam": gc.GradCAM, "gradcam++": gc.GradCAMPlusPlus, "scorecam": gc.ScoreCAM,
             "eigencam": gc.EigenCAM}[method]
     with kind(model=model, target_layers=[layer]) as cam:
@@ -101,16 +108,20 @@ def explain(model: nn.Module, images: Tensor, method: str = "gradcam", target: i
             layer: str | None = None) -> Tensor:
     """(N, H, W) maps in [0, 1], one per image of ``images`` (N, C, H, W), normalised as the model was
     trained: where ``model`` sees evidence for ``target`` (None: each image's top class; an int: that
-    class for all; a sequence: one per image). ``layer``: the module the Grad-CAM family looks at
-    (default: the last dense block); CAM always uses the final feature maps. The model's mode is
-    restored afterwards; its parameters are untouched."""
+    class for all; a sequence: one per image). 1-D and 3-D models: (N, L) / (N, D, H, W) maps of
+    (N, C, L) / (N, C, D, H, W) inputs (CAM for all three; the Grad-CAM family for 2-D and 3-D).
+    ``layer``: the module the Grad-CAM family looks at (default: the last dense block); CAM always
+    uses the final feature maps. The model's mode is restored afterwards; its parameters are untouched."""
     if method not in METHODS:
         raise ArgumentError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
         raise ExplainError("explanations need gradients through a PyTorch model: an ONNX or TorchScript export has "
                            "none; explain the checkpoint or the trained weights instead")
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ArgumentError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    dims = getattr(model, "spatial_dims", 2)
+    if not isinstance(images, Tensor) or images.dim() != 2 + dims:
+        layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
+        raise ArgumentError(f"images must be a {layout} tensor for this {dims}-D model, "
+                            f"got {tuple(getattr(images, 'shape', ())) or type(images).__name__}")
     if method == "cam" and layer not in (None, default_layer(model)):
         raise ArgumentError("CAM uses the final feature maps; --layer is for the Grad-CAM family")
     module = _layer(model, layer or default_layer(model))
