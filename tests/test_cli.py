@@ -101,6 +101,10 @@ def test_train_flags_take_the_types_of_the_configuration():
             expected[name] = [2, 3]
             continue
         base = next(t for t in getattr(annotation, "__args__", (annotation,)) if t is not type(None))
+        if getattr(base, "__origin__", None) is list:  # one value or several (--image-size 96 / 64 96 96)
+            argv += [flag, "2", "3"]
+            expected[name] = [2, 3]
+            continue
         argv += [flag, values[base]]
         expected[name] = base(values[base])
     args = vars(build_parser().parse_args(["train", *argv]))

@@ -70,6 +70,9 @@ def test_folder_input_size_follows_the_model():
     assert size(dataset="imagenet", model="densenet169") == 224
     assert size(dataset="folder", model="densenet121", image_size=96) == 96
     assert size(dataset="cifar10", model="densenet_bc40_k12") is None  # 32x32 arrays: no resizing
+    assert size(dataset="folder", model="densenet121", image_size=[96]) == 96  # --image-size 96
+    with pytest.raises(ValueError, match=r"three sides \(32 32 32\) are for --dataset volumes; .*--image-size N"):
+        size(dataset="folder", image_size=[32, 32, 32])
 
 
 def test_run_on_own_images_trains_at_the_model_size_and_says_what_it_saw(run, own):

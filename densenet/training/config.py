@@ -255,6 +255,10 @@ def validate(config: TrainConfig) -> None:
         (config.spatial_dims in (None, 1, 2, 3), f"spatial_dims must be 1, 2 or 3, got {config.spatial_dims}"),
         (not isinstance(config.image_size, list) or (len(config.image_size) in (1, 3) and min(config.image_size) >= 1),
          f"image_size must be one side or three (depth, height, width), got {config.image_size}"),
+        (not isinstance(config.image_size, list) or config.dataset == "volumes",
+         f"three sides ({' '.join(map(str, config.image_size)) if isinstance(config.image_size, list) else ''}) are for "
+         "--dataset volumes; "
+         f"images and signals take one: --image-size N"),
         (config.dist_backend in ("auto", "nccl", "gloo"),
          f"dist_backend must be auto, nccl or gloo, got {config.dist_backend!r}"),
         (config.dist_timeout >= 1, "dist_timeout must be at least 1 second"),
