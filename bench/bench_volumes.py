@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
 from densenet.models.weights import load_state_dict, to_monai_state_dict  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import peak_rss_bytes, rss_bytes, train_step_fn  # noqa: E402  (the same step and RSS readings)
 
 IMPLS = ("monai", "ours", "ours_me")
 BATCH, CLASSES = 2, 2
@@ -71,18 +73,6 @@ def data(size: int, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 1, size, size, size, generator=g), torch.randint(0, CLASSES, (batch,), generator=g)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
 def timed_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of every call of each fn, calling them in turn within every repeat (after ``warmup``)."""
     for _ in range(warmup):
@@ -95,20 +85,6 @@ def timed_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: 
             fn()
             times[k].append(time.perf_counter() - t)
     return times
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS of this process image (VmHWM; ru_maxrss would carry the parent's peak across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_child(impl: str, size: int, steps: int, threads: int, cap: float) -> None:
