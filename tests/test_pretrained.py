@@ -265,3 +265,24 @@ def test_commands_take_weights_by_name(packaged, monkeypatch, capsys, tmp_path):
     (assets / "densenet_bc16_k8-sample.safetensors").write_bytes(b"damaged")
     assert main(["eval", "--weights", "densenet_bc16_k8.sample"]) == 2
     assert "does not match its SHA-256" in capsys.readouterr().err
+
+
+def test_the_shipped_cifar10_weights_are_intact_and_as_good_as_their_entry_says(capsys):
+    """This project's own CIFAR-10 weights, in the package: the file's size and SHA-256 match the
+    index, and `densenet eval --weights` on the bundled sample's 200 test images (part of the 10,000
+    the entry was measured on) lands near the recorded accuracy (200 images: a standard error of
+    about 3 points)."""
+    import json
+
+    entries = json.loads((pretrained.BUNDLED_DIR / "index.json").read_text())
+    shipped = [e for e in entries if e["tag"] == "cifar10"]
+    assert shipped, "no CIFAR-10 weights in densenet/assets/weights/index.json"
+    for e in shipped:
+        path = pretrained.BUNDLED_DIR / e["file_name"]
+        assert path.stat().st_size == e["file_size"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == e["sha256"]
+        assert e["accuracy"]["images"] == 10_000 and "JPEG" in e["notes"]
+        assert main(["eval", "--model", e["model"], "--weights", "cifar10"]) == 0
+        line = next(s for s in capsys.readouterr().out.splitlines() if "200 images: top-1 error" in s)
+        error = float(line.split("top-1 error ")[1].split("%")[0])
+        assert abs((100 - error) - e["accuracy"]["top1"]) < 10, (line, e["accuracy"])
