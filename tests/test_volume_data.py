@@ -168,6 +168,10 @@ def test_volumes_dataset(tmp_path):
     assert seen.numel() == 2
     cube = build_data("volumes", root, batch_size=2, image_size=16, workers=0)
     assert cube.image_size == (16, 16, 16) and next(iter(cube.test.batches(0)))[0].shape[2:] == (16, 16, 16)
+    assert data.class_counts == [4, 4]  # training volumes per class (report.json, the imbalance note)
+    with pytest.raises(DataError, match="class-balanced sampling is for image datasets, not volumes; leave out "
+                                        "--balanced-sampler"):
+        build_data("volumes", root, batch_size=2, workers=0, balanced=True)
 
 
 def test_batches_are_a_function_of_seed_epoch_and_step(tmp_path):
