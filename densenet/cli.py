@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="errors, per-class metrics and the confusion matrix of a checkpoint on a test set",
                        description="Top-1 error (top-5 with more than 5 classes), balanced accuracy, per-class precision, "
-                                   "recall and F1 (with scikit-learn) and the confusion matrix, printed and written as "
+                                   "recall and F1 and the confusion matrix, printed and written as "
                                    "confusion.csv, confusion.png and eval.json.")
     p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
     add_weights_flags(p)
@@ -452,14 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="class activation maps of images: an overlay PNG and the raw map per image",
-                       description="Where the model sees a class in each image (Grad-CAM, Grad-CAM++, Score-CAM, "
-                                   "Eigen-CAM from the grad-cam package, or CAM): OUT/<image>.png (the image, its heat "
+                       description="Where the model sees a class in each image (CAM by default; Grad-CAM, Grad-CAM++, "
+                                   "Score-CAM, Eigen-CAM with the grad-cam package): OUT/<image>.png (the image, its heat "
                                    "map, the top classes) and OUT/<image>.npy (the map, float32 in [0, 1]).")
     p.add_argument("source", metavar="WEIGHTS_OR_CHECKPOINT",
                    help="a checkpoint, a safetensors export, or trained weights by name (MODEL.TAG; see densenet weights)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="folder for the overlays and maps (created)")
-    p.add_argument("--method", choices=METHODS, default="gradcam", help="default gradcam")
+    p.add_argument("--method", choices=METHODS, default="cam",
+                   help="default cam (needs nothing more; the others need grad-cam: pip install 'densenet[explain]')")
     p.add_argument("--class", dest="target", metavar="CLASS",
                    help="the class to explain, an index or a name (default: each image's top prediction)")
     p.add_argument("--layer", help="the module the Grad-CAM family looks at (default: the last dense block)")

@@ -2,6 +2,8 @@
 object at a random position puts the peak of its map on the object; an untrained one does not."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -130,9 +132,10 @@ def test_overlay_png(trained, tmp_path):
         assert np.asarray(im.convert("RGB")).std() > 10  # a picture, not a blank canvas
 
 
-def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys):
+def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys, monkeypatch):
     """densenet explain on a checkpoint of a short sample run: one PNG and one .npy per image, the
-    predictions in a CSV; bad requests are one-line errors."""
+    predictions in a CSV; bad requests are one-line errors. Without flags it needs nothing beyond the
+    default install (CAM; grad-cam made unimportable here)."""
     import csv
     import zipfile
 
@@ -149,9 +152,10 @@ def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys):
             (images / name.replace("/", "_")).write_bytes(z.read(name))
     (images / "broken.png").write_bytes(b"not an image")
     ckpt, out = str(run / "checkpoint.pt"), tmp_path / "maps"
-    assert main(["explain", ckpt, str(images), "--out", str(out), "--method", "cam", "--csv", str(tmp_path / "p.csv")]) == 2
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import pytorch_grad_cam now fails
+    assert main(["explain", ckpt, str(images), "--out", str(out), "--csv", str(tmp_path / "p.csv")]) == 2
     assert "broken.png: cannot decode image" in capsys.readouterr().err
-    assert main(["explain", ckpt, str(images), "--out", str(out), "--method", "cam", "--class", "cat", "--skip-bad",
+    assert main(["explain", ckpt, str(images), "--out", str(out), "--class", "cat", "--skip-bad",
                  "--csv", str(tmp_path / "p.csv")]) == 0
     printed = capsys.readouterr()
     assert "skipped" in printed.err and printed.out.count("map for cat") == 2
@@ -165,6 +169,8 @@ def test_explain_command_writes_overlays_maps_and_csv(tmp_path, capsys):
         (["--layer", "features.nope"], "no layer 'features.nope' in the model; layers to explain: features.conv0"),
         (["--class", "10"], "class 10 is out of range: the model has 10 classes"),
         (["--class", "zebra"], "no class 'zebra'; the model's classes: airplane"),
+        (["--layer", "features.denseblock1"], "CAM (the default method) uses the final feature maps; --layer is for"),
+        (["--method", "gradcam"], "--method gradcam needs the grad-cam package: pip install 'densenet[explain]'"),
     ]:
         assert main(["explain", ckpt, str(images / "test_cat_0000.jpg"), "--out", str(out), *argv]) == 2
         assert message in capsys.readouterr().err

@@ -4,9 +4,13 @@
 scaled to [0, 1]. ``"cam"`` is the classifier's weights on the final feature maps (Zhou et al. 2016,
 the formula CheXNet shows), computed here; the Grad-CAM family (``"gradcam"``, ``"gradcam++"``,
 ``"scorecam"``, ``"eigencam"``) comes from the maintained ``grad-cam`` package (pytorch-grad-cam),
-an optional dependency: ``pip install 'densenet[explain]'``.
+an optional dependency: ``pip install 'densenet[explain]'``. CAM is the default: it needs nothing
+beyond the core install, and for a DenseNet (global average pooling, then one linear layer) it is
+what Grad-CAM gives on the final feature maps before its ReLU, up to a positive factor (there the
+gradient of a logit is the classifier's row divided by the number of positions, at every position).
 
-    maps = explain(model, images)                       # (N, H, W), the top class of each image
+    maps = explain(model, images)                       # (N, H, W) CAM, the top class of each image
+    maps = explain(model, images, method="gradcam")     # the last dense block, with grad-cam installed
     save_overlay("cat.png", pixels, maps[0], title="cat 91%")
 """
 from __future__ import annotations
@@ -104,7 +108,7 @@ def _grad_cam_family(model: nn.Module, images: Tensor, targets: list[int], metho
     return torch.from_numpy(np.asarray(maps, dtype=np.float32))
 
 
-def explain(model: nn.Module, images: Tensor, method: str = "gradcam", target: int | Sequence[int] | None = None,
+def explain(model: nn.Module, images: Tensor, method: str = "cam", target: int | Sequence[int] | None = None,
             layer: str | None = None) -> Tensor:
     """(N, H, W) maps in [0, 1], one per image of ``images`` (N, C, H, W), normalised as the model was
     trained: where ``model`` sees evidence for ``target`` (None: each image's top class; an int: that
@@ -122,9 +126,10 @@ def explain(model: nn.Module, images: Tensor, method: str = "gradcam", target: i
         layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[dims]
         raise ArgumentError(f"images must be a {layout} tensor for this {dims}-D model, "
                             f"got {tuple(getattr(images, 'shape', ())) or type(images).__name__}")
-    if method == "cam" and layer not in (None, default_layer(model)):
-        raise ArgumentError("CAM uses the final feature maps; --layer is for the Grad-CAM family")
     module = _layer(model, layer or default_layer(model))
+    if method == "cam" and layer not in (None, default_layer(model)):
+        raise ArgumentError("CAM (the default method) uses the final feature maps; --layer is for the Grad-CAM family "
+                            "(--method gradcam, gradcam++, scorecam or eigencam)")
     was_training = model.training
     params = list(model.parameters())
     grads, flags = [p.grad for p in params], [p.requires_grad for p in params]

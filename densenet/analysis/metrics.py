@@ -1,7 +1,7 @@
 """Classification metrics of a confusion matrix (rows: true class, columns: predicted top-1 class).
 
 Per-class precision, recall and F1, their macro averages, accuracy and balanced accuracy, all in
-percent, are computed by scikit-learn (an optional dependency: ``pip install 'densenet[metrics]'``)
+percent, are computed by scikit-learn (a core dependency since 2026-12-05; it was the ``metrics`` extra)
 from the matrix's counts as sample weights, so that the counts of several processes or batches can
 be summed first and the metrics taken once. The matrix itself is plain counting and needs nothing.
 """
@@ -24,7 +24,7 @@ __all__ = ["METRICS_INSTALL", "PER_CLASS_COLUMNS_MAX", "class_metrics", "confusi
            "format_confusion", "metric_columns", "read_confusion_csv", "sklearn_metrics", "top5_applies",
            "write_confusion_csv"]
 
-METRICS_INSTALL = "pip install 'densenet[metrics]'"
+METRICS_INSTALL = "pip install scikit-learn"  # a dependency of densenet: missing only from a damaged environment
 #: per-class columns go into metrics.csv up to this many classes (report.json always has them)
 PER_CLASS_COLUMNS_MAX = 20
 #: the text table of a confusion matrix is printed up to this many classes (the CSV always has it)
@@ -51,8 +51,9 @@ def sklearn_metrics() -> ModuleType:
     try:
         from sklearn import metrics
     except ImportError as e:
-        raise MissingDependency(f"per-class precision, recall, F1 and balanced accuracy need scikit-learn, which is not "
-                                f"installed ({e}); install it with: {METRICS_INSTALL}") from None
+        raise MissingDependency(f"per-class precision, recall, F1 and balanced accuracy need scikit-learn, a dependency "
+                                f"of densenet that is missing from this environment ({e}); install it with: "
+                                f"{METRICS_INSTALL}") from None
     return metrics
 
 

@@ -60,7 +60,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def explain_images(model: nn.Module, data: dict, paths: Iterable[str | os.PathLike], out: str | os.PathLike, *,
-                   method: str = "gradcam", target: int | None = None, layer: str | None = None, top: int = 3,
+                   method: str = "cam", target: int | None = None, layer: str | None = None, top: int = 3,
                    batch_size: int = 16, on_error: Callable[[Path, Exception], None] | None = None) -> list[Explained]:
     """Explain every image of ``paths`` (folders searched) with ``model`` and its data description
     (class names, mean, std, image size); write ``OUT/<image>.png`` and ``OUT/<image>.npy`` (the map,

@@ -14,7 +14,7 @@ A run directory holds ``config.yaml`` (the resolved configuration), ``metrics.cs
 epoch), ``curves.png``, TensorBoard events under ``tensorboard/``, ``checkpoint.pt`` (and the one
 before it, ``checkpoint.prev.pt``) and, at the end, ``report.json`` and the test split's confusion
 matrix (``confusion.csv``, counts; ``confusion.png``, normalised by row). Per-class precision, recall
-and F1, their macro averages and the balanced accuracy (scikit-learn, the ``metrics`` extra) go into
+and F1, their macro averages and the balanced accuracy (by scikit-learn, a core dependency) go into
 ``metrics.csv`` and ``report.json``; top-5 errors only with more than 5 classes.
 
 Host synchronisation: every ``sync_every`` steps (each step on a CPU) the loop reads back one small
