@@ -7,7 +7,7 @@ import hashlib
 import http.server
 import socket
 import threading
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -286,3 +286,17 @@ def test_the_shipped_cifar10_weights_are_intact_and_as_good_as_their_entry_says(
         line = next(s for s in capsys.readouterr().out.splitlines() if "200 images: top-1 error" in s)
         error = float(line.split("top-1 error ")[1].split("%")[0])
         assert abs((100 - error) - e["accuracy"]["top1"]) < 10, (line, e["accuracy"])
+
+
+def test_weights_print_as_one_line_with_the_whole_record_one_attribute_away():
+    """print(densenet.list_weights()) used to fill the terminal with a thousand class names per entry."""
+    w = get_weights("densenet121", "imagenet")
+    assert repr(w) == str(w) == (f"Weights(densenet121.imagenet: imagenet, top-1 {w.accuracy['top1']:.2f}%, "
+                                 f"top-5 {w.accuracy['top5']:.2f}%, 1000 classes, 224x224, "
+                                 f"{w.file_size / 2**20:.1f} MB)")
+    assert "tench" not in repr(list_weights()) and len(repr(list_weights())) < 200 * len(list_weights())
+    record = w.record
+    assert record["name"] == "densenet121.imagenet" and len(record["class_names"]) == 1000 and record["url"] == w.url
+    assert set(record) == {f.name for f in fields(Weights)} | {"name"}
+    # an entry without a file size or a top-5 figure says so briefly
+    assert repr(entry(None, "ab")) == "Weights(densenet_bc16_k8.test: cifar10, top-1 50.00%, 3 classes, 32x32, size unknown)"

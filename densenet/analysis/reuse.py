@@ -45,6 +45,9 @@ class BlockReuse:
     target_names: list[str]  # module of each target, e.g. "features.denseblock1.denselayer1.conv1"
     matrix: np.ndarray
 
+    def __repr__(self) -> str:
+        return f"BlockReuse(block {self.block}: {self.num_layers} layers, then {self.reader}; matrix {self.matrix.shape})"
+
     @property
     def reader(self) -> str:
         return self.target_names[-1]

@@ -50,6 +50,13 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        """One line: the folder, model, dataset and final test error (``report``, ``config`` and
+        ``metrics`` hold the rest)."""
+        error = self.report.get("test_error")
+        return (f"Run({self.path}: {self.report.get('model', '?')} on {self.report.get('dataset', '?')}, "
+                f"{len(self.metrics)} epochs logged" + ("" if error is None else f", test error {float(error):.2f}%") + ")")
+
     @property
     def model(self) -> str:
         return str(self.report["model"])

@@ -53,6 +53,14 @@ class Data:
     spatial_dims: int = 2  # 3 for volumes, 1 for signals
     in_channels: int = 3
 
+    def __repr__(self) -> str:
+        """One line (a thousand class names would fill the terminal); every field is an attribute."""
+        sides = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size,) * self.spatial_dims
+        splits = [f"{name} {loader.num_images:,}" for name, loader in
+                  (("train", self.train), ("val", self.val), ("test", self.test)) if loader is not None]
+        return (f"Data({self.name}: {self.num_classes} classes, {self.in_channels}x{'x'.join(map(str, sides))}, "
+                f"{' / '.join(splits)} images" + (f", from {self.source}" if self.source else "") + ")")
+
     def model_args(self) -> dict[str, int]:
         """What a model for this data needs besides the class count: nothing for images (the models'
         defaults), ``spatial_dims`` and ``in_channels`` for volumes and signals."""

@@ -141,6 +141,11 @@ class ImageTree:
     def __len__(self) -> int:
         return len(self.files)
 
+    def __repr__(self) -> str:
+        """One line (``files`` may hold a million names); every field is an attribute."""
+        where = f"{self.root}:{self.prefix}" if self.is_zip else str(self.root / self.prefix)
+        return f"ImageTree({where}: {len(self.class_names)} classes, {len(self.files):,} images)"
+
 
 def list_entries(root: Path) -> list[tuple[str, bool]]:
     """(relative POSIX path, is_dir) of everything under a directory or in a zip (names checked).

@@ -85,6 +85,10 @@ class _Base:
     def __len__(self) -> int:
         return self.num_batches
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.num_images:,} images in {self.num_batches:,} batches of {self.batch_size}"
+                f"{', training' if self.train else ''})")
+
     def _plan(self, epoch: int, start: int, rank: int, world_size: int) -> Iterator[tuple[int, np.ndarray, slice]]:
         """(batch index, global batch's dataset indices, this rank's slice of it) from ``start`` on."""
         if world_size < 1 or not 0 <= rank < world_size:

@@ -15,6 +15,8 @@ Two sources:
 download address for machines behind a proxy or offline.
 
     w = get_weights("densenet121", "imagenet")      # or True for the model's default entry
+    print(w)        # Weights(densenet121.imagenet: imagenet, top-1 74.43%, top-5 91.97%, 1000 classes, 224x224, 30.8 MB)
+    w.record        # the whole entry as a dict: class names, mean/std, recipe, source, file, SHA-256, ...
     model = create_model("densenet121", weights="imagenet")
     print(w.accuracy, w.class_names[:3], w.mean, w.input_size)
 """
@@ -27,7 +29,7 @@ import http.client
 import json
 import os
 import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,9 @@ class Weights:
     ``accuracy``: top-1 / top-5 accuracy (%) measured on ``dataset``'s test set, by ``measured``
     (the command, machine and date); ``recipe``: how they were trained; ``sha256``: the file's
     digest, or the prefix that torch.hub checks; ``url``: download address (None: in the package).
+
+    Printed, one line: name, dataset, accuracy, classes, input size and file size (the class names
+    alone would fill a terminal); ``record`` holds the whole entry as a dict.
     """
 
     model: str
@@ -82,6 +87,18 @@ class Weights:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The whole entry, every field (and ``name``), as a dict."""
+        return {"name": self.name, **asdict(self)}
+
+    def __repr__(self) -> str:
+        accuracy = [f"{k[:3]}-{k[3:]} {v:.2f}%" for k, v in self.accuracy.items() if k in ("top1", "top5") and v is not None]
+        size = f"{self.file_size / 2**20:.1f} MB" if self.file_size else "size unknown"
+        side = self.input_size
+        return (f"Weights({self.name}: {', '.join([self.dataset, *accuracy])}, {self.num_classes} classes, "
+                f"{side}x{side}, {size})")
 
     def data(self) -> dict[str, Any]:
         """The data description serving uses: class names, normalisation, input size, dataset."""
