@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import densenet.models.pretrained as pretrained
 from densenet import WeightsError, create_model, get_weights, list_weights
@@ -300,3 +301,54 @@ def test_weights_print_as_one_line_with_the_whole_record_one_attribute_away():
     assert set(record) == {f.name for f in fields(Weights)} | {"name"}
     # an entry without a file size or a top-5 figure says so briefly
     assert repr(entry(None, "ab")) == "Weights(densenet_bc16_k8.test: cifar10, top-1 50.00%, 3 classes, 32x32, size unknown)"
+
+
+def test_torchvision_names_select_the_same_weights(tmp_path, monkeypatch, capsys):
+    """torchvision's habits: weights="IMAGENET1K_V1", "DEFAULT", "DenseNet121_Weights.IMAGENET1K_V1" and
+    the enum member itself pick the entry that "imagenet" picks, in get_weights, create_model (a local
+    mirror folder stands in for the download) and on the command line."""
+    from densenet.models.pretrained import find_weights
+
+    for model, stem in pretrained.TORCHVISION_MODELS.items():
+        enum = getattr(torchvision.models, f"{stem}_Weights")
+        same = get_weights(model, "imagenet")
+        for name in ["IMAGENET1K_V1", "DEFAULT", True, f"{stem}_Weights.IMAGENET1K_V1", f"{model}.IMAGENET1K_V1",
+                     enum.IMAGENET1K_V1, enum.DEFAULT]:
+            assert get_weights(model, name) is same, (model, name)
+        assert find_weights(f"{stem}_Weights.IMAGENET1K_V1") is same and find_weights(f"{model}.IMAGENET1K_V1") is same
+    with pytest.raises(WeightsError, match="weights DenseNet169_Weights.IMAGENET1K_V1 are for densenet169, not densenet121"):
+        get_weights("densenet121", torchvision.models.DenseNet169_Weights.IMAGENET1K_V1)
+    with pytest.raises(WeightsError, match="no weights 'ResNet50_Weights.IMAGENET1K_V1' for densenet121"):
+        get_weights("densenet121", torchvision.models.ResNet50_Weights.IMAGENET1K_V1)
+    with pytest.raises(WeightsError, match="no weights 'IMAGENET1K_V1' for densenet_bc40_k12"):
+        get_weights("densenet_bc40_k12", "IMAGENET1K_V1")
+    assert get_weights("densenet_bc40_k12", "DEFAULT").name == "densenet_bc40_k12.cifar10"
+
+    # the whole path, without a network: a stand-in for DenseNet-121's file (4 classes) in a mirror folder
+    torch.manual_seed(0)
+    source = create_model("densenet121", num_classes=4).eval()
+    folder = tmp_path / "mirror"
+    folder.mkdir()
+    path = folder / "densenet121-test.pt"
+    torch.save(source.state_dict(), path)
+    real = get_weights("densenet121", "imagenet")
+    entries = (replace(real, class_names=tuple("abcd"), file_name=path.name,
+                       sha256=hashlib.sha256(path.read_bytes()).hexdigest()[:8]),)
+    monkeypatch.setattr(pretrained, "_torchvision", lambda: entries)
+    monkeypatch.setenv(pretrained.MIRROR_ENV, str(folder))
+    monkeypatch.setenv(pretrained.HOME_ENV, str(tmp_path / "home"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = source(x)
+        for name in ["imagenet", "IMAGENET1K_V1", "DEFAULT", torchvision.models.DenseNet121_Weights.IMAGENET1K_V1]:
+            model = create_model("densenet121", weights=name).eval()
+            assert model.pretrained_cfg["weights"] == "densenet121.imagenet" and model.num_classes == 4
+            torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (80, 80), (120, 30, 200)).save(image)
+    printed = []
+    for argv in (["--model", "densenet121", "--weights", "imagenet"], ["--model", "densenet121", "--weights", "IMAGENET1K_V1"],
+                 ["--weights", "DenseNet121_Weights.IMAGENET1K_V1"], ["--weights", "densenet121.DEFAULT"]):
+        assert main(["predict", *argv, "--image-size", "64", str(image)]) == 0, capsys.readouterr().err
+        printed.append(capsys.readouterr().out)
+    assert printed[0].startswith(f"{image}: ") and printed.count(printed[0]) == 4

@@ -23,6 +23,7 @@ download address for machines behind a proxy or offline.
 from __future__ import annotations
 
 import difflib
+import enum
 import functools
 import hashlib
 import http.client
@@ -38,8 +39,8 @@ from torch import nn
 
 from .weights import WeightsError, load_state_dict, read_state_dict
 
-__all__ = ["HOME_ENV", "MIRROR_ENV", "Weights", "get_weights", "list_weights", "load_weights", "weights_cache_dir",
-           "weights_file"]
+__all__ = ["HOME_ENV", "MIRROR_ENV", "Weights", "find_weights", "get_weights", "list_weights", "load_weights",
+           "torchvision_name", "weights_cache_dir", "weights_file"]
 
 HOME_ENV = "DENSENET_HOME"
 MIRROR_ENV = "DENSENET_WEIGHTS_MIRROR"
@@ -150,32 +151,74 @@ def _torchvision() -> tuple[Weights, ...]:
     return tuple(out)
 
 
+def find_weights(name: str) -> Weights:
+    """The weights of a full name without a separate model: ``"densenet121.imagenet"``, or
+    torchvision's ``"DenseNet121_Weights.IMAGENET1K_V1"``."""
+    found = _by_torchvision_name(list_weights(), name) if name.split(".", 1)[0].endswith("_Weights") else None
+    if found:
+        return found
+    if "." not in name:
+        raise WeightsError(f"weights {name!r} need a model: give --model NAME, or the full name MODEL.TAG (e.g. "
+                           "densenet121.imagenet; `densenet weights` lists them)")
+    model, tag = name.split(".", 1)
+    return get_weights(model, tag)
+
+
 def list_weights(model: str | None = None) -> list[Weights]:
     """Every known set of weights (of ``model`` only, when given): this project's, then torchvision's."""
     entries = [*_bundled(), *_torchvision()]
     return [w for w in entries if model is None or w.model == model]
 
 
-def get_weights(model: str, weights: str | bool | Weights) -> Weights:
+def torchvision_name(weights: object) -> str | None:
+    """``"DenseNet121_Weights.IMAGENET1K_V1"`` for a member of a torchvision weights enum (any
+    ``*_Weights`` enum, so that torchvision is not imported here), else None."""
+    if isinstance(weights, enum.Enum) and type(weights).__name__.endswith("_Weights"):
+        return f"{type(weights).__name__}.{weights.name}"
+    return None
+
+
+def _by_torchvision_name(entries: list[Weights], name: str) -> Weights | None:
+    """The entry of ``entries`` that torchvision calls ``name``: its enum member (``IMAGENET1K_V1``) or
+    the enum and the member (``DenseNet121_Weights.IMAGENET1K_V1``)."""
+    for w in entries:
+        full = w.extra.get("enum")
+        if full and name in (full, full.split(".", 1)[1]):
+            return w
+    return None
+
+
+def get_weights(model: str, weights: str | bool | Weights | enum.Enum) -> Weights:
     """The weights ``weights`` names for ``model``: a tag (``"cifar10"``, ``"imagenet"``), a full name
-    (``"densenet121.imagenet"``), True (the model's first entry) or a :class:`Weights`.
+    (``"densenet121.imagenet"``), True or ``"DEFAULT"`` (the model's first entry), a :class:`Weights`,
+    or torchvision's names for its own weights: the enum member
+    (``torchvision.models.DenseNet121_Weights.IMAGENET1K_V1``), its name (``"IMAGENET1K_V1"``) or
+    its full name (``"DenseNet121_Weights.IMAGENET1K_V1"``).
     :class:`WeightsError` naming the known ones (and the closest) otherwise."""
     if isinstance(weights, Weights):
         if weights.model != model:
             raise WeightsError(f"weights {weights.name} are for {weights.model}, not {model}")
         return weights
+    weights = torchvision_name(weights) or weights
     mine = list_weights(model)
-    if weights is True:
+    if weights is True or weights == "DEFAULT":
         if not mine:
             raise WeightsError(f"no trained weights for {model}; models with weights: "
                                f"{', '.join(sorted({w.model for w in list_weights()}))}")
         return mine[0]
     if not isinstance(weights, str) or not weights:
-        raise WeightsError(f"weights must be a tag such as 'cifar10' or 'imagenet', or True; got {weights!r}")
+        raise WeightsError(f"weights must be a tag such as 'cifar10' or 'imagenet', True or 'DEFAULT', or torchvision's "
+                           f"name of them (e.g. 'IMAGENET1K_V1'); got {weights!r}")
     tag = weights.removeprefix(model + ".")
     for w in mine:
         if w.tag == tag:
             return w
+    found = _by_torchvision_name(mine, tag)
+    if found:
+        return found
+    other = _by_torchvision_name(list_weights(), tag) if "." in tag else None
+    if other:
+        raise WeightsError(f"weights {tag} are for {other.model}, not {model}")
     known = [w.name for w in list_weights()]
     close = difflib.get_close_matches(f"{model}.{tag}", known, n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from ..errors import ArgumentError, ArgumentTypeError, check_int
@@ -138,11 +139,12 @@ def model_spec(name: str) -> ModelSpec:
     )
 
 
-def create_model(name: str, weights: str | bool | Weights | None = None, **overrides: Any) -> DenseNet:
+def create_model(name: str, weights: str | bool | Weights | Enum | None = None, **overrides: Any) -> DenseNet:
     """Build a named model, e.g. ``create_model("densenet_bc100_k12", num_classes=100, drop_rate=0.2)``.
 
-    ``weights``: trained weights to load (a tag such as ``"cifar10"`` or ``"imagenet"``, True for the
-    model's default entry; see ``densenet.list_weights()``). The model then has the weights' class
+    ``weights``: trained weights to load (a tag such as ``"cifar10"`` or ``"imagenet"``, True or
+    ``"DEFAULT"`` for the model's default entry, or torchvision's ``"IMAGENET1K_V1"`` /
+    ``DenseNet121_Weights.IMAGENET1K_V1``; see ``densenet.list_weights()``). The model then has the weights' class
     count, unless ``num_classes`` asks for another: the classifier is then freshly initialised
     (fine-tuning). ``overrides`` are any ``DenseNet`` arguments; unknown ones raise a ``TypeError``
     listing the valid ones.

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import DenseNetError, MissingFile
 from ..io.checkpoint import CheckpointError, load_checkpoint
-from ..models import DenseNet, WeightsError, create_model, get_weights, load_state_dict, read_state_dict
+from ..models import DenseNet, WeightsError, create_model, find_weights, get_weights, load_state_dict, read_state_dict
 
 __all__ = ["METADATA_FORMAT", "ExportError", "build_from_metadata", "export_kind", "model_from_checkpoint",
            "model_from_safetensors", "model_from_weights"]
@@ -87,11 +87,7 @@ def model_from_safetensors(path: str | os.PathLike) -> tuple[DenseNet, dict]:
 
 def model_from_weights(weights: str, model: str | None = None) -> tuple[DenseNet, dict]:
     """A model with trained weights by name (``"densenet121.imagenet"``, or ``weights="imagenet"`` with
-    ``model="densenet121"``; see ``densenet weights``) in eval mode, and its data description."""
-    if model is None:
-        if "." not in weights:
-            raise WeightsError(f"weights {weights!r} need a model: give --model NAME, or the full name "
-                               "MODEL.TAG (e.g. densenet121.imagenet; `densenet weights` lists them)")
-        model, weights = weights.split(".", 1)
-    w = get_weights(model, weights)
-    return create_model(model, weights=w).eval(), w.data()
+    ``model="densenet121"``; torchvision's names too, ``"DenseNet121_Weights.IMAGENET1K_V1"``, or
+    ``"IMAGENET1K_V1"`` with the model; see ``densenet weights``) in eval mode, and its data description."""
+    w = find_weights(weights) if model is None else get_weights(model, weights)
+    return create_model(w.model, weights=w).eval(), w.data()
