@@ -2,8 +2,6 @@
 feature extraction, TorchScript, and a detection backbone."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import timm
 import torch
@@ -150,15 +148,14 @@ def test_group_matcher_groups_every_parameter_by_depth():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fx_and_torchscript_give_the_eager_outputs(name):
-    """torch.fx and TorchScript record the layer-by-layer form; outputs and gradients equal eager."""
+    """torch.fx records dense blocks and transitions as calls of those modules (their fast kernels run
+    inside), TorchScript the layer-by-layer form; outputs and gradients equal eager."""
     torch.manual_seed(0)
     model = create_model(name).double().eval()
     s = size_of(name)
     x = torch.randn(2, 3, s, s, dtype=torch.float64)
     graph = torch.fx.symbolic_trace(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still used
-        scripted = torch.jit.script(model)
+    scripted = torch.jit.script(model)  # deprecated in torch 2.14: its FutureWarning is filtered in pyproject.toml
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(graph(x), expected, rtol=1e-10, atol=1e-10)
@@ -170,6 +167,123 @@ def test_fx_and_torchscript_give_the_eager_outputs(name):
         maps = extractor(x)
         for (_, got), want in zip(sorted(maps.items()), model.forward_intermediates(x, intermediates_only=True)):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def small(stem: str = "cifar", spatial_dims: int = 2) -> DenseNet:
+    """A small model with random BN statistics and a dropout-free transition."""
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=4, block_config=(2, 3, 2), num_classes=5, stem=stem, spatial_dims=spatial_dims)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def spy_on_kernels(monkeypatch) -> list[str]:
+    """Record each call of the fast block kernel and of the transitions' fused BN-ReLU-pool."""
+    import densenet.models.densenet as dn
+
+    calls: list[str] = []
+    for name in ("fast_block_forward", "bn_relu_pool", "bn_relu_pool_eval"):
+        real = getattr(dn, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dn, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 1, 3])
+def test_fx_calls_the_fast_kernels_bit_identical_to_eager(spatial_dims, monkeypatch):
+    """A model traced by torch.fx calls its dense blocks and transitions as modules, so the fast
+    kernels run as in eager mode (the spy sees them): outputs, gradients and BN running statistics
+    are bit-identical to eager in training and in eval mode."""
+    import copy
+
+    eager = small(spatial_dims=spatial_dims)
+    graph = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_module"]
+    assert targets == ["features.conv0", "features.denseblock1", "features.transition1", "features.denseblock2",
+                       "features.transition2", "features.denseblock3", "features.norm5", "features.relu5", "classifier"]
+    calls = spy_on_kernels(monkeypatch)
+    x = torch.randn(4, 3, *(12,) * spatial_dims)
+    for mode in ("eval", "train"):
+        outputs = []
+        for model in (eager, graph):
+            getattr(model, mode)()
+            calls.clear()
+            xi = x.clone().requires_grad_(mode == "train")
+            with torch.set_grad_enabled(mode == "train"):
+                out = model(xi)
+            if mode == "train":
+                out.square().sum().backward()
+            outputs.append((out.detach(), xi.grad, calls.copy()))
+        (want, want_grad, want_calls), (got, got_grad, got_calls) = outputs
+        assert torch.equal(got, want), mode
+        fused = "bn_relu_pool" if mode == "train" else "bn_relu_pool_eval"
+        assert got_calls == want_calls == ["fast_block_forward", fused] * 2 + ["fast_block_forward"], mode
+        if mode == "train":
+            assert torch.equal(got_grad, want_grad)
+            for (name, p), q in zip(eager.named_parameters(), graph.parameters()):
+                assert torch.equal(p.grad, q.grad), name
+            for (name, b), c in zip(eager.named_buffers(), graph.buffers()):
+                assert torch.equal(b, c), name
+
+
+def test_fx_of_the_imagenet_stem_and_of_the_reference_form(monkeypatch):
+    """The ImageNet stem stays module by module under torch.fx (``features.relu0`` is a feature level
+    that extractors return): bit-identical to eager in eval mode and in training without gradients;
+    in training with gradients eager fuses the stem (to keep less for backward), which rounds
+    differently in the last bits. A model in the reference form traces layer by layer, every dense
+    layer a node, for who wants to tap inside a block."""
+    import copy
+
+    eager = small("imagenet")
+    graph = torch.fx.symbolic_trace(copy.deepcopy(eager))
+    assert [n.target for n in graph.graph.nodes if n.op == "call_module"][:5] == [
+        "features.conv0", "features.norm0", "features.relu0", "features.pool0", "features.denseblock1"]
+    calls = spy_on_kernels(monkeypatch)
+    x = torch.randn(4, 3, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(graph.eval()(x), eager.eval()(x)) and calls.count("fast_block_forward") == 6
+        assert torch.equal(graph.train()(x), eager.train()(x))
+    torch.testing.assert_close(graph(x), eager(x), rtol=1e-5, atol=1e-5)
+    reference = torch.fx.symbolic_trace(copy.deepcopy(eager).set_execution(fast=False))
+    layers = [n.target for n in reference.graph.nodes if n.op == "call_module" and ".denselayer" in n.target]
+    assert "features.denseblock1.denselayer2.conv2" in layers
+    with torch.no_grad():
+        want = eager.eval()(x)
+        calls.clear()
+        torch.testing.assert_close(reference.eval()(x), want, rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_timms_fx_forward_test(name):
+    """timm's test_model_forward_fx, step by step (its FX feature extraction of the last node, in eval
+    mode, under inference_mode): the graph's outputs equal eager's exactly."""
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    torch.manual_seed(0)
+    model = built_by_timm(name).eval()
+    s = size_of(name)
+    tracer_kwargs = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions(),
+                     "param_shapes_constant": True}
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    with torch.inference_mode():
+        inputs = torch.randn(1, 3, s, s)
+        outputs = model(inputs)
+        fx_model = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                            eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+        fx_outputs = torch.cat(tuple(fx_model(inputs).values()))
+    assert torch.all(fx_outputs == outputs)
 
 
 class FPNBackbone(torch.nn.Module):

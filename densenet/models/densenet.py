@@ -64,9 +64,31 @@ def execution_mode(fast: bool, memory_efficient: bool) -> str:
 
 
 def traced(x: Any) -> bool:
-    """Whether ``x`` is being scripted, traced or symbolically traced (torch.jit, torch.fx): the
-    layer-by-layer form is what those record, and input checks must not branch on traced values."""
+    """Whether ``x`` is being scripted, traced or symbolically traced (torch.jit, torch.fx): input
+    checks must not branch on traced values; torch.jit records the layer-by-layer form (torch.fx
+    records dense blocks and transitions as calls of their modules instead: :func:`fx_leaf_path`)."""
     return torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)
+
+
+def fx_leaf_path(module: nn.Module, x: Any) -> str | None:
+    """While torch.fx traces ``x`` (a ``torch.fx.Proxy``) through ``module``: the module's path under the
+    module being traced, so that the graph can call ``module`` itself (a leaf, as torch.fx calls a
+    ``nn.Conv2d``) and so run its forward, fast kernels included, exactly as eager mode runs them.
+    None when nothing is being traced, or when ``module`` is itself the module being traced (or not
+    under it): the layer-by-layer form is recorded then."""
+    if not isinstance(x, torch.fx.Proxy):
+        return None
+    try:
+        path = x.tracer.path_of_module(module)
+    except (NameError, AttributeError):  # not a submodule of the traced module / a tracer without paths
+        return None
+    return path or None
+
+
+def fx_leaf_call(module: nn.Module, x: Any) -> Any:
+    """The graph node that calls ``module`` on ``x`` (see :func:`fx_leaf_path`); torchvision's and timm's
+    feature extractors name it by the module's path (``features.denseblock1``), as their feature levels."""
+    return x.tracer.create_proxy("call_module", fx_leaf_path(module, x), (x,), {})
 
 
 def feature_take_indices(levels: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
@@ -175,9 +197,20 @@ class DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting() and self._fx_leaf_applies(x):
+            return self._fx_leaf(x)
         if not torch.jit.is_scripting() and self._fast_applies(x):
             return self._forward_fast(x)
         return self._forward_reference(x)
+
+    @torch.jit.unused
+    def _fx_leaf_applies(self, x: torch.Tensor) -> bool:
+        """torch.fx is tracing: in the fast modes the graph calls this block (decided when it runs)."""
+        return self.execution != "reference" and fx_leaf_path(self, x) is not None
+
+    @torch.jit.unused
+    def _fx_leaf(self, x: torch.Tensor) -> torch.Tensor:
+        return fx_leaf_call(self, x)
 
     @torch.jit.unused
     def _fast_applies(self, x: torch.Tensor) -> bool:
@@ -221,6 +254,8 @@ class Transition(nn.Sequential):
         convolution multiply-adds (8x in 3-D, 2x in 1-D); in training BN-ReLU-pool is one step that keeps only its input for
         backward (``densenet.models.efficient.bn_relu_pool``). Dropout in training and hooks on any
         part of the transition keep the paper's order, so that every hook sees what it expects."""
+        if not torch.jit.is_scripting() and self._fx_leaf_applies(x):
+            return self._fx_leaf(x)
         if not torch.jit.is_scripting() and self._fast_applies(x):
             return self._forward_fast(x)
         return self._forward_reference(x)
@@ -229,6 +264,15 @@ class Transition(nn.Sequential):
         for module in self:
             x = module(x)
         return x
+
+    @torch.jit.unused
+    def _fx_leaf_applies(self, x: torch.Tensor) -> bool:
+        """torch.fx is tracing: in the fast modes the graph calls this transition (decided when it runs)."""
+        return self.execution != "reference" and fx_leaf_path(self, x) is not None
+
+    @torch.jit.unused
+    def _fx_leaf(self, x: torch.Tensor) -> torch.Tensor:
+        return fx_leaf_call(self, x)
 
     @torch.jit.unused
     def _fast_applies(self, x: torch.Tensor) -> bool:
