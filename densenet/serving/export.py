@@ -169,7 +169,8 @@ def _export_torchscript(ref: DenseNet, path: Path, example: Tensor, check: Tenso
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input checks become constants: fine
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream, still what servers load
+        # TorchScript is deprecated upstream (torch 2.14), still what many servers load
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         traced = torch.jit.trace(ref, example, check_trace=False)
         torch.jit.save(traced, buffer, _extra_files={"densenet.json": json.dumps(meta)})
         data = buffer.getvalue()
