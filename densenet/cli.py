@@ -43,6 +43,7 @@ from .errors import DenseNetError, MissingDependency, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
 from .serving import (
+    FORMATS,
     expand_image_paths,
     explain_images,
     export_checkpoint,
@@ -54,6 +55,7 @@ from .serving import (
     predict_images,
     resolve_class,
 )
+from .serving.export import SUFFIXES
 from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
 from .training.loop import resolve_device
@@ -227,7 +229,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             info = {**info, "image_size": args.image_size}
     else:
         if not args.images:
-            raise ConfigError("give a model file (checkpoint, .onnx or .safetensors) and images, or "
+            raise ConfigError("give a model file (checkpoint, .onnx, .pt2 or .safetensors) and images, or "
                               "--model NAME --weights TAG and images")
         model, info = load_predictor(args.checkpoint, args.image_size)
         images = args.images
@@ -276,8 +278,9 @@ def _check_out_folder(path: str) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if source.is_file():
-        if source.suffix.lower() == ".onnx":
-            raise ExplainError(f"{source} is an ONNX export: explanations need gradients through the PyTorch model; "
+        if source.suffix.lower() in (".onnx", ".pt2"):
+            kind = "an ONNX export" if source.suffix.lower() == ".onnx" else "a torch.export program"
+            raise ExplainError(f"{source} is {kind}: explanations need gradients through the PyTorch model; "
                                "give its checkpoint (checkpoint.pt) or the trained weights by name")
         model, info = load_predictor(source, args.image_size)
     else:
@@ -317,7 +320,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.weights:
         model, info = trained_model(args, args.checkpoint)
-        out = args.out or f"{info['weights']}.{ {'onnx': 'onnx', 'torchscript': 'torchscript.pt'}.get(args.format, args.format)}"
+        out = args.out or info["weights"] + SUFFIXES[args.format]
         result = export_model(model, out, args.format, image_size=args.image_size or info["image_size"], data=info,
                               name=info["model"], opset=args.opset)
     else:
@@ -438,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-5 classes of images (files or folders) with probabilities")
     p.add_argument("checkpoint", nargs="?", metavar="MODEL",
-                   help="a checkpoint, or an export: .onnx (run by ONNX Runtime) or .safetensors (or use --weights)")
+                   help="a checkpoint, or an export: .onnx (run by ONNX Runtime), .pt2 (torch.export) or .safetensors "
+                        "(or use --weights)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders (searched recursively)")
     add_weights_flags(p)
     p.add_argument("--top", type=_positive, default=5)
@@ -470,13 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="name and skip images that cannot be decoded (default: stop)")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("export", help="write a checkpoint's model as ONNX, TorchScript or safetensors for serving",
+    p = sub.add_parser("export", help="write a checkpoint's model as ONNX, a torch.export program, TorchScript or "
+                                      "safetensors for serving",
                        description="Export the model of a checkpoint (standard graph, eval mode, dynamic batch size) "
-                                   "and check the file's outputs against PyTorch's (within 1e-4).")
+                                   "and check the file's outputs against PyTorch's (within 1e-4). For PyTorch serving "
+                                   "prefer --format export (torch.export, .pt2); TorchScript is deprecated upstream "
+                                   "(torch 2.14) and kept while torch supports it.")
     p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
     add_weights_flags(p)
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors"))
-    p.add_argument("--out", help="output file (default: beside the checkpoint, checkpoint.onnx / "
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="onnx (ONNX Runtime), export (torch.export program, .pt2), torchscript, safetensors (+ JSON)")
+    p.add_argument("--out", help="output file (default: beside the checkpoint, checkpoint.onnx / checkpoint.pt2 / "
                                  "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")
     p.add_argument("--image-size", type=_positive, help="input side in pixels (default: the training image size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")

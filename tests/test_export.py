@@ -1,4 +1,4 @@
-"""`densenet export` (ONNX, TorchScript, safetensors) and `densenet predict` on exports, on a run
+"""`densenet export` (ONNX, torch.export, TorchScript, safetensors) and `densenet predict` on exports, on a run
 trained on the bundled sample; bad checkpoints, images and ONNX files give clear errors."""
 import collections
 import csv
@@ -18,7 +18,7 @@ from torch import nn
 
 from densenet import DenseNet, create_model
 from densenet.cli import main
-from densenet.serving import export_model, model_from_checkpoint, model_from_safetensors
+from densenet.serving import export_model, export_program, model_from_checkpoint, model_from_safetensors
 from densenet.training import evaluate
 
 TINY = ["--model", "densenet_bc16_k8", "--dataset", "cifar10+", "--batch-size", "32", "--train-subset", "128",
@@ -121,6 +121,72 @@ def test_torchscript_export_loads_without_this_package(run, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["cat", "True"]
+
+
+@pytest.mark.parametrize("spatial_dims, side", [(2, 20), (1, 40), (3, 12)])
+def test_torch_export_with_a_dynamic_batch_gives_eagers_outputs(spatial_dims, side, tmp_path):
+    """torch.export.export of a model (the layer-by-layer form, eval mode) with a dynamic batch
+    dimension: after torch.export.save and load, any batch size gives eager's float64 outputs (eager
+    runs the fast kernels) to rounding; the CLI's format writes the same program with its description."""
+    model = trained_like(spatial_dims=spatial_dims, stem="imagenet" if spatial_dims != 2 else "cifar").double()
+    shape = (3, *(side,) * spatial_dims)
+    program = export_program(model, torch.randn(2, *shape, dtype=torch.float64))
+    path = tmp_path / "m.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    for n in (1, 2, 5):
+        x = torch.randn(n, *shape, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(Exception, match=r"size\(\)\[2\]"):  # the spatial sides are fixed
+        loaded(torch.randn(1, 3, *(side + 8,) * spatial_dims, dtype=torch.float64))
+    assert model.training is False and model.fast  # the model itself is untouched
+    if spatial_dims == 2:
+        result = export_model(model.float(), tmp_path / "cli.pt2", "export", image_size=side, data={"class_names": list("abcde")})
+        extra = {"densenet.json": ""}
+        torch.export.load(tmp_path / "cli.pt2", extra_files=extra)
+        assert result["files"] == [tmp_path / "cli.pt2"] and result["max_abs_diff"] < 1e-4
+        assert json.loads(extra["densenet.json"])["data"]["class_names"] == list("abcde")
+
+
+def test_predict_with_a_torch_export_program(run, images, tmp_path, capsys):
+    """`densenet export --format export` writes checkpoint.pt2 beside the checkpoint; `densenet predict`
+    reads it (the same classes and probabilities as the checkpoint), refuses another image size,
+    and refuses archives that would need unpickling; explain and eval ask for the checkpoint."""
+    import zipfile
+
+    assert main(["export", str(run / "checkpoint.pt"), "--format", "export"]) == 0
+    program = run / "checkpoint.pt2"
+    assert f"wrote {program} (export;" in capsys.readouterr().out
+    printed = []
+    for source in (run / "checkpoint.pt", program):
+        assert main(["predict", str(source), str(images)]) == 0
+        printed.append(capsys.readouterr().out.splitlines())
+    for a, b in zip(*printed):
+        assert a.split()[0] == b.split()[0] and a.split()[1::2] == b.split()[1::2]  # the image, the classes
+        np.testing.assert_allclose([float(v.strip("%,")) for v in a.split()[2::2]],
+                                   [float(v.strip("%,")) for v in b.split()[2::2]], atol=0.11)
+    assert main(["predict", str(program), str(images), "--image-size", "40"]) == 2
+    assert "takes 32x32 images, not the 40x40 asked for" in capsys.readouterr().err
+    assert main(["explain", str(program), str(images), "--out", str(tmp_path / "maps")]) == 2
+    assert "is a torch.export program: explanations need gradients" in capsys.readouterr().err
+    assert main(["eval", str(program)]) == 2
+    assert "is a torch.export program, not a `densenet train` checkpoint" in capsys.readouterr().err
+    # an archive that stores a tensor pickled (torch.export.load would unpickle it) is refused unread
+    bad = tmp_path / "pickled.pt2"
+    with zipfile.ZipFile(program) as z, zipfile.ZipFile(bad, "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            out.writestr(item, data)
+    assert main(["predict", str(bad), str(images)]) == 2
+    assert "stores features.conv0.weight pickled; only plain tensors are read" in capsys.readouterr().err
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    assert main(["predict", str(tmp_path / "junk.pt2"), str(images)]) == 2
+    assert "is not a readable torch.export program" in capsys.readouterr().err
 
 
 def test_safetensors_export_rebuilds_with_create_model(run, tmp_path):

@@ -1,12 +1,19 @@
-"""Serving trained models: loading checkpoints and exports, exporting (ONNX, TorchScript,
-safetensors), fast inference, predictions on image files."""
+"""Serving trained models: loading checkpoints and exports, exporting (ONNX, torch.export,
+TorchScript, safetensors), fast inference, predictions on image files."""
 from .explain import Explained, explain_images, resolve_class
-from .export import FORMATS, export_checkpoint, export_model, export_onnx, standard_model
+from .export import FORMATS, export_checkpoint, export_model, export_onnx, export_program, standard_model
 from .inference import FastInference, load_onnx, prepare_for_inference
-from .loading import ExportError, model_from_checkpoint, model_from_safetensors, model_from_weights
+from .loading import (
+    ExportError,
+    model_from_checkpoint,
+    model_from_exported_program,
+    model_from_safetensors,
+    model_from_weights,
+)
 from .predict import expand_image_paths, folder_truth, load_image, load_predictor, predict_images
 
 __all__ = ["Explained", "explain_images", "resolve_class",
            "FORMATS", "ExportError", "FastInference", "expand_image_paths", "export_checkpoint", "export_model",
-           "export_onnx", "folder_truth", "load_image", "load_onnx", "load_predictor", "model_from_checkpoint",
-           "model_from_safetensors", "model_from_weights", "predict_images", "prepare_for_inference", "standard_model"]
+           "export_onnx", "export_program", "folder_truth", "load_image", "load_onnx", "load_predictor",
+           "model_from_checkpoint", "model_from_exported_program", "model_from_safetensors",
+           "model_from_weights", "predict_images", "prepare_for_inference", "standard_model"]

@@ -1,4 +1,5 @@
-"""Export a trained DenseNet for serving: ONNX, TorchScript, or safetensors weights with a JSON architecture.
+"""Export a trained DenseNet for serving: ONNX, a torch.export program, TorchScript, or safetensors
+weights with a JSON architecture.
 
 Every format holds the standard layer-by-layer graph in eval mode (a model trained with
 ``memory_efficient=True`` or the shared-buffer blocks exports exactly like the plain one) with a
@@ -6,7 +7,11 @@ dynamic batch size, and carries the data description that ``densenet predict`` n
 names, normalisation mean/std, image size):
 
 - ONNX: in the model's ``metadata_props`` under the key ``densenet``;
-- TorchScript: in the archive's extra file ``densenet.json`` (``torch.jit.load(path, _extra_files=...)``);
+- torch.export (``.pt2``, ``torch.export.save``): in the archive's extra file ``densenet.json``
+  (``torch.export.load(path, extra_files={"densenet.json": ""})``); the successor of TorchScript,
+  and the format to prefer for PyTorch serving (AOTInductor, ExecuTorch);
+- TorchScript: in the archive's extra file ``densenet.json`` (``torch.jit.load(path, _extra_files=...)``),
+  deprecated upstream since torch 2.14 and kept while torch supports it;
 - safetensors: in the JSON file beside the weights (``model.safetensors`` + ``model.json``), which
   also names the architecture so that ``create_model(meta["name"], **meta["model_config"])`` rebuilds it.
 
@@ -30,10 +35,11 @@ from torch import Tensor
 from ..errors import MissingFile
 from ..io.atomic import atomic_write_bytes, atomic_write_text
 from ..models import DenseNet, Transition
-from .loading import METADATA_FORMAT, ExportError, build_from_metadata, model_from_checkpoint
+from .loading import EXPORT_EXTRA_FILE, METADATA_FORMAT, ExportError, build_from_metadata, model_from_checkpoint
 
 __all__ = [
     "FORMATS",
+    "SUFFIXES",
     "TOLERANCE",
     "ExportError",
     "default_export_path",
@@ -41,10 +47,13 @@ __all__ = [
     "export_metadata",
     "export_model",
     "export_onnx",
+    "export_program",
     "standard_model",
 ]
 
-FORMATS = ("onnx", "torchscript", "safetensors")
+FORMATS = ("onnx", "export", "torchscript", "safetensors")
+#: file name ending of each format (``run/checkpoint.pt`` -> ``run/checkpoint.pt2`` for torch.export)
+SUFFIXES = {"onnx": ".onnx", "export": ".pt2", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4  # max |exported - PyTorch| allowed, on logits (plus the same relative to their size)
 
 
@@ -72,6 +81,17 @@ def export_onnx(model: DenseNet, example: Tensor, opset: int = 17) -> bytes:
     return buf.getvalue()
 
 
+def export_program(model: DenseNet, example: Tensor) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` in eval mode, the layer-by-layer form, with a dynamic batch
+    dimension (``example``'s other sides are fixed): a program that takes (N, C, *sides) for any N."""
+    ref = standard_model(model)
+    if ref.spatial_dims == 3:  # 3-D weights are kept channels_last_3d for oneDNN; the archive wants them plain
+        for p in ref.parameters():
+            p.data = p.data.contiguous()
+    batch = torch.export.Dim("batch")
+    return torch.export.export(ref, (example,), dynamic_shapes={"x": {0: batch}})
+
+
 def export_metadata(model: DenseNet, data: dict | None = None, name: str | None = None) -> dict[str, Any]:
     """The JSON description stored with every export: architecture and data description."""
     config = model.config()
@@ -80,10 +100,10 @@ def export_metadata(model: DenseNet, data: dict | None = None, name: str | None 
 
 
 def default_export_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
-    """``run/checkpoint.pt`` -> ``run/checkpoint.onnx``, ``run/checkpoint.torchscript.pt``, ``run/checkpoint.safetensors``."""
-    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}[fmt]
+    """``run/checkpoint.pt`` -> ``run/checkpoint.onnx``, ``run/checkpoint.pt2``, ``run/checkpoint.torchscript.pt``,
+    ``run/checkpoint.safetensors``."""
     p = Path(checkpoint)
-    return p.with_name(p.name.split(".")[0] + suffix)
+    return p.with_name(p.name.split(".")[0] + SUFFIXES[fmt])
 
 
 def _check_out(path: Path) -> None:
@@ -115,10 +135,11 @@ def _sides(model: DenseNet, image_size: int | Sequence[int]) -> list[int]:
 
 def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_size: int | Sequence[int],
                  data: dict | None = None, name: str | None = None, opset: int = 17) -> dict[str, Any]:
-    """Write ``model`` to ``path`` in format ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``).
+    """Write ``model`` to ``path`` in format ``fmt`` (``onnx``, ``export`` (torch.export), ``torchscript`` or
+    ``safetensors``).
 
     ``image_size``: side in pixels of the (N, C, image_size, image_size) inputs the export is traced
-    and checked with (ONNX fixes it in the graph's input shape; the batch size N stays free). 1-D and
+    and checked with (ONNX and torch.export fix it in the graph's input shape; the batch size N stays free). 1-D and
     3-D models: (N, C, L) and (N, C, D, H, W) inputs, ``image_size`` one side or one per axis.
     Returns ``{"files": [paths written], "max_abs_diff": float}``.
     """
@@ -140,6 +161,8 @@ def export_model(model: DenseNet, path: str | os.PathLike, fmt: str, *, image_si
         expected = ref(check)
     if fmt == "onnx":
         return _export_onnx(ref, path, example, check, expected, meta, opset)
+    if fmt == "export":
+        return _export_program(ref, path, example, check, expected, meta)
     if fmt == "torchscript":
         return _export_torchscript(ref, path, example, check, expected, meta)
     return _export_safetensors(ref, path, check, expected, meta)
@@ -160,6 +183,21 @@ def _export_onnx(ref: DenseNet, path: Path, example: Tensor, check: Tensor, expe
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: check.numpy()})[0])
     diff = _compare(got, expected, "the ONNX export run by ONNX Runtime")
+    atomic_write_bytes(path, data)
+    return {"files": [path], "max_abs_diff": diff}
+
+
+def _export_program(ref: DenseNet, path: Path, example: Tensor, check: Tensor, expected: Tensor,
+                    meta: dict) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        program = export_program(ref, check)  # traced on a batch of two: a batch of one would fix N = 1
+    torch.export.save(program, buffer, extra_files={EXPORT_EXTRA_FILE: json.dumps(meta)})
+    data = buffer.getvalue()
+    loaded = torch.export.load(io.BytesIO(data)).module()
+    with torch.no_grad():
+        diff = _compare(loaded(check), expected, "the torch.export program")
+        _compare(loaded(example), ref(example), "the torch.export program on a batch of one")
     atomic_write_bytes(path, data)
     return {"files": [path], "max_abs_diff": diff}
 

@@ -1,4 +1,4 @@
-"""Predictions on image files: a trained model (checkpoint, ONNX or safetensors export) and the top
+"""Predictions on image files: a trained model (checkpoint, ONNX, torch.export or safetensors export) and the top
 classes of each image with their probabilities."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..data.folder import list_entries
 from ..data.transforms import normalize
 from ..errors import MissingFile
 from .inference import load_onnx
-from .loading import model_from_checkpoint, model_from_safetensors
+from .loading import model_from_checkpoint, model_from_exported_program, model_from_safetensors
 
 __all__ = ["expand_image_paths", "folder_truth", "load_image", "load_predictor", "predict_images"]
 
@@ -69,14 +69,16 @@ def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple
 def load_predictor(path: str | os.PathLike, image_size: int | None = None
                    ) -> tuple[Callable[[Tensor], Tensor], dict]:
     """A callable (N, 3, H, W) normalised images -> (N, classes) logits and its data description, from
-    a ``densenet train`` checkpoint, an ONNX export (``.onnx``, run by ONNX Runtime on the CPU) or a
-    safetensors export (``.safetensors`` with its ``.json``). ``image_size`` overrides the recorded
-    size (an ONNX file must have been exported for it)."""
+    a ``densenet train`` checkpoint, an ONNX export (``.onnx``, run by ONNX Runtime on the CPU), a
+    torch.export program (``.pt2``) or a safetensors export (``.safetensors`` with its ``.json``).
+    ``image_size`` overrides the recorded size (an ONNX file or a program must have been exported for it)."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"no model file at {path}")
     if path.suffix.lower() == ".onnx":
         return load_onnx(path, image_size)
+    if path.suffix.lower() == ".pt2":
+        return model_from_exported_program(path, image_size)
     if path.suffix.lower() == ".safetensors":
         model, data = model_from_safetensors(path)
     else:
