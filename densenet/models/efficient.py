@@ -168,6 +168,9 @@ class _Block:
         self.m = _positions(x)
         self.dtype = x.dtype  # the buffer's and the convolutions'
         self.stat_dtype = _stat_dtype(x.dtype)  # statistics, reductions, BN1 gradients
+        # a bfloat16/float16 buffer stores each map less its batch mean rounded to the buffer's dtype
+        # (its "centre"), so that BN1's shift stays small and rounds harmlessly (see _bn1_affine)
+        self.centred = self.dtype != self.stat_dtype
         self.k = self.layers[0].growth_rate
         self.c = self.c0 + len(self.layers) * self.k
         self.bottleneck = self.layers[0].bottleneck
@@ -193,10 +196,69 @@ class _Block:
         return [p.to(self.dtype) if i % per in (2, 5) else p for i, p in enumerate(params)]
 
 
-def _bn1_affine(invstd: Tensor, mean: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """BN1 of one layer as ``prefix * scale + shift`` (per channel)."""
+def _bn1_affine(invstd: Tensor, offset: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """BN1 of one layer as ``stored * scale + shift`` (per channel, in the buffer's ``dtype``), where
+    ``offset`` is the batch mean of the stored values (the maps' mean less the block's centre)."""
     scale = weight * invstd
-    return scale, bias - mean * scale
+    return scale.to(dtype), (bias - offset * scale).to(dtype)
+
+
+def _bn1_relu(rows: Tensor, bn1: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+    """relu(rows * scale + shift) of an (M, C) matrix (a strided channel prefix of the buffer), into ``out``."""
+    scale, shift = bn1
+    return torch.addcmul(shift, rows, scale, out=out).relu_()
+
+
+def _offset(mean: Tensor, centre: Tensor | None, lo: int = 0, hi: int | None = None) -> Tensor:
+    """Batch mean of the stored values of channels [lo, hi): the maps' mean, less the centre."""
+    return mean[lo:hi] if centre is None else mean[lo:hi] - centre[lo:hi].to(mean.dtype)
+
+
+def _normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None = None) -> Tensor:
+    """x_hat = (rows - offset) * invstd per channel, in rows' dtype (``offset`` is small in a
+    centred buffer, so folding it into one multiply-add loses nothing there)."""
+    if rows.dtype == offset.dtype:
+        return torch.sub(rows, offset, out=out).mul_(invstd)
+    return torch.addcmul(_vec(-offset * invstd, rows), rows, _vec(invstd, rows), out=out)
+
+
+def _affine_centred(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(x - mean) * scale + bias`` per channel (last dimension) in x's dtype, precise in bfloat16
+    too: there ``x * scale + (bias - mean * scale)`` would round ``mean * scale`` to 8 bits, an error
+    the same for every value of a channel (a bias of a few percent of its spread when |mean| >> std).
+    Centred on the mean rounded to x's dtype, what is rounded is zero on average."""
+    if x.dtype == mean.dtype:
+        return torch.addcmul(bias - mean * scale, x, scale, out=out)
+    centre = mean.to(x.dtype)
+    t = torch.sub(x, centre, out=out)
+    return torch.addcmul(_vec(bias - (mean - centre.to(mean.dtype)) * scale, x), t, _vec(scale, x), out=t)
+
+
+def _colsum(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-channel sums of an (M, C) matrix (or any layout whose last dimension is the channel) as a
+    ``dtype`` vector. A bfloat16/float16 matrix is summed in its own dtype (accumulated in float32 by
+    the kernel, the result rounded once): a sum with ``dtype=float32`` would first convert the
+    whole matrix, several times slower on the CPU than the sum itself."""
+    return rows.sum(tuple(range(rows.dim() - 1))).to(dtype)
+
+
+def _vec(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector in ``like``'s dtype: elementwise kernels with operands of two dtypes
+    take a slow path (about 10x for bfloat16 on the CPU), so statistics and BN weights meet a
+    bfloat16 matrix in bfloat16."""
+    return v.to(like.dtype)
+
+
+def _centred_moments(z: Tensor, work: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance (``dtype`` vectors) of an (M, C) matrix, using ``work`` (M, C):
+    differences from a first estimate of the mean, so that a bfloat16 matrix's statistics are as
+    precise as its values (its sums are rounded to 8 bits)."""
+    m = z.shape[0]
+    first = (_colsum(z, dtype) / m).to(z.dtype)
+    d = torch.sub(z, first, out=work)
+    rest = _colsum(d, dtype) / m
+    var = _colsum(d * d, dtype) / m - rest * rest
+    return first.to(dtype) + rest, var.clamp_min_(0)
 
 
 def _moments(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,10 +269,12 @@ def _moments(rows: Tensor) -> tuple[Tensor, Tensor]:
     return d.mul_(d).mean(0), mean
 
 
-def _chunk_stats(spec: "_Block", b2: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor) -> None:
-    """Batch mean, biased variance and 1/sqrt(var + eps) of buffer channels [lo, hi), into slices
-    (over all processes' batches with synchronised BN)."""
-    v, mu = _moments(b2[:, lo:hi].to(spec.stat_dtype))
+def _chunk_stats(spec: "_Block", rows: Tensor, lo: int, hi: int, mean: Tensor, var: Tensor, invstd: Tensor) -> None:
+    """Batch mean, biased variance and 1/sqrt(var + eps) of ``rows`` (M, hi - lo), the maps of buffer
+    channels [lo, hi), into slices (over all processes' batches with synchronised BN). ``rows`` is
+    the contiguous matrix the maps came from (not the strided buffer slice), so that a bfloat16
+    buffer's maps convert to float32 in one cheap pass."""
+    v, mu = _moments(rows.to(spec.stat_dtype))
     if spec.sync:
         mu, v, spec.total = sync_moments(mu, v, spec.m, spec.group)
     mean[lo:hi] = mu
@@ -228,15 +292,27 @@ def _block_forward(
     spec: _Block, x: Tensor, params: Sequence[Tensor], save: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Any]]:
     """Training-mode forward (batch statistics). Returns the (M, C) buffer, the per-channel batch
-    mean and inverse std, the per-channel biased variance and, if ``save``, per-layer saved tensors."""
+    mean and inverse std, the per-channel biased variance, if ``save`` per-layer saved tensors, and
+    the centre (None in float32/64): the buffer holds the maps less the centre (see _Block)."""
     n, sp, m, k, c0 = spec.n, spec.spatial, spec.m, spec.k, spec.c0
     buf = x.new_empty(n, *sp, spec.c)
-    buf[..., :c0].copy_(x.movedim(1, -1))
     b2 = buf.view(m, spec.c)
     mean = x.new_empty(spec.c, dtype=spec.stat_dtype)
     var = x.new_empty(spec.c, dtype=spec.stat_dtype)
     invstd = x.new_empty(spec.c, dtype=spec.stat_dtype)
-    _chunk_stats(spec, b2, 0, c0, mean, var, invstd)
+    centre = x.new_empty(spec.c) if spec.centred else None
+
+    def store(rows: Tensor, lo: int, hi: int) -> None:
+        """Maps of channels [lo, hi), an (M, hi - lo) matrix, into the buffer, with their statistics."""
+        if centre is None:
+            b2[:, lo:hi].copy_(rows)
+            _chunk_stats(spec, b2[:, lo:hi], lo, hi, mean, var, invstd)
+        else:  # statistics first, from the contiguous maps; then stored less their centre
+            _chunk_stats(spec, rows, lo, hi, mean, var, invstd)
+            centre[lo:hi] = mean[lo:hi]
+            torch.sub(rows, centre[lo:hi], out=b2[:, lo:hi])
+
+    store(_rows(x), 0, c0)
     per = 6 if spec.bottleneck else 3
     saved: list[Any] = []
     lean = spec.memory_efficient and spec.bottleneck
@@ -246,27 +322,25 @@ def _block_forward(
         c = layer.in_channels
         p = params[per * i : per * (i + 1)]
         update_running(layer.norm1, mean[:c], var[:c], spec.total)
-        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+        bn1 = _bn1_affine(invstd[:c], _offset(mean, centre, 0, c), p[0], p[1], b2.dtype)
         if not lean:
-            t = torch.addcmul(shift, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
+            t = _bn1_relu(b2[:, :c], bn1, out=ws[: m * c].view(m, c))
         if spec.bottleneck:
             norm2 = layer.norm2
             w1 = p[2].view(-1, c)
             if lean:  # BN1-ReLU and the 1x1 convolution a chunk of rows at a time, into a workspace
-                z = _bn_relu_matmul_rows(b2[:, :c], scale, shift, w1, ws_z)
+                z = _bn_relu_matmul_rows(b2[:, :c], bn1, w1, ws_z)
             elif spec.sync:
                 z = t @ w1.t()
             if spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
                 r_rows = ws_r if spec.memory_efficient else torch.empty_like(z)
-                m2 = z.mean(0, dtype=spec.stat_dtype)
-                v2 = torch.sub(z, m2, out=r_rows).pow_(2).mean(0, dtype=spec.stat_dtype)  # two-pass variance
+                m2, v2 = _centred_moments(z, r_rows, spec.stat_dtype)
                 total = m
                 if spec.sync:
                     m2, v2, total = sync_moments(m2, v2, m, spec.group)
                 update_running(norm2, m2, v2, total)
                 s2 = torch.rsqrt(v2 + norm2.eps)
-                sc2 = p[3] * s2
-                r = _nchw(torch.addcmul(p[4] - m2 * sc2, z, sc2, out=r_rows).relu_(), n, sp)
+                r = _nchw(_affine_centred(z, m2, p[3] * s2, p[4], out=r_rows).relu_(), n, sp)
                 z4 = _nchw(z, n, sp)
             else:
                 z4 = _nchw(t @ w1.t(), n, sp)
@@ -278,10 +352,8 @@ def _block_forward(
                 saved.append((m2, s2) if spec.memory_efficient else (m2, s2, z4, r))
         else:
             o = spec.conv(_nchw(t, n, sp), p[2], padding=1)
-        lo, hi = c, c + k
-        b2[:, lo:hi].copy_(_rows(o))
-        _chunk_stats(spec, b2, lo, hi, mean, var, invstd)
-    return b2, mean, invstd, var, saved
+        store(_rows(o), c, c + k)
+    return b2, mean, invstd, var, saved, centre
 
 
 def _bottleneck_workspaces(like: Tensor, spec: _Block) -> tuple[Tensor | None, Tensor | None]:
@@ -301,17 +373,17 @@ def _rows_per_chunk(t: Tensor, row_numel: int) -> int:
     return max(1, ROW_CHUNK_BYTES // (t.element_size() * row_numel))
 
 
-def _bn_relu_matmul_rows(prefix: Tensor, scale: Tensor, shift: Tensor, w1: Tensor, out: Tensor) -> Tensor:
-    """relu(prefix * scale + shift) @ w1.T into ``out`` (M, 4k), a chunk of rows of the (M, C_l)
-    prefix at a time, so that no (M, C_l) temporary exists."""
+def _bn_relu_matmul_rows(prefix: Tensor, bn1: tuple[Tensor, Tensor], w1: Tensor, out: Tensor) -> Tensor:
+    """relu(BN1(prefix)) @ w1.T into ``out`` (M, 4k), a chunk of rows of the (M, C_l) prefix at a
+    time, so that no (M, C_l) temporary exists."""
     rows = _rows_per_chunk(prefix, prefix.shape[1])
     for a in range(0, prefix.shape[0], rows):
-        torch.mm(torch.addcmul(shift, prefix[a : a + rows], scale).relu_().to(w1.dtype), w1.t(), out=out[a : a + rows])
+        torch.mm(_bn1_relu(prefix[a : a + rows], bn1), w1.t(), out=out[a : a + rows])
     return out
 
 
 def _lean_bottleneck_backward(
-    spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, p: Sequence[Tensor], m2: Tensor, s2: Tensor,
+    spec: _Block, b2: Tensor, offset: Tensor, invstd: Tensor, p: Sequence[Tensor], m2: Tensor, s2: Tensor,
     c: int, g_o: Tensor, gw: Tensor, ws_z: Tensor, ws_r: Tensor,
 ) -> list[Tensor]:
     """Backward of one bottleneck layer in the memory-efficient mode, recomputing its forward.
@@ -319,56 +391,58 @@ def _lean_bottleneck_backward(
     BN1-ReLU and the 1x1 convolution run over chunks of rows of the (M, C_l) prefix, so no (M, C_l)
     temporary exists; the bottleneck output (M, 4k) before and after BN2-ReLU lives in ``ws_z`` and
     ``ws_r``. Adds BN1 weight * (grad of the normalised prefix) to ``gw``; returns the layer's six
-    parameter gradients in :meth:`_Block.params` order."""
+    parameter gradients in :meth:`_Block.params` order. ``offset``: the batch mean of the stored values."""
     n, sp, m = spec.n, spec.spatial, spec.m
-    scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
+    bn1 = _bn1_affine(invstd[:c], offset[:c], p[0], p[1], b2.dtype)
     w1, prefix = p[2].view(-1, c), b2[:, :c]
     rows = _rows_per_chunk(b2, c)
-    z = _bn_relu_matmul_rows(prefix, scale, shift, w1, ws_z)
+    z = _bn_relu_matmul_rows(prefix, bn1, w1, ws_z)
     sc2 = p[3] * s2
-    r = torch.addcmul(p[4] - m2 * sc2, z, sc2, out=ws_r).relu_()
+    r = _affine_centred(z, m2, sc2, p[4], out=ws_r).relu_()
     g_r, g_w2, _ = _conv_backward(spec, g_o, _nchw(r, n, sp), p[5], [True, True, False])
     sdt = spec.stat_dtype
     if spec.sync:
         g_u = _aten.threshold_backward(g_r, _nchw(r, n, sp), 0)
-        g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (z - m2) * s2, s2, p[3], spec.total, spec.group)
-        g_z = g_z.to(spec.dtype)
+        g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), _affine_centred(z, m2, s2, torch.zeros_like(s2)), s2, p[3], spec.total,
+                                        spec.group)
     else:  # BN2-ReLU backward in place; temporaries in the workspaces
         g_z = _rows(g_r)
         _aten.threshold_backward.grad_input(g_z, r, 0, grad_input=g_z)
-        zhat = torch.sub(z, m2, out=r).mul_(s2)  # r's memory
-        g_n2b = g_z.sum(0, dtype=sdt)
-        g_n2w = torch.mul(g_z, zhat, out=z).sum(0, dtype=sdt)  # z's memory (zhat holds what is needed of z)
-        g_z.sub_(g_n2b / m).sub_(zhat.mul_(g_n2w / m)).mul_(sc2)
+        zhat = _affine_centred(z, m2, s2, torch.zeros_like(s2), out=r)  # r's memory
+        g_n2b = _colsum(g_z, sdt)
+        g_n2w = _colsum(torch.mul(g_z, zhat, out=z), sdt)  # z's memory (zhat holds what is needed of z)
+        g_z.sub_(_vec(g_n2b / m, z)).sub_(zhat.mul_(_vec(g_n2w / m, z))).mul_(_vec(sc2, z))
     g_w1 = torch.zeros(w1.shape, dtype=sdt, device=w1.device)  # summed over row chunks: at least float32
-    g_b1, g_w1n = torch.zeros_like(scale), torch.zeros_like(scale)
+    g_b1, g_w1n = torch.zeros_like(offset[:c]), torch.zeros_like(offset[:c])
+    w_bn1 = _vec(p[0], b2)
     for a in range(0, m, rows):
-        t = torch.addcmul(shift, prefix[a : a + rows], scale).relu_()  # in the statistics' dtype
-        tc = t.to(spec.dtype)  # t itself unless autocast computes in a lower precision
+        tc = t = _bn1_relu(prefix[a : a + rows], bn1)  # in the buffer's dtype
         if g_w1.dtype == tc.dtype:
             g_w1.addmm_(g_z[a : a + rows].t(), tc)
         else:
             g_w1 += g_z[a : a + rows].t() @ tc
         g = g_z[a : a + rows] @ w1
         _aten.threshold_backward.grad_input(g, tc, 0, grad_input=g)
-        g_b1 += g.sum(0, dtype=sdt)
-        gw[a : a + rows, :c].addcmul_(g, p[0])
-        g_w1n += g.mul_(torch.sub(prefix[a : a + rows], mean[:c], out=t).mul_(invstd[:c])).sum(0, dtype=sdt)  # x_hat in t
+        g_b1 += _colsum(g, sdt)
+        gw[a : a + rows, :c].addcmul_(g, w_bn1)
+        g_w1n += _colsum(g.mul_(_normalise(prefix[a : a + rows], offset[:c], invstd[:c], out=t)), sdt)  # x_hat in t
     return [g_w1n, g_b1, g_w1.as_strided(p[2].shape, p[2].stride()), g_n2w, g_n2b, g_w2]
 
 
 def _block_backward(
-    spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor
+    spec: _Block, b2: Tensor, mean: Tensor, invstd: Tensor, params: Sequence[Tensor], saved: list[Any], grad: Tensor,
+    centre: Tensor | None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of the block input and of every parameter, walking the layers in reverse."""
     n, sp, k, c0 = spec.n, spec.spatial, spec.k, spec.c0
     gd = _rows(grad)  # direct gradient of the buffer (a view when grad is channels_last; never written)
     sdt = spec.stat_dtype
-    gw = gd.new_zeros(gd.shape, dtype=sdt)  # sum over readers of BN1 weight * grad of the normalised map
+    gw = b2.new_zeros(b2.shape)  # sum over readers of BN1 weight * grad of the normalised map (buffer's dtype)
     # x_hat (the normalised buffer) enters BN1's weight gradient (sum(g * x) - mean * sum(g) instead
     # would lose precision when |mean| >> std). Standard mode computes it once per block; the
     # memory-efficient mode recomputes each layer's prefix of it, a chunk of rows at a time.
-    xhat = None if spec.memory_efficient else (b2 - mean).mul_(invstd)
+    offset = _offset(mean, centre)
+    xhat = None if spec.memory_efficient else _normalise(b2, offset, invstd)
     lean = spec.memory_efficient and spec.bottleneck
     ws_z, ws_r = _bottleneck_workspaces(b2, spec)
     ws_t = None if lean else _workspace(b2, spec)
@@ -380,12 +454,12 @@ def _block_backward(
     def normalised(lo: int, hi: int, out: Tensor | None = None) -> Tensor:
         if xhat is not None:
             return xhat[:, lo:hi]
-        return torch.sub(b2[:, lo:hi], mean[lo:hi], out=out).mul_(invstd[lo:hi])
+        return _normalise(b2[:, lo:hi], offset[lo:hi], invstd[lo:hi], out=out)
 
     def finish(lo: int, hi: int) -> Tensor:
         """Final gradient of buffer channels [lo, hi): direct + BN normalisation backward of gw."""
         g_bn = bn_backward(gw[:, lo:hi], normalised(lo, hi), invstd[lo:hi], None, spec.total, spec.group, spec.sync)[0]
-        return g_bn.add_(gd[:, lo:hi])
+        return g_bn.add_(gd[:, lo:hi])  # in the buffer's dtype
 
     for i in reversed(range(len(spec.layers))):
         layer = spec.layers[i]
@@ -395,18 +469,17 @@ def _block_backward(
         g_o = _nchw(g_o.to(spec.dtype).contiguous(), n, sp)
         if lean:
             grads[per * i : per * (i + 1)] = _lean_bottleneck_backward(
-                spec, b2, mean, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
+                spec, b2, offset, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
             continue
-        scale, shift = _bn1_affine(invstd[:c], mean[:c], p[0], p[1])
-        t = torch.addcmul(shift, b2[:, :c], scale, out=ws_t[: m * c].view(m, c)).relu_()  # as in forward
+        t = _bn1_relu(b2[:, :c], _bn1_affine(invstd[:c], offset[:c], p[0], p[1], b2.dtype), out=ws_t[: m * c].view(m, c))
         if spec.bottleneck:
             norm2 = layer.norm2
             m2, s2, z4, r4 = saved[i]
             g_r, g_w2, _ = _conv_backward(spec, g_o, r4, p[5], [True, True, False])
             g_u = _aten.threshold_backward(g_r, r4, 0)
             if spec.sync:
-                g_z, g_n2w, g_n2b = bn_backward(_rows(g_u).to(sdt), (_rows(z4) - m2) * s2, s2, p[3], spec.total, spec.group)
-                g_z = g_z.to(spec.dtype)
+                zhat = _affine_centred(_rows(z4), m2, s2, torch.zeros_like(s2))
+                g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), zhat, s2, p[3], spec.total, spec.group)
             else:
                 g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
                     g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
@@ -420,34 +493,40 @@ def _block_backward(
             if not g_t.is_contiguous():
                 g_t = g_t.contiguous()
         g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
-        g_b1 = g_a.sum(0, dtype=sdt)
-        gw[:, :c].addcmul_(g_a, p[0])
-        g_w1n = g_a.mul_(normalised(0, c, out=t)).sum(0, dtype=sdt)  # t is no longer needed: its memory takes x_hat
+        g_b1 = _colsum(g_a, sdt)
+        gw[:, :c].addcmul_(g_a, _vec(p[0], g_a))
+        g_w1n = _colsum(g_a.mul_(normalised(0, c, out=t)), sdt)  # t is no longer needed: its memory takes x_hat
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
     return _nchw(g_x.to(spec.dtype).contiguous(), n, sp), grads
 
 
+def _block_output(spec: _Block, b2: Tensor, centre: Tensor | None) -> Tensor:
+    """The block's output (N, C, *spatial) from its (M, C) buffer: the buffer itself, or in a centred
+    buffer a new tensor with the centres added back (one pass; the buffer is kept for backward)."""
+    return _nchw(b2 if centre is None else b2 + centre, spec.n, spec.spatial)
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: _Block, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
-        b2, mean, invstd, _, saved = _block_forward(spec, x, spec.compute_params(params), save=True)
+        b2, mean, invstd, _, saved, centre = _block_forward(spec, x, spec.compute_params(params), save=True)
         ctx.spec = spec
         ctx.per_layer = len(saved[0]) if saved else 0
         # everything goes through save_for_backward (visible to saved_tensors_hooks, checked for in-place changes)
-        ctx.save_for_backward(b2, mean, invstd, *params, *[t for layer in saved for t in layer])
-        return _nchw(b2, spec.n, spec.spatial)
+        ctx.save_for_backward(b2, mean, invstd, centre, *params, *[t for layer in saved for t in layer])
+        return _block_output(spec, b2, centre)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        b2, mean, invstd, *rest = ctx.saved_tensors
+        b2, mean, invstd, centre, *rest = ctx.saved_tensors
         spec: _Block = ctx.spec
         n_params = len(rest) - ctx.per_layer * (len(spec.layers) if ctx.per_layer else 0)
         params, flat = rest[:n_params], rest[n_params:]
         per = ctx.per_layer
         saved = [tuple(flat[per * i : per * (i + 1)]) for i in range(len(spec.layers))] if per else []
         with _no_autocast(grad):
-            g_x, grads = _block_backward(spec, b2, mean, invstd, spec.compute_params(params), saved, grad)
+            g_x, grads = _block_backward(spec, b2, mean, invstd, spec.compute_params(params), saved, grad, centre)
         # gradients in their parameters' dtype and memory layout
         return (None, g_x, *[g.to(p.dtype, memory_format=torch.preserve_format) for g, p in zip(grads, params)])
 
@@ -463,8 +542,8 @@ def _inference_forward(spec: _Block, x: Tensor) -> Tensor:
     for layer in spec.layers:
         c = layer.in_channels
         n1 = layer.norm1
-        scale = n1.weight * torch.rsqrt(n1.running_var + n1.eps)
-        t = torch.addcmul(n1.bias - n1.running_mean * scale, b2[:, :c], scale, out=ws[: m * c].view(m, c)).relu_()
+        bn1 = _bn1_affine(torch.rsqrt(n1.running_var + n1.eps), n1.running_mean, n1.weight, n1.bias, b2.dtype)
+        t = _bn1_relu(b2[:, :c], bn1, out=ws[: m * c].view(m, c))
         if spec.bottleneck:
             n2 = layer.norm2
             s2 = n2.weight * torch.rsqrt(n2.running_var + n2.eps)
@@ -495,8 +574,8 @@ def fast_block_forward(block: nn.ModuleDict, x: Tensor, memory_efficient: bool =
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _DenseBlockFunction.apply(spec, x, *params)
         with torch.no_grad():
-            b2, *_ = _block_forward(spec, x, spec.compute_params(params), save=False)
-        return _nchw(b2, spec.n, spec.spatial)
+            b2, *_, centre = _block_forward(spec, x, spec.compute_params(params), save=False)
+        return _block_output(spec, b2, centre)
 
 
 # ---------------------------------------------------------------------------- transitions
@@ -540,24 +619,25 @@ class _BNReLUPool(torch.autograd.Function):
         # two full-resolution temporaries (g, y), the rest in place: each fresh full-size tensor costs
         # its page faults, which on a VM take longer than the arithmetic
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        dtype = x.dtype
-        x, grad = x.to(_stat_dtype(dtype)), grad.to(_stat_dtype(dtype))  # no copies in float32/64
+        grad = grad.to(x.dtype)  # everything in x's dtype (bfloat16 under autocast), sums at least float32
+        sdt = _stat_dtype(x.dtype)
         per_channel = (1, -1) + (1,) * (x.dim() - 2)
-        scale = (weight * invstd).view(per_channel)
-        y = torch.addcmul((bias - mean * weight * invstd).view(per_channel), x, scale).relu_()
+        scale = _vec(weight * invstd, x).view(per_channel)
+        mu, inv = _vec(mean, x).view(per_channel), _vec(invstd, x).view(per_channel)
+        y = torch.addcmul(_vec(bias - mean * weight * invstd, x).view(per_channel), x, scale).relu_()
         g = _avg_pool_backward(grad, y)
         if not g.is_contiguous(memory_format=_layout_of(y)):
             g = g.contiguous(memory_format=_layout_of(y))
         g = _aten.threshold_backward.grad_input(g, y, 0, grad_input=g)
         dims = (0, *range(2, x.dim()))
-        xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))  # y's memory
-        gb = g.sum(dims)
-        gw = torch.mul(g, xhat, out=xhat).sum(dims)
+        xhat = torch.sub(x, mu, out=y).mul_(inv)  # y's memory
+        gb = g.sum(dims).to(sdt)
+        gw = torch.mul(g, xhat, out=xhat).sum(dims).to(sdt)
         count = g.numel() // g.shape[1]
         # x_hat again: its first copy became g * x_hat (recomputing is cheaper than a third temporary)
-        xhat = torch.sub(x, mean.view(per_channel), out=y).mul_(invstd.view(per_channel))
-        gx = g.sub_((gb / count).view(per_channel)).sub_(xhat.mul_((gw / count).view(per_channel))).mul_(scale)
-        return gx.to(dtype), gw, gb, None
+        xhat = torch.sub(x, mu, out=y).mul_(inv)
+        gx = g.sub_(_vec(gb / count, x).view(per_channel)).sub_(xhat.mul_(_vec(gw / count, x).view(per_channel))).mul_(scale)
+        return gx, gw, gb, None
 
 
 def _layout_of(x: Tensor) -> torch.memory_format:

@@ -57,12 +57,13 @@ def bn_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, weight: Tensor | None,
     batch of ``total`` values per channel), on (M, C) row matrices (or any layout whose last
     dimension is the channel). Returns (grad of x, local grad of weight, local grad of bias)."""
     dims = tuple(range(gy.dim() - 1))
-    sum_dy = gy.sum(dims)
-    sum_dy_xhat = (gy * xhat).sum(dims)
+    acc = torch.promote_types(gy.dtype, torch.float32)  # the sums at least in float32 (summed in gy's dtype)
+    sum_dy = gy.sum(dims).to(acc)
+    sum_dy_xhat = (gy * xhat).sum(dims).to(acc)
     both = torch.cat([sum_dy, sum_dy_xhat])
-    both = (sync_sum(both, group) if sync else both) / total
+    both = ((sync_sum(both, group) if sync else both) / total).to(gy.dtype)  # elementwise work in gy's dtype
     c = sum_dy.numel()
-    scale = invstd if weight is None else weight * invstd
+    scale = (invstd if weight is None else weight * invstd).to(gy.dtype)
     gx = (gy - both[:c] - xhat * both[c:]) * scale
     return gx, sum_dy_xhat, sum_dy
 
