@@ -4,9 +4,11 @@ from .explain import Explained, explain_images, resolve_class
 from .export import FORMATS, export_checkpoint, export_model, export_onnx, standard_model
 from .inference import FastInference, load_onnx, prepare_for_inference
 from .loading import ExportError, model_from_checkpoint, model_from_safetensors, model_from_weights
-from .predict import expand_image_paths, folder_truth, load_image, load_predictor, predict_images
+from .predict import expand_image_paths, folder_truth, load_image, load_predictor, predict_images, predict_images_tta
+from .tta import TTA_MODES, check_tta, flip_average
 
 __all__ = ["Explained", "explain_images", "resolve_class",
            "FORMATS", "ExportError", "FastInference", "expand_image_paths", "export_checkpoint", "export_model",
            "export_onnx", "folder_truth", "load_image", "load_onnx", "load_predictor", "model_from_checkpoint",
-           "model_from_safetensors", "model_from_weights", "predict_images", "prepare_for_inference", "standard_model"]
+           "model_from_safetensors", "model_from_weights", "predict_images", "predict_images_tta", "prepare_for_inference",
+           "standard_model", "TTA_MODES", "check_tta", "flip_average"]
