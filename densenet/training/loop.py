@@ -769,7 +769,8 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """One row per epoch: :data:`METRIC_COLUMNS`, the weight average's errors (:data:`EMA_COLUMNS`) in runs
     that keep one, then the class metrics the rows hold (macro averages,
     balanced accuracy, per-class ``test_f1[NAME]`` ...); missing values are empty."""
-    extra = [k for k in (*EMA_COLUMNS, *CLASS_METRIC_COLUMNS) if any(k in r for r in rows)]
+    extra = list(EMA_COLUMNS) if any(k in r for r in rows for k in EMA_COLUMNS) else []
+    extra += [k for k in CLASS_METRIC_COLUMNS if any(k in r for r in rows)]
     extra += [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("test_") and "[" in k]
     columns = [*METRIC_COLUMNS, *extra]
     buffer = io.StringIO()

@@ -5,7 +5,7 @@ step's position; nothing is stored. The position is the global step ``epoch * st
 (0-based, the step about to be taken), which a checkpoint already holds as (epoch, step): a resumed
 run sets the same learning rates, bit for bit, as an uninterrupted one.
 
-With ``T = epochs * steps_per_epoch`` steps in all, ``W = round(warmup_epochs * steps_per_epoch)``
+With ``T = epochs * steps_per_epoch`` steps in all, ``W = warmup_epochs * steps_per_epoch`` (rounded)
 steps of warm-up, and ``u = (s - W) / (T - W)`` the fraction of the steps after the warm-up already
 taken (0 at the first step after the warm-up):
 
@@ -40,10 +40,10 @@ ONECYCLE_FLOOR = 0.9  # fraction at which it is back at lr / ONECYCLE_DIV; then 
 
 
 def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """``warmup_epochs`` in steps (rounded; at least 1 when a warm-up is asked for)."""
+    """``warmup_epochs`` in steps (rounded half up; at least 1 when a warm-up is asked for)."""
     if config.warmup_epochs <= 0:
         return 0
-    return max(1, round(config.warmup_epochs * steps_per_epoch))
+    return max(1, math.floor(config.warmup_epochs * steps_per_epoch + 0.5))
 
 
 def _onecycle(u: float) -> float:
