@@ -2,6 +2,7 @@
 the exponential moving average of the weights (EMA), flip test-time augmentation, `--recipe budget`,
 and their bad input. Values are checked against hand computations; resume is bit-identical."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from densenet.cli import build_parser, main
 from densenet.data import build_data
 from densenet.io.checkpoint import load_checkpoint, save_checkpoint
 from densenet.serving import model_from_checkpoint, model_from_safetensors
-from densenet.training import evaluate, evaluate_tta, resolve_config
+from densenet.training import ConfigError, evaluate, evaluate_tta, resolve_config, train
 from densenet.training.config import RECIPES, TrainConfig, milestones
 from densenet.training.ema import WeightAverage, ema_decay_at
 from densenet.training.loop import learning_rate, load_run_config
@@ -329,6 +330,10 @@ def test_resuming_with_another_recipe_or_schedule_is_refused(ema_run, capsys):
         assert f"drop --{changed.replace('_', '-')} to continue it as it started" in err
     assert {p.name: p.read_bytes() for p in ema_run.iterdir() if p.is_file()} == before  # nothing touched
     assert load_run_config(ema_run, {"schedule": "cosine", "ema_decay": 0.9}).schedule == "cosine"  # the same: fine
+    changed = dataclasses.replace(load_run_config(ema_run, {}), schedule="linear")  # through the API, not the CLI
+    with pytest.raises(ConfigError, match=r"changed schedule: its checkpoint was trained with schedule='cosine'"):
+        train(changed, resume=True)
+    assert {p.name: p.read_bytes() for p in ema_run.iterdir() if p.is_file()} == before
 
 
 def test_ema_choices_that_do_not_fit_are_refused(ema_run, tmp_path, capsys):

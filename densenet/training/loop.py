@@ -244,7 +244,9 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
 
 
 def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
-    """Weights, optimizer, scaler, position, metrics and random-number streams of ``checkpoint``."""
+    """Weights, optimizer, scaler, weight average, position, metrics and random-number streams of
+    ``checkpoint``; refused (ConfigError) when the run's recipe keys differ from the checkpoint's."""
+    check_same_recipe(run, checkpoint.get("config") or {})
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     if "scaler" in checkpoint and state.scaler.is_enabled():
@@ -262,6 +264,22 @@ def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
         set_rng_state(ranks[dd.rank])
     else:  # another number of processes: fresh per-rank streams (only dropout draws from them)
         torch.manual_seed(run.config.seed + 1000 * dd.rank + 1_000_003 * (state.epoch * 100_000 + state.step))
+
+
+#: what decides how a run learns, besides the optimizer: a resume must keep them (the CLI checks
+#: config.yaml in load_run_config; this guards train(config, resume=True) too)
+RECIPE_KEYS = ("recipe", "schedule", "warmup_epochs", "label_smoothing", "ema_decay", "ema_eval")
+
+
+def check_same_recipe(run: Run, saved: dict[str, Any]) -> None:
+    """ConfigError naming the keys of :data:`RECIPE_KEYS` whose value differs from the checkpoint's (a key
+    missing from an older checkpoint had its default)."""
+    defaults = TrainConfig().to_dict()
+    changed = [k for k in RECIPE_KEYS if saved.get(k, defaults[k]) != getattr(run.config, k)]
+    if changed:
+        raise ConfigError(f"cannot resume {run.out} with a changed {', '.join(changed)}: its checkpoint was trained with "
+                          + ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in changed)
+                          + "; resume it with the values it started with, or start a new run with another --out")
 
 
 def run_epochs(run: Run, state: State) -> dict[str, Any]:
