@@ -53,10 +53,12 @@ from .serving import (
     model_from_checkpoint,
     model_from_weights,
     predict_images,
+    predict_images_tta,
     resolve_class,
 )
 from .serving.export import SUFFIXES
-from .training import TrainingStopped, evaluate, load_run_config, resolve_config, train
+from .serving.tta import TTA_MODES, check_tta
+from .training import TrainingStopped, evaluate, evaluate_tta, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
 from .training.loop import resolve_device
 
@@ -110,11 +112,27 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=typing.get_args(annotation)[0], nargs="*", metavar="EPOCH", **kw)
         elif typing.get_origin(base) is list:  # one value or several (--image-size 96, or 96 112 80)
             p.add_argument(flag, type=typing.get_args(base)[0], nargs="+", metavar="N", **kw)
+        elif base is not annotation and base in (int, float):  # int | None, float | None: "none" unsets it
+            p.add_argument(flag, type=_or_none(base), metavar=type_name(base).upper(), **kw)
         else:
             p.add_argument(flag, type=base, metavar=type_name(base).upper(), **kw)
     p.add_argument("--config", help="YAML file of the same keys (flags override it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over in an --out directory that holds another run")
+
+
+def _or_none(kind: type) -> Callable[[str], object]:
+    """argparse type: ``kind(text)``, or None for ``none`` (a recipe's value turned off, e.g. --ema-decay none)."""
+    def parse(text: str) -> object:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} or none, "
+                                             f"got {text!r}") from None
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,15 +149,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def trained_model(args: argparse.Namespace, path: str | None) -> tuple[torch.nn.Module, dict]:
     """The model a command works on: named trained weights (``--weights``, with ``--model``) or the
-    checkpoint at ``path``."""
+    checkpoint at ``path`` (its weight average or raw weights as ``--ema`` says)."""
+    ema = ema_choice(args)
     if args.weights:
         if path and not args.model:
             raise ConfigError(f"give either a checkpoint ({path}) or --weights, not both")
+        if ema is not None:
+            raise ConfigError(f"--ema {args.ema} chooses between the weights of a checkpoint; named weights "
+                              f"({args.weights}) are one set: drop --ema")
         return model_from_weights(args.weights, args.model)
     if not path:
         raise ConfigError("give a checkpoint (densenet train's checkpoint.pt) or trained weights by name "
                           "(--model NAME --weights TAG; `densenet weights` lists them)")
-    return model_from_checkpoint(path)
+    return model_from_checkpoint(path, ema=ema)
+
+
+def ema_choice(args: argparse.Namespace) -> bool | None:
+    """``--ema auto|yes|no`` as None (the run's choice), True, False."""
+    return {"auto": None, "yes": True, "no": False}[getattr(args, "ema", "auto")]
+
+
+def add_ema_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ema", choices=("auto", "yes", "no"), default="auto",
+                   help="a checkpoint's weights: auto (the default: the exponential moving average of the weights when "
+                        "the run was trained with --ema-eval, else the raw weights), yes (the average; the run must "
+                        "have kept one, --ema-decay) or no (the raw weights)")
+
+
+def add_tta_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tta", choices=TTA_MODES, help=f"test-time augmentation: flip averages the softmax of each image and "
+                                                    f"its horizontal mirror; {what} beside the single-crop one (images "
+                                                    "only)")
 
 
 def add_weights_flags(p: argparse.ArgumentParser) -> None:
@@ -163,6 +203,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, info = trained_model(args, args.checkpoint)
+    check_tta(args.tta, model.spatial_dims)
     device = resolve_device(args.device)
     model.to(device)
     dataset = args.dataset or info["dataset"]
@@ -175,11 +216,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"the class folders of {args.data} ({', '.join(data.class_names[:10])}) are not the classes the "
                         f"model was trained on ({', '.join(info['class_names'][:10])}); lay the images out by the same "
                         "class names")
-    result = evaluate(model, data.test.batches(0), device)
+    if args.tta:
+        result, averaged = evaluate_tta(model, data.test.batches(0), device, args.tta)
+    else:
+        result, averaged = evaluate(model, data.test.batches(0), device), None
     top5 = f", top-5 error {result.top5_error:.2f}%" if top5_applies(data.num_classes) else ""
-    print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%{top5}")
+    print(f"{dataset} test set, {result.images} images: top-1 error {result.top1_error:.2f}%{top5}"
+          + (" (weight average)" if info.get("ema") else ""))
     summary = {"dataset": dataset, "data": args.data, "images": result.images, "top1_error": result.top1_error,
-               "top5_error": result.top5_error if top5 else None, "class_names": data.class_names}
+               "top5_error": result.top5_error if top5 else None, "class_names": data.class_names,
+               "weights": "average" if info.get("ema") else "raw"}
+    if averaged is not None:  # beside the single-crop figure, never instead of it
+        print(f"{args.tta}-averaged (--tta {args.tta}): top-1 error {averaged.top1_error:.2f}%"
+              + (f", top-5 error {averaged.top5_error:.2f}%" if top5 else ""))
+        summary.update(tta=args.tta, tta_top1_error=averaged.top1_error, tta_top5_error=averaged.top5_error if top5 else None)
     if dataset == "imagenet":
         crops = evaluate(model, data.test.batches(0, ten_crop=True), device)
         print(f"10-crop: top-1 error {crops.top1_error:.2f}%" + (f", top-5 error {crops.top5_error:.2f}%" if top5 else ""))
@@ -231,8 +281,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not args.images:
             raise ConfigError("give a model file (checkpoint, .onnx, .pt2 or .safetensors) and images, or "
                               "--model NAME --weights TAG and images")
-        model, info = load_predictor(args.checkpoint, args.image_size)
+        model, info = load_predictor(args.checkpoint, args.image_size, ema=ema_choice(args))
         images = args.images
+    if args.weights and args.ema != "auto":
+        raise ConfigError(f"--ema {args.ema} chooses between the weights of a checkpoint; named weights "
+                          f"({args.weights}) are one set: drop --ema")
+    check_tta(args.tta, getattr(model, "spatial_dims", None))
     skipped = []
 
     def skip(path, error: Exception) -> None:
@@ -243,12 +297,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     index = {name: i for i, name in enumerate(names)}
     files = list(expand_image_paths(images))
     truth = dict(zip(files, folder_truth(files, names))) if args.truth_from_folders else {}
-    rows, pairs = [], []
-    for path, top in predict_images(model, files, info, top=args.top, on_error=skip if args.skip_bad else None):
-        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top))
-        rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")])
+    rows, pairs, tta_right = [], [], 0
+    on_error = skip if args.skip_bad else None
+    if args.tta:
+        predictions = predict_images_tta(model, files, info, tta=args.tta, top=args.top, on_error=on_error)
+    else:
+        predictions = ((path, top, None) for path, top in predict_images(model, files, info, top=args.top,
+                                                                          on_error=on_error))
+    for path, top, averaged in predictions:
+        print(f"{path}: " + ", ".join(f"{name} {p:.1%}" for name, p in top)
+              + ("" if averaged is None else f"; {args.tta}-averaged: " + ", ".join(f"{n} {p:.1%}" for n, p in averaged)))
+        rows.append([str(path)] + [x for name, p in top for x in (name, f"{p:.6f}")]
+                    + [x for name, p in averaged or [] for x in (name, f"{p:.6f}")])
         if truth:
             pairs.append((truth[path], index.get(top[0][0], -1)))
+            tta_right += averaged is not None and index.get(averaged[0][0], -1) == truth[path]
             rows[-1].insert(1, names[truth[path]])
     if not rows:
         raise DataError(f"no image could be scored in {', '.join(images)}"
@@ -256,14 +319,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if truth:
         confusion = confusion_matrix(*zip(*pairs), len(names))
         right = int(confusion.trace())
-        print(f"\ntruth from folders: {len(pairs)} images, accuracy {100 * right / len(pairs):.2f}% ({right} right)")
+        print(f"\ntruth from folders: {len(pairs)} images, accuracy {100 * right / len(pairs):.2f}% ({right} right)"
+              + (f"; {args.tta}-averaged accuracy {100 * tta_right / len(pairs):.2f}% ({tta_right} right)"
+                 if args.tta else ""))
         report_classes(confusion, names)
     if args.csv:
         _check_out_folder(args.csv)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["image"] + (["true_class"] if truth else [])
-                        + [f"{c}{i + 1}" for i in range(min(args.top, len(names))) for c in ("class", "prob")])
+        ranks = range(min(args.top, len(names)))
+        writer.writerow(["image"] + (["true_class"] if truth else []) + [f"{c}{i + 1}" for i in ranks for c in ("class", "prob")]
+                        + ([f"{args.tta}_{c}{i + 1}" for i in ranks for c in ("class", "prob")] if args.tta else []))
         writer.writerows(rows)
         atomic_write_text(args.csv, buffer.getvalue())
     return 0
@@ -319,14 +385,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.weights:
-        model, info = trained_model(args, args.checkpoint)
+        model, info = trained_model(args, args.checkpoint)  # refuses --ema yes/no
         out = args.out or info["weights"] + SUFFIXES[args.format]
         result = export_model(model, out, args.format, image_size=args.image_size or info["image_size"], data=info,
                               name=info["model"], opset=args.opset)
     else:
         if not args.checkpoint:
             raise ConfigError("give a checkpoint to export, or --model NAME --weights TAG")
-        result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset)
+        result = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size, opset=args.opset,
+                                   ema=ema_choice(args))
     files = ", ".join(map(str, result["files"]))
     print(f"wrote {files} ({args.format}; outputs within {result['max_abs_diff']:.1e} of PyTorch on a test batch)")
     return 0
@@ -437,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=256)
     p.add_argument("--workers", type=_non_negative, default=2)
     p.add_argument("--device", default="auto")
+    add_tta_flag(p, "its errors are printed and written to eval.json")
+    add_ema_flag(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="top-5 classes of images (files or folders) with probabilities")
@@ -453,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth-from-folders", action="store_true",
                    help="each image's folder is its true class (<class>/<image>, as in the training data): also print "
                         "the accuracy, the confusion matrix and per-class metrics")
+    add_tta_flag(p, "each image's top classes are printed (and written to --csv)")
+    add_ema_flag(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="class activation maps of images: an overlay PNG and the raw map per image",
@@ -488,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")
     p.add_argument("--image-size", type=_positive, help="input side in pixels (default: the training image size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    add_ema_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("reuse", help="feature-reuse heat maps of a checkpoint (the paper's Figure 5)",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from collections.abc import Sequence
 
@@ -14,7 +13,22 @@ import matplotlib.pyplot as plt
 
 from ..io.atomic import atomic_write_bytes
 
-__all__ = ["plot_confusion", "plot_curves", "plot_efficiency"]
+__all__ = ["lr_drops", "plot_confusion", "plot_curves", "plot_efficiency"]
+
+
+def lr_drops(rows: Sequence[dict]) -> list[int]:
+    """Epochs at whose start the learning rate drops in steps (the paper's schedule): a fall to at most a
+    fifth of the previous epoch's, or any fall after an epoch at the same rate. The per-step schedules
+    (cosine, linear, one-cycle) fall a little every epoch and have no such drops."""
+    lrs = [r.get("lr") or None for r in rows]
+    drops = []
+    for i in range(1, len(rows)):
+        before, now = lrs[i - 1], lrs[i]
+        if before is None or now is None or not now < before:
+            continue
+        if now <= before / 5 or (i >= 2 and lrs[i - 2] == before):
+            drops.append(rows[i]["epoch"])
+    return drops
 
 
 def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]], title: str = "") -> None:
@@ -38,8 +52,7 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
             ax_err.plot(epochs, [r["train_error"] for r in rows], color=color, ls="--", alpha=0.6, label="training error")
         if any(r.get("val_error") not in (None, "") for r in rows):
             ax_err.plot(epochs, [r.get("val_error") for r in rows], color=color, ls=":", label=f"{prefix}validation error")
-        drops = [r["epoch"] for prev, r in itertools.pairwise(rows) if r.get("lr") and prev.get("lr") and r["lr"] < prev["lr"]]
-        for epoch in drops:
+        for epoch in lr_drops(rows):
             for ax in (ax_loss, ax_err):
                 ax.axvline(epoch - 0.5, color=color, ls=":", lw=0.8, alpha=0.7)
     ax_loss.set(xlabel="epoch", ylabel="training loss (cross-entropy)", title="training loss")

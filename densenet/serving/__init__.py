@@ -10,10 +10,12 @@ from .loading import (
     model_from_safetensors,
     model_from_weights,
 )
-from .predict import expand_image_paths, folder_truth, load_image, load_predictor, predict_images
+from .predict import expand_image_paths, folder_truth, load_image, load_predictor, predict_images, predict_images_tta
+from .tta import TTA_MODES, check_tta, flip_average
 
 __all__ = ["Explained", "explain_images", "resolve_class",
            "FORMATS", "ExportError", "FastInference", "expand_image_paths", "export_checkpoint", "export_model",
            "export_onnx", "export_program", "folder_truth", "load_image", "load_onnx", "load_predictor",
            "model_from_checkpoint", "model_from_exported_program", "model_from_safetensors",
-           "model_from_weights", "predict_images", "prepare_for_inference", "standard_model"]
+           "model_from_weights", "predict_images", "predict_images_tta", "prepare_for_inference", "standard_model",
+           "TTA_MODES", "check_tta", "flip_average"]

@@ -235,12 +235,13 @@ def _export_safetensors(ref: DenseNet, path: Path, check: Tensor, expected: Tens
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike | None, fmt: str, *,
-                      image_size: int | None = None, opset: int = 17) -> dict[str, Any]:
+                      image_size: int | None = None, opset: int = 17, ema: bool | None = None) -> dict[str, Any]:
     """Export the model of a ``densenet train`` checkpoint (default path: beside it, see
-    :func:`default_export_path`; default image size: the one it was trained on)."""
+    :func:`default_export_path`; default image size: the one it was trained on). ``ema``: its weight
+    average, its raw weights, or (None) the ones its run serves (:func:`model_from_checkpoint`)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    model, data = model_from_checkpoint(checkpoint)
+    model, data = model_from_checkpoint(checkpoint, ema=ema)
     size = image_size or data.get("image_size")
     if not size:
         raise ExportError(f"{checkpoint} does not record an image size; give one (--image-size)")

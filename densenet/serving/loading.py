@@ -43,25 +43,35 @@ def export_kind(path: Path) -> str | None:
     return "a TorchScript export" if any(n.endswith("constants.pkl") or "/code/" in n for n in names) else None
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[DenseNet, dict]:
+def model_from_checkpoint(path: str | os.PathLike, ema: bool | None = None) -> tuple[DenseNet, dict]:
     """The trained model of a ``densenet train`` checkpoint (in eval mode) and its data description
-    (``class_names``, ``mean``, ``std``, ``image_size``, ``dataset``, and ``model``: the model's name)."""
+    (``class_names``, ``mean``, ``std``, ``image_size``, ``dataset``, ``model``: the model's name, and
+    ``ema``: True when the weights are the run's exponential moving average).
+
+    ``ema``: None (the default) takes the weight average when the run was trained with ``--ema-eval``,
+    else the raw weights; True the average (the run must have kept one, ``--ema-decay``); False the raw
+    weights."""
     kind = export_kind(Path(path))
     if kind:
         raise CheckpointError(f"{path} is {kind}, not a `densenet train` checkpoint (checkpoint.pt)")
     state = load_checkpoint(path)
+    if ema is None:
+        ema = bool((state.get("config") or {}).get("ema_eval")) and "ema" in state
+    if ema and not isinstance(state.get("ema"), dict):
+        raise CheckpointError(f"{path} holds no weight average: its run was trained without --ema-decay; "
+                              "use its raw weights (drop --ema yes)")
     try:
         model = DenseNet(**state["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} does not describe a DenseNet this version can build: {e}") from None
     try:
-        load_state_dict(model, state["model"])
+        load_state_dict(model, state["ema"]["model"] if ema else state["model"])
     except WeightsError as e:
         raise CheckpointError(f"{path}: its weights do not fit the architecture it names: {e}") from None
     data = state.get("data")
     if not isinstance(data, dict) or not {"class_names", "mean", "std", "image_size"} <= set(data):
         raise CheckpointError(f"{path} has no data description (class names, mean, std, image size)")
-    return model.eval(), {**data, "model": state["config"].get("model")}
+    return model.eval(), {**data, "model": state["config"].get("model"), **({"ema": True} if ema else {})}
 
 
 def build_from_metadata(meta: dict[str, Any], source: str) -> DenseNet:

@@ -13,11 +13,12 @@ from torch import Tensor
 from ..data import IMAGE_SUFFIXES, DataError, check_finite, decode_image, eval_image
 from ..data.folder import list_entries
 from ..data.transforms import normalize
-from ..errors import MissingFile
+from ..errors import ArgumentError, MissingFile
 from .inference import load_onnx
 from .loading import model_from_checkpoint, model_from_exported_program, model_from_safetensors
+from .tta import check_tta, flip_average
 
-__all__ = ["expand_image_paths", "folder_truth", "load_image", "load_predictor", "predict_images"]
+__all__ = ["expand_image_paths", "folder_truth", "load_image", "load_predictor", "predict_images", "predict_images_tta"]
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -66,15 +67,22 @@ def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple
     return x
 
 
-def load_predictor(path: str | os.PathLike, image_size: int | None = None
+def load_predictor(path: str | os.PathLike, image_size: int | None = None, ema: bool | None = None
                    ) -> tuple[Callable[[Tensor], Tensor], dict]:
     """A callable (N, 3, H, W) normalised images -> (N, classes) logits and its data description, from
     a ``densenet train`` checkpoint, an ONNX export (``.onnx``, run by ONNX Runtime on the CPU), a
     torch.export program (``.pt2``) or a safetensors export (``.safetensors`` with its ``.json``).
-    ``image_size`` overrides the recorded size (an ONNX file or a program must have been exported for it)."""
+    ``image_size`` overrides the recorded size (an ONNX file or a program must have been exported for it).
+    ``ema``: for a checkpoint, its weight average (True), its raw weights (False) or the one its run
+    serves (None, see :func:`model_from_checkpoint`); an export holds one set of weights, so only None
+    is accepted for it."""
     path = Path(path)
     if not path.is_file():
         raise MissingFile(f"no model file at {path}")
+    export = path.suffix.lower() in (".onnx", ".pt2", ".safetensors")
+    if export and ema is not None:
+        raise ArgumentError(f"--ema {'yes' if ema else 'no'} chooses between the weights of a checkpoint; {path} is an "
+                            "export, which holds one set of weights (the ones chosen when it was exported): drop --ema")
     if path.suffix.lower() == ".onnx":
         return load_onnx(path, image_size)
     if path.suffix.lower() == ".pt2":
@@ -82,7 +90,7 @@ def load_predictor(path: str | os.PathLike, image_size: int | None = None
     if path.suffix.lower() == ".safetensors":
         model, data = model_from_safetensors(path)
     else:
-        model, data = model_from_checkpoint(path)
+        model, data = model_from_checkpoint(path, ema=ema)
     if image_size is not None:
         model.check_input_size(image_size)
         data = {**data, "image_size": image_size}
@@ -99,6 +107,28 @@ def predict_images(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.P
     An image that cannot be read or decoded, or holds NaN/infinite values, raises :class:`DataError`
     naming it; with ``on_error`` it is passed there (path, error) and skipped instead.
     """
+    for f, tops in _predict(model, paths, data, top, batch_size, device, on_error, flip=False):
+        yield f, tops[0]
+
+
+@torch.no_grad()
+def predict_images_tta(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.PathLike], data: dict, *,
+                       tta: str = "flip", top: int = 5, batch_size: int = 64, device: torch.device | None = None,
+                       on_error: Callable[[Path, Exception], None] | None = None
+                       ) -> Iterator[tuple[Path, list[tuple[str, float]], list[tuple[str, float]]]]:
+    """As :func:`predict_images`, with beside each image's single-crop top classes those of the
+    test-time augmentation ``tta`` (``flip``: the softmax averaged with the horizontal mirror's,
+    :mod:`densenet.serving.tta`). ArgumentError for a model whose input is not an image."""
+    check_tta(tta, getattr(model, "spatial_dims", None))
+    for f, (single, averaged) in _predict(model, paths, data, top, batch_size, device, on_error, flip=True):
+        yield f, single, averaged
+
+
+@torch.no_grad()
+def _predict(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.PathLike], data: dict, top: int,
+             batch_size: int, device: torch.device | None, on_error: Callable[[Path, Exception], None] | None, *,
+             flip: bool) -> Iterator[tuple[Path, list[list[tuple[str, float]]]]]:
+    """Each image with its top classes: of the image alone, and with ``flip`` of the flip average too."""
     device = device or torch.device("cpu")
     names = data["class_names"]
     files = list(expand_image_paths(paths))
@@ -115,7 +145,12 @@ def predict_images(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.P
             chunk.append(f)
         if not chunk:
             continue
-        probs = F.softmax(model(torch.stack(images).to(device)).float(), dim=1)
-        values, indices = probs.topk(min(top, probs.shape[1]), dim=1)
-        for f, v, idx in zip(chunk, values.tolist(), indices.tolist()):
-            yield f, [(names[j] if j < len(names) else str(j), p) for j, p in zip(idx, v)]
+        batch = torch.stack(images).to(device)
+        logits = model(batch).float()
+        views = [F.softmax(logits, dim=1)]
+        if flip:  # the mirror: the width axis, the last one
+            views.append(flip_average(logits, model(batch.flip(-1)).float()).exp())
+        ranked = [probs.topk(min(top, probs.shape[1]), dim=1) for probs in views]
+        for n, f in enumerate(chunk):
+            yield f, [[(names[j] if j < len(names) else str(j), p) for j, p in zip(idx[n].tolist(), v[n].tolist())]
+                      for v, idx in ranked]

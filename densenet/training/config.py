@@ -18,7 +18,8 @@ from ..errors import DenseNetError
 from ..models import model_spec
 
 __all__ = ["ConfigError", "TrainConfig", "field_help", "field_types", "paper_recipe", "resolve_config",
-           "load_yaml_config", "SAMPLE_RECIPE", "type_name", "FOLDER_DATASETS", "native_image_size"]
+           "load_yaml_config", "SAMPLE_RECIPE", "type_name", "FOLDER_DATASETS", "native_image_size", "RECIPES",
+           "SCHEDULES", "named_recipe"]
 
 #: datasets read from image folders, whose images are resized to ``image_size``
 FOLDER_DATASETS = ("folder", "imagenet")
@@ -37,6 +38,20 @@ def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
 
 _EPOCHS_HELP = ", ".join(f"{n} {d}" for d, n in PAPER_EPOCHS.items() if d != "cifar100")
 
+#: learning-rate schedules (densenet/training/schedule.py says what each does)
+SCHEDULES = ("step", "cosine", "linear", "onecycle")
+
+#: what each ``--recipe`` sets over the paper's recipe of the dataset (explicit flags and YAML keys win).
+#: ``budget``: a starting point for short runs (10-30 epochs), to be confirmed by measurement; why each
+#: value: docs/recipes.md, "The short-budget recipe".
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "budget": {"schedule": "linear", "warmup_epochs": 1.0, "lr": 0.1, "momentum": 0.9, "nesterov": True,
+               "weight_decay": 5e-4, "label_smoothing": 0.1, "ema_decay": 0.999, "ema_eval": True},
+}
+_BUDGET_HELP = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v:g}"
+                        if isinstance(v, float) else f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["budget"].items())
+
 
 @dataclass
 class TrainConfig:
@@ -51,15 +66,34 @@ class TrainConfig:
                                   "demo recipe)")
     out: str = _opt("runs/densenet", "run directory")
     epochs: int = _opt(300, f"default: the paper's ({_EPOCHS_HELP}); 8 on the bundled sample")
+    recipe: str = _opt("paper", "paper (the default: the paper's recipe of the dataset, Section 4.2) or budget, for short "
+                                f"runs (e.g. --recipe budget --epochs 30): {_BUDGET_HELP}. Linear decay to zero is the "
+                                "most robust schedule on a small budget (Li et al., ICLR 2020); label smoothing and an "
+                                "average of the weights helped most in short CIFAR-10 runs (Page, Jordan's airbench); "
+                                "explicit flags override it; see docs/recipes.md")
     batch_size: int = _opt(64, "images per step, over all processes (the paper: 64, 256 for ImageNet)")
     eval_batch_size: int = _opt(256, "images per evaluation batch")
-    lr: float = _opt(0.1, "initial learning rate")
+    lr: float = _opt(0.1, "base learning rate: where the step, cosine and linear schedules start (after any warm-up), "
+                          "the peak of onecycle")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(1e-4, "L2 weight decay")
     lr_milestones: list[int] = _opt([], "epochs at which lr is multiplied by lr_gamma (default: 50%% and 75%% of "
                                         "the epochs; 30 60 for ImageNet)")
     lr_gamma: float = _opt(0.1, "learning-rate factor at each milestone")
+    schedule: str = _opt("step", "learning-rate schedule, set before every step: step (the paper's: lr times lr_gamma at "
+                                 "each milestone; the default), cosine (to zero), linear (decay to zero over the run) or "
+                                 "onecycle (Smith 2018, linear phases: from lr/10 up to lr at 45%% of the steps, down to "
+                                 "lr/10 at 90%%, then to zero; at least 2 epochs)")
+    warmup_epochs: float = _opt(0.0, "epochs (fractions allowed) of linear warm-up from about zero to the schedule's "
+                                     "starting lr, before any schedule (default 0: none)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss, in [0, 1) (default 0: none)")
+    ema_decay: float | None = _opt(None, "keep an exponential moving average of the weights and BN statistics, updated "
+                                         "after every step with this decay in (0, 1), e.g. 0.999 (warmed up as "
+                                         "min(decay, (1 + n) / (10 + n)) at update n); evaluated each epoch beside the "
+                                         "raw weights (default: off; none turns a recipe's off)")
+    ema_eval: bool = _opt(False, "the averaged weights (--ema-decay) replace the raw ones in report.json, and in "
+                                 "`densenet eval`, `predict` and `export` of the checkpoint")
     drop_rate: float = _opt(0.0, "dropout after each convolution; default 0.2 without augmentation (cifar10, "
                                  "cifar100, svhn), else 0")
     val_size: int | None = _opt(None, "training images held out for validation (paper: 5000 CIFAR, 6000 SVHN); "
@@ -208,15 +242,25 @@ def resolve_config(overrides: dict[str, Any], config_file: str | os.PathLike | N
     given = {**from_file, **overrides}
     dataset = given.get("dataset", TrainConfig.dataset)
     sample = given.get("data") is None and dataset.rstrip("+") in ("cifar10", "cifar100")
-    values = {**paper_recipe(dataset), **(SAMPLE_RECIPE if sample else {}), **given}
+    values = {**paper_recipe(dataset), **(SAMPLE_RECIPE if sample else {}), **named_recipe(given.get("recipe", "paper")),
+              **given}
     if dataset == "imagenet" and "epochs" in given and "lr_milestones" not in given:
         values["lr_milestones"] = [given["epochs"] // 3, 2 * given["epochs"] // 3]  # the paper's 30/90, 60/90
+    if values.get("ema_decay") is None and "ema_eval" not in given:
+        values["ema_eval"] = False  # a recipe's --ema-eval applies to an average kept: --ema-decay none turns both off
     if isinstance(values.get("image_size"), list) and len(values["image_size"]) == 1:
         values["image_size"] = values["image_size"][0]  # --image-size 96: one side
     config = TrainConfig(**values)
     validate(config)
     config.image_size = native_image_size(config)
     return config
+
+
+def named_recipe(name: str) -> dict[str, Any]:
+    """The keys recipe ``name`` sets (:data:`RECIPES`); ConfigError naming the recipes for another name."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r} (--recipe / recipe:); use one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
 
 
 def native_image_size(config: TrainConfig) -> int | None:
@@ -266,7 +310,36 @@ def validate(config: TrainConfig) -> None:
         (all(0 < m <= config.epochs for m in config.lr_milestones), "lr_milestones must lie in 1..epochs"),
         (all(math.isfinite(getattr(config, k)) for k in ("lr", "momentum", "weight_decay", "lr_gamma", "drop_rate")),
          "lr, momentum, weight_decay, lr_gamma and drop_rate must be finite numbers (not .inf or .nan)"),
+        *_recipe_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _recipe_checks(config: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the schedule, warm-up, label smoothing and weight average: each message names
+    the key, its flag and the fix."""
+    warmup, epochs = config.warmup_epochs, config.epochs
+    return [
+        (config.recipe in RECIPES, f"recipe (--recipe) must be one of {', '.join(RECIPES)}, got {config.recipe!r}"),
+        (config.schedule in SCHEDULES,
+         f"schedule (--schedule) must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}"),
+        (math.isfinite(warmup) and warmup >= 0,
+         f"warmup_epochs (--warmup-epochs) must be a non-negative number of epochs, got {warmup}"),
+        (not math.isfinite(warmup) or warmup < epochs,
+         f"warmup_epochs (--warmup-epochs) {warmup:g} is not shorter than the run ({epochs} epochs): the warm-up "
+         "would take the whole run; shorten it or train for more --epochs"),
+        (config.schedule != "onecycle" or not math.isfinite(warmup) or epochs - warmup >= 2,
+         f"schedule onecycle needs at least 2 epochs after the warm-up (the run has {epochs} epoch(s), "
+         f"warm-up {warmup:g}): its rise and fall span the run's epochs; train for more --epochs, or use "
+         "--schedule linear (with --warmup-epochs for a rise) for a single epoch"),
+        (0 <= config.label_smoothing < 1,
+         f"label_smoothing (--label-smoothing) must be in [0, 1), got {config.label_smoothing} (0: none; 0.1 is usual)"),
+        (config.ema_decay is None or 0 < config.ema_decay < 1,
+         f"ema_decay (--ema-decay) must be in (0, 1), got {config.ema_decay} (e.g. 0.999: an average over about "
+         "1/(1 - decay) = 1000 steps); leave it out for no average"),
+        (not config.ema_eval or config.ema_decay is not None,
+         "ema_eval (--ema-eval) uses the average of the weights, but none is kept: give --ema-decay (e.g. 0.999) "
+         "or drop --ema-eval"),
+    ]

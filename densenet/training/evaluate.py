@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import check_finite
+from ..serving.tta import check_tta, flip_average
 
-__all__ = ["EvalCounts", "evaluate", "topk_correct"]
+__all__ = ["EvalCounts", "evaluate", "evaluate_tta", "topk_correct"]
 
 
 @dataclass
@@ -76,7 +77,6 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     return [int(hits[:, :k].any(1).sum()) for k in ks]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> EvalCounts:
     """Counts of ``model`` over ``batches``, in eval mode (the model's mode is restored after).
 
@@ -85,30 +85,66 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
     holding NaN or infinite values is refused (:class:`densenet.data.DataError`) rather than scored.
     The confusion matrix is counted on ``device`` and read back once, at the end.
     """
+    return _evaluate(model, batches, device, flip=False)[0]
+
+
+def evaluate_tta(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                 tta: str = "flip") -> tuple[EvalCounts, EvalCounts]:
+    """(single-crop counts, test-time-augmented counts) of ``model`` over ``batches`` in one pass: as
+    :func:`evaluate`, and each image's softmax averaged with its horizontal mirror's
+    (:func:`densenet.serving.tta.flip_average`). ArgumentError for a model whose input is not an image."""
+    check_tta(tta, getattr(getattr(model, "module", model), "spatial_dims", 2))
+    single, flipped = _evaluate(model, batches, device, flip=True)
+    return single, flipped
+
+
+class _Tally:
+    """Running counts of one way of scoring: hits, summed loss, confusion cells (on the device)."""
+
+    def __init__(self) -> None:
+        self.counts, self.cells, self.classes = EvalCounts(), None, 0
+
+    def add(self, logits: Tensor, labels: Tensor) -> None:
+        c1, c5 = topk_correct(logits, labels)
+        self.counts.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        self.counts.top1 += c1
+        self.counts.top5 += c5
+        self.counts.images += labels.numel()
+        self.classes = c = logits.shape[1]
+        cells = torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
+        self.cells = cells if self.cells is None else self.cells + cells
+
+    def result(self) -> EvalCounts:
+        if self.cells is not None:
+            self.counts.confusion = self.cells.view(self.classes, self.classes).cpu()
+        return self.counts
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device, *,
+              flip: bool) -> list[EvalCounts]:
+    """The counts of the plain view, and with ``flip`` those of the flip-averaged one."""
     was_training = model.training
     model.eval()
-    counts = EvalCounts()
-    confusion: Tensor | None = None
+    tallies = [_Tally() for _ in range(1 + flip)]
+    spatial_dims = getattr(getattr(model, "module", model), "spatial_dims", 2)
     try:
         for index, (images, labels) in enumerate(batches):
             check_finite(images, f"batch {index + 1} of the evaluation data")
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if images.dim() == 3 + getattr(getattr(model, "module", model), "spatial_dims", 2):  # (N, crops, C, H, W)
-                b, crops = images.shape[:2]
-                probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
-                logits = probs.clamp_min(1e-12).log()
-            else:
-                logits = model(images)
-            c1, c5 = topk_correct(logits, labels)
-            counts.loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            counts.top1 += c1
-            counts.top5 += c5
-            counts.images += labels.numel()
-            c = logits.shape[1]
-            cells = torch.bincount(labels * c + logits.argmax(1), minlength=c * c)
-            confusion = cells if confusion is None else confusion + cells
+            logits = _scores(model, images, spatial_dims)
+            tallies[0].add(logits, labels)
+            if flip:  # the mirror: the width axis, the last one of every image
+                tallies[1].add(flip_average(logits, _scores(model, images.flip(-1), spatial_dims)), labels)
     finally:
         model.train(was_training)
-    if confusion is not None:
-        counts.confusion = confusion.view(c, c).cpu()
-    return counts
+    return [t.result() for t in tallies]
+
+
+def _scores(model: nn.Module, images: Tensor, spatial_dims: int) -> Tensor:
+    """Logits of a batch; for (N, crops, C, H, W) batches, the log of the softmax averaged over the crops."""
+    if images.dim() == 3 + spatial_dims:  # (N, crops, C, H, W)
+        b, crops = images.shape[:2]
+        probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
+        return probs.clamp_min(1e-12).log()
+    return model(images)

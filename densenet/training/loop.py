@@ -4,8 +4,10 @@
       _train_in_run_dir                lock the run folder, prepare it, read the checkpoint to resume
         build_state                    data, model, optimizer; restore the checkpoint or write config.yaml
         run_epochs                     for each epoch:
-          train_one_epoch                train_step per batch, mid-epoch checkpoints, signals
-          evaluate_split                 validation and test counts, summed over processes
+          train_one_epoch                per batch: the step's learning rate (schedule.lr_at), train_step,
+                                         the weight average's update (ema.py); mid-epoch checkpoints, signals
+          evaluate_epoch                 validation and test counts of the weights and of their average,
+                                         summed over processes
           save_snapshot                  checkpoint at the epoch end
           write_epoch_logs               metrics.csv, curves.png, TensorBoard
         make_report                    report.json; confusion.csv and confusion.png of the test split
@@ -15,7 +17,9 @@ epoch), ``curves.png``, TensorBoard events under ``tensorboard/``, ``checkpoint.
 before it, ``checkpoint.prev.pt``) and, at the end, ``report.json`` and the test split's confusion
 matrix (``confusion.csv``, counts; ``confusion.png``, normalised by row). Per-class precision, recall
 and F1, their macro averages and the balanced accuracy (by scikit-learn, a core dependency) go into
-``metrics.csv`` and ``report.json``; top-5 errors only with more than 5 classes.
+``metrics.csv`` and ``report.json``; top-5 errors only with more than 5 classes. With a weight average
+(``ema_decay``), ``metrics.csv`` has its errors beside the raw weights' (``ema_*`` columns), and with
+``ema_eval`` the average is what ``report.json`` and the confusion matrix describe.
 
 Host synchronisation: every ``sync_every`` steps (each step on a CPU) the loop reads back one small
 all-reduced vector (loss, hits, images, a signal flag); everything that decides what the ranks do
@@ -71,14 +75,15 @@ from .config import (
     ConfigError,
     TrainConfig,
     check_keys_and_types,
-    milestones,
     native_image_size,
     validate,
 )
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
+from .ema import WeightAverage
 from .evaluate import EvalCounts, evaluate
 from .memory import check_memory, estimate_memory
 from .runlock import RunLock
+from .schedule import describe, lr_at
 
 __all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_model", "learning_rate",
            "load_run_config", "load_checkpoint_for_resume"]
@@ -87,6 +92,8 @@ RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "check
              "confusion.csv", "confusion.png")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
                   "images_per_s")
+#: after METRIC_COLUMNS, in runs that keep a weight average (ema_decay): its errors
+EMA_COLUMNS = ("ema_val_error", "ema_test_error", "ema_test_top5_error")
 #: after METRIC_COLUMNS, when scikit-learn is there: the test split's macro averages and balanced accuracy (percent)
 CLASS_METRIC_COLUMNS = ("test_macro_precision", "test_macro_recall", "test_macro_f1", "test_balanced_accuracy")
 PLAN_STEPS = 5  # steps timed after the first one for the estimate of the run's duration
@@ -127,6 +134,7 @@ class State:
     step_model: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    ema: WeightAverage | None = None  # the exponential moving average of the weights (ema_decay)
     epoch: int = 0  # epochs finished
     step: int = 0  # steps finished in epoch ``epoch``
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
@@ -219,7 +227,8 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay)
-    state = State(model, model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler))
+    state = State(model, model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
+                  WeightAverage(model, config.ema_decay) if config.ema_decay else None)
     if checkpoint is not None:
         restore_checkpoint(run, state, checkpoint)
     else:
@@ -235,11 +244,18 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
 
 
 def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
-    """Weights, optimizer, scaler, position, metrics and random-number streams of ``checkpoint``."""
+    """Weights, optimizer, scaler, weight average, position, metrics and random-number streams of
+    ``checkpoint``; refused (ConfigError) when the run's recipe keys differ from the checkpoint's."""
+    check_same_recipe(run, checkpoint.get("config") or {})
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     if "scaler" in checkpoint and state.scaler.is_enabled():
         state.scaler.load_state_dict(checkpoint["scaler"])
+    if state.ema is not None:
+        if "ema" not in checkpoint:
+            raise ConfigError(f"cannot resume {run.out} with a weight average (ema_decay {run.config.ema_decay}): its "
+                              "checkpoint holds none; the run was started without --ema-decay")
+        state.ema.load_state_dict(checkpoint["ema"])
     state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
     state.history, state.partial = checkpoint["history"], checkpoint["partial"]
     dd = run.dd
@@ -248,6 +264,22 @@ def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
         set_rng_state(ranks[dd.rank])
     else:  # another number of processes: fresh per-rank streams (only dropout draws from them)
         torch.manual_seed(run.config.seed + 1000 * dd.rank + 1_000_003 * (state.epoch * 100_000 + state.step))
+
+
+#: what decides how a run learns, besides the optimizer: a resume must keep them (the CLI checks
+#: config.yaml in load_run_config; this guards train(config, resume=True) too)
+RECIPE_KEYS = ("recipe", "schedule", "warmup_epochs", "label_smoothing", "ema_decay", "ema_eval")
+
+
+def check_same_recipe(run: Run, saved: dict[str, Any]) -> None:
+    """ConfigError naming the keys of :data:`RECIPE_KEYS` whose value differs from the checkpoint's (a key
+    missing from an older checkpoint had its default)."""
+    defaults = TrainConfig().to_dict()
+    changed = [k for k in RECIPE_KEYS if saved.get(k, defaults[k]) != getattr(run.config, k)]
+    if changed:
+        raise ConfigError(f"cannot resume {run.out} with a changed {', '.join(changed)}: its checkpoint was trained with "
+                          + ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in changed)
+                          + "; resume it with the values it started with, or start a new run with another --out")
 
 
 def run_epochs(run: Run, state: State) -> dict[str, Any]:
@@ -263,12 +295,8 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
         with stop_on_signals() as stop:
             for epoch in range(state.epoch, config.epochs):
                 row = train_one_epoch(run, state, epoch, stop, clock)
-                if data.val is not None:
-                    row["val_error"] = evaluate_split(run, state, data.val).top1_error
-                test = evaluate_split(run, state, data.test)
-                row.update(test_error=test.top1_error,
-                           test_top5_error=test.top5_error if top5_applies(data.num_classes) else None)
-                row.update(metric_columns(split_metrics(data, test), "test", data.class_names))
+                columns, test = evaluate_epoch(run, state)
+                row.update(columns)
                 state.history.append(row)
                 state.epoch, state.step, state.partial = epoch + 1, 0, {}
                 save_snapshot(run, state)
@@ -276,7 +304,9 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
                     write_epoch_logs(run.out, writer, config, state.history)
                 run.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error "
                         f"{row['train_error']:.2f}%, " + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
-                        + f"test error {row['test_error']:.2f}%, lr {row['lr']:g}, {row['images_per_s']:.1f} img/s")
+                        + f"test error {row['test_error']:.2f}%, "
+                        + (f"average's test error {row['ema_test_error']:.2f}%, " if "ema_test_error" in row else "")
+                        + f"lr {row['lr']:g}, {row['images_per_s']:.1f} img/s")
                 signalled = dd.sum([float(bool(stop["signal"]))], run.device)[0] > 0  # every rank decides alike
                 if signalled and epoch + 1 < config.epochs:
                     signum = stop["signal"] or signal.SIGTERM
@@ -286,17 +316,44 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
         if writer is not None:
             writer.close()
     if test is None:  # resumed after the last epoch's checkpoint: the final model's counts once more
-        test = evaluate_split(run, state, data.test)
+        test = evaluate_split(run, served_model(run, state), data.test)
     report = make_report(config, state.history, num_params, str(run.device))
     report.update(class_report(data, test))
     if dd.enabled:
         report["processes"] = dd.world_size
     on_main(dd, lambda: write_final_files(run, report, test))
     top5 = report["test_top5_error"]
+    average = {"average": f" of the weight average (raw weights: {report.get('raw_test_error', math.nan):.2f}%)",
+               "raw": f" (weight average: {report.get('ema_test_error', math.nan):.2f}%)"}.get(report.get("weights"), "")
     run.log(f"done: final test error {report['test_error']:.2f}%" + ("" if top5 is None else f" (top-5 {top5:.2f}%)")
+            + average
             + (f", balanced accuracy {report['test_balanced_accuracy']:.2f}%, macro F1 {report['test_macro_f1']:.2f}%"
                if "test_macro_f1" in report else "") + f"; run in {run.out}")
     return report
+
+
+def evaluate_epoch(run: Run, state: State) -> tuple[dict[str, Any], EvalCounts]:
+    """The epoch's validation and test errors (and the test split's class metrics) of the weights, and
+    with a weight average its errors beside them (``ema_*``); returns these metrics columns and the test
+    counts of the weights that are served: the average with ``ema_eval``, else the weights."""
+    data, top5 = run.data, top5_applies(run.data.num_classes)
+    columns: dict[str, Any] = {}
+    served = None
+    for prefix, model in [("", state.model)] + ([("ema_", state.ema.model)] if state.ema is not None else []):
+        if data.val is not None:
+            columns[f"{prefix}val_error"] = evaluate_split(run, model, data.val).top1_error
+        test = evaluate_split(run, model, data.test)
+        columns.update({f"{prefix}test_error": test.top1_error, f"{prefix}test_top5_error": test.top5_error if top5 else None})
+        if not prefix:
+            columns.update(metric_columns(split_metrics(data, test), "test", data.class_names))
+        if model is served_model(run, state):
+            served = test
+    return columns, served
+
+
+def served_model(run: Run, state: State) -> nn.Module:
+    """The weights a run reports and serves: their average with ``ema_eval``, else the trained weights."""
+    return state.ema.model if run.config.ema_eval and state.ema is not None else state.model
 
 
 def split_metrics(data: Data, counts: EvalCounts) -> dict[str, Any]:
@@ -346,9 +403,7 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     loop decides (a diverging loss, a signal seen by any rank) is decided there, from the reduced
     values, so that every rank takes the same branch at the same step."""
     config, dd, data = run.config, run.dd, run.data
-    lr = learning_rate(config, epoch)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
+    steps = data.train.num_batches
     state.model.train()
     if config.freeze_features:
         state.model.features.eval()  # a frozen feature extractor keeps its BN statistics
@@ -362,7 +417,10 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     unread = 0
     with closing(data.train.batches(epoch, start=step0, rank=dd.rank, world_size=dd.world_size)) as batches:
         for step, (images, labels) in enumerate(batches, start=step0):
+            lr = set_learning_rate(state.optimizer, lr_at(config, epoch * steps + step, steps))
             pending += train_step(run, state, images, labels)
+            if state.ema is not None:
+                state.ema.update(state.model)
             unread += 1
             last = step + 1 == data.train.num_batches
             checkpoint_due = bool(config.checkpoint_every) and (step + 1) % config.checkpoint_every == 0
@@ -393,7 +451,7 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     bar.close()
     seconds = acc["seconds"]
     return {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
-            "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)), "lr": lr,
+            "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)), "lr": learning_rate(config, epoch, steps),
             "seconds": round(seconds, 3), "images_per_s": round(acc["seen"] / max(seconds, 1e-9), 2)}
 
 
@@ -404,7 +462,7 @@ def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tenso
     labels = labels.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = state.step_model(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=run.config.label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
@@ -414,9 +472,16 @@ def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tenso
     return torch.stack([loss.detach().double() * n, hits.double(), loss.new_tensor(n, dtype=torch.float64)])
 
 
-def evaluate_split(run: Run, state: State, loader: Any) -> EvalCounts:
-    """Counts over a whole split: each rank scores its shard, the counts are summed."""
-    counts = evaluate(state.model, loader.batches(0, rank=run.dd.rank, world_size=run.dd.world_size), run.device)
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set ``lr`` for the next step; return it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def evaluate_split(run: Run, model: nn.Module, loader: Any) -> EvalCounts:
+    """Counts of ``model`` over a whole split: each rank scores its shard, the counts are summed."""
+    counts = evaluate(model, loader.batches(0, rank=run.dd.rank, world_size=run.dd.world_size), run.device)
     if not run.dd.enabled:
         return counts
     return EvalCounts.from_list(run.dd.sum(counts.as_list(), run.device))
@@ -441,6 +506,7 @@ def save_snapshot(run: Run, state: State) -> None:
         "data": data_info, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step, "partial": state.partial,
         "history": state.history, "rng": rngs[0], "rng_per_rank": rngs, "world_size": dd.world_size,
+        **({"ema": state.ema.state_dict()} if state.ema is not None else {}),
     }))
 
 
@@ -459,6 +525,7 @@ def log_plan(run: Run, state: State, num_params: int) -> None:
             f"{config.epochs * steps:,} steps of batch {config.batch_size}"
             + (f" ({dd.world_size} processes x {config.batch_size // dd.world_size}, {dd.backend})" if dd.enabled else "")
             + f", device {run.device}" + (f", amp {config.amp}" if run.amp_dtype else ""))
+    run.log(f"learning: {describe(config)}")
     if config.data is None:
         run.log("(a short demo on the 1,000-image sample; give --data for a real dataset and the paper's recipe)")
     for note in data_notes(config, data):
@@ -536,9 +603,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """lr of the given epoch (0-based): ``lr`` times ``lr_gamma`` for every milestone passed."""
-    return config.lr * config.lr_gamma ** sum(epoch >= m for m in milestones(config))
+def learning_rate(config: TrainConfig, epoch: int, steps_per_epoch: int = 1) -> float:
+    """lr at the first step of the given epoch (0-based), the ``lr`` column of metrics.csv; for the
+    paper's step schedule, ``lr`` times ``lr_gamma`` for every milestone passed (the whole epoch's)."""
+    return lr_at(config, epoch * steps_per_epoch, steps_per_epoch)
 
 
 def build_model(config: TrainConfig, num_classes: int, data_args: dict | None = None) -> DenseNet:
@@ -670,12 +738,14 @@ def load_run_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"cannot resume: {path} does not hold a configuration mapping")
     check_keys_and_types(values, str(path))
-    changed = sorted(k for k, v in overrides.items() if k not in RUNTIME_KEYS and values.get(k) != v)
+    defaults = TrainConfig().to_dict()  # keys newer than the run's config.yaml: the value it ran with
+    changed = sorted(k for k, v in overrides.items() if k not in RUNTIME_KEYS and values.get(k, defaults[k]) != v)
     if changed:
         raise ConfigError(
             f"cannot resume {out} with a changed {', '.join(changed)} (the run was started with "
-            + ", ".join(f"{k}={values.get(k)!r}" for k in changed)
-            + f"); only {', '.join(sorted(RUNTIME_KEYS - {'out'}))} may change on resume"
+            + ", ".join(f"{k}={values.get(k, defaults[k])!r}" for k in changed)
+            + f"); drop {', '.join('--' + k.replace('_', '-') for k in changed)} to continue it as it started, or start "
+            f"a new run with another --out; only {', '.join(sorted(RUNTIME_KEYS - {'out'}))} may change on resume"
         )
     values.update({k: v for k, v in overrides.items() if k in RUNTIME_KEYS})
     values["out"] = str(out)
@@ -706,16 +776,19 @@ def write_epoch_logs(out: Path, writer: SummaryWriter, config: TrainConfig, hist
     write_metrics_csv(out / "metrics.csv", history)
     plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
     row = history[-1]
-    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s", *CLASS_METRIC_COLUMNS):
+    for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s", "ema_val_error",
+                "ema_test_error", *CLASS_METRIC_COLUMNS):
         if row.get(key) is not None:
             writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    """One row per epoch: :data:`METRIC_COLUMNS`, then the class metrics the rows hold (macro averages,
+    """One row per epoch: :data:`METRIC_COLUMNS`, the weight average's errors (:data:`EMA_COLUMNS`) in runs
+    that keep one, then the class metrics the rows hold (macro averages,
     balanced accuracy, per-class ``test_f1[NAME]`` ...); missing values are empty."""
-    extra = [k for k in CLASS_METRIC_COLUMNS if any(k in r for r in rows)]
+    extra = list(EMA_COLUMNS) if any(k in r for r in rows for k in EMA_COLUMNS) else []
+    extra += [k for k in CLASS_METRIC_COLUMNS if any(k in r for r in rows)]
     extra += [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("test_") and "[" in k]
     columns = [*METRIC_COLUMNS, *extra]
     buffer = io.StringIO()
@@ -727,18 +800,26 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
 
 
 def make_report(config: TrainConfig, history: list[dict], num_params: int, device: str) -> dict[str, Any]:
+    """report.json: the final epoch's test error (the paper's convention) of the served weights (the
+    weight average with ``ema_eval``, the raw weights' beside it; else the raw weights, the average's
+    beside them when one is kept), the best validation error, the run's time and versions."""
     last = history[-1]
+    served, other = ("ema_", "") if config.ema_eval else ("", "ema_")
     report = {
         "model": config.model, "dataset": config.dataset, "parameters": num_params, "epochs": len(history),
-        "test_error": last["test_error"], "test_top5_error": last["test_top5_error"],
-        "test_accuracy": 100.0 - last["test_error"], "final_train_loss": last["train_loss"],
+        "test_error": last[f"{served}test_error"], "test_top5_error": last[f"{served}test_top5_error"],
+        "test_accuracy": 100.0 - last[f"{served}test_error"], "final_train_loss": last["train_loss"],
         "train_seconds": round(sum(r["seconds"] for r in history), 1), "device": device,
         "torch": torch.__version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    vals = [(r["val_error"], r["epoch"]) for r in history if r.get("val_error") is not None]
+    if config.ema_decay is not None and f"{other}test_error" in last:
+        report.update({"weights": "average" if config.ema_eval else "raw", "ema_decay": config.ema_decay,
+                       f"{other or 'raw_'}test_error": last[f"{other}test_error"],
+                       f"{other or 'raw_'}test_top5_error": last[f"{other}test_top5_error"]})
+    vals = [(r[f"{served}val_error"], r["epoch"]) for r in history if r.get(f"{served}val_error") is not None]
     if vals:
         best, epoch = min(vals)
         report.update(best_val_error=best, best_val_epoch=epoch, final_val_error=vals[-1][0])
-    if not all(math.isfinite(r["test_error"]) for r in history):
+    if not all(math.isfinite(r[f"{served}test_error"]) for r in history):
         report["warning"] = "some test errors are not finite (empty test set?)"
     return report
