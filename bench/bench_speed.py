@@ -35,6 +35,7 @@ from densenet import create_model  # noqa: E402
 from densenet.serving.inference import prepare_for_inference  # noqa: E402
 
 CASES = {  # name: (model, image side, batch)
+    "bc40": ("densenet_bc40_k12", 32, 64),
     "bc100": ("densenet_bc100_k12", 32, 64),
     "bc250": ("densenet_bc250_k24", 32, 64),
     "d121": ("densenet121", 224, 16),
@@ -45,15 +46,22 @@ def torchvision_model(name: str, memory_efficient: bool = False) -> torch.nn.Mod
     """torchvision's DenseNet classes; CIFAR models as the paper's DenseNet-BC (3x3 stem with 2k maps, 3 blocks)."""
     if name == "densenet121":
         return torchvision.models.densenet121(weights=None, memory_efficient=memory_efficient)
-    k = 12 if name == "densenet_bc100_k12" else 24
-    n = 16 if name == "densenet_bc100_k12" else 41
+    k = 24 if name == "densenet_bc250_k24" else 12
+    n = {"densenet_bc40_k12": 6, "densenet_bc100_k12": 16, "densenet_bc250_k24": 41}[name]
     m = torchvision.models.DenseNet(k, (n, n, n), 2 * k, num_classes=10, memory_efficient=memory_efficient)
     m.features.conv0 = torch.nn.Conv2d(3, 2 * k, 3, padding=1, bias=False)
     del m.features.norm0, m.features.relu0, m.features.pool0
     return m
 
 
+#: implementations trained under torch.autocast("cpu", torch.bfloat16) with channels_last input: the
+#: ``_bf`` suffix (what `densenet train` does by default on a CPU with bfloat16 instructions)
+BF16_SUFFIX = "_bf"
+
+
 def build(impl: str, name: str) -> torch.nn.Module:
+    if impl.endswith(BF16_SUFFIX):
+        return build(impl[: -len(BF16_SUFFIX)], name).to(memory_format=torch.channels_last)
     if impl == "tv":
         return torchvision_model(name)
     if impl == "tv_me":
@@ -69,13 +77,17 @@ def build(impl: str, name: str) -> torch.nn.Module:
     raise ValueError(impl)
 
 
-def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
     model.train()
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
@@ -98,8 +110,8 @@ def forward_gflop(name: str, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_gflops(repeats: int = 5) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_gflops(repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -144,7 +156,7 @@ def memory_child(impl: str, case: str, batch: int, steps: int) -> None:
     name, size, _ = CASES[case]
     model = build(impl, name)
     x, y = data(name, size, batch)
-    step = train_step_fn(model, x, y)
+    step = train_step_fn(model, x, y, impl.endswith(BF16_SUFFIX))
     base = rss_bytes()
     for _ in range(steps):
         step()
@@ -190,21 +202,26 @@ def main() -> None:
     }
     ceiling = matmul_gflops()
     results["matmul_gflops"] = ceiling
-    print(f"# {results['date']}  {results['machine']}\n# fp32 2048^3 matrix product: {ceiling:.1f} GFLOP/s\n")
+    results["matmul_gflops_bf16"] = ceiling_bf16 = matmul_gflops(dtype=torch.bfloat16)
+    print(f"# {results['date']}  {results['machine']}\n# 2048^3 matrix product: fp32 {ceiling:.1f} GFLOP/s, "
+          f"bf16 {ceiling_bf16:.1f} GFLOP/s\n")
 
     def report(title: str, per_s: dict[str, float], gflop_per_image: float, base: str) -> None:
         print(f"## {title}")
         for k, v in per_s.items():
             gf = v * gflop_per_image
-            print(f"  {k:12s} {v:8.2f} img/s  {v / per_s[base]:5.2f}x {base}  {gf:6.1f} GFLOP/s ({gf / ceiling:4.0%} of matmul)")
+            top = ceiling_bf16 if k.endswith(BF16_SUFFIX) else ceiling
+            print(f"  {k:12s} {v:8.2f} img/s  {v / per_s[base]:5.2f}x {base}  {gf:6.1f} GFLOP/s ({gf / top:4.0%} of its matmul)")
         results[title] = per_s
 
     # ---------------------------------------------------------------- training throughput
-    bc100 = ["tv", "tv_me", "ours_ref", "ours_ref_cl", "ours", "ours_me"] if args.levers else ["tv", "tv_me", "ours", "ours_me"]
+    bc100 = ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"]
+    if args.levers:
+        bc100 += ["tv_me", "ours_me", "ours_ref", "ours_ref_cl", "ours_ref_bf"]
     train_cases = [("bc100", 64, bc100, args.repeats)] if not (args.memory_only or args.no_train) else []
     if args.full:
-        train_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"], 2), ("bc250", 64, ["tv_me", "ours", "ours_me"], 2),
-                        ("d121", 16, ["tv", "ours", "ours_me"], 3)]
+        train_cases += [("bc40", 64, ["tv", "tv_bf", "ours", "ours_bf"], args.repeats),
+                        ("d121", 16, ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"], 3)]
     for case, batch, impls, repeats in train_cases:
         name, size, _ = CASES[case]
         x, y = data(name, size, batch)
@@ -212,7 +229,7 @@ def main() -> None:
         sd = models[impls[0]].state_dict()
         for m in models.values():
             m.load_state_dict(sd)
-        fns = {impl: train_step_fn(m, x, y) for impl, m in models.items()}
+        fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
         if args.compile and case == "bc100":
             compiled = torch.compile(build("ours", name))
             t = time.perf_counter()
@@ -250,7 +267,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- memory, fresh process each
     if not args.no_memory:
-        mem_cases = [("bc100", 64, ["tv", "tv_me", "ours", "ours_me"]), ("bc250", 64, ["ours_me"])]
+        mem_cases = [("bc100", 64, ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"]), ("bc250", 64, ["ours_me"])]
         if args.full:
             mem_cases += [("bc250", 16, ["tv", "tv_me", "ours", "ours_me"]), ("bc250", 64, ["tv_me", "ours"]),
                           ("d121", 16, ["tv", "tv_me", "ours", "ours_me"])]

@@ -121,8 +121,9 @@ def test_report_and_metrics_fit_three_classes(run):
     assert per_class["cats"]["recall"] == pytest.approx(100 * confusion[0, 0] / 7, abs=1e-3)
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    old = ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds", "images_per_s"]
-    assert list(rows[0])[:9] == old and rows[0]["test_top5_error"] == ""
+    old = ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds", "images_per_s",
+           "eval_seconds"]
+    assert list(rows[0])[:10] == old and rows[0]["test_top5_error"] == ""
     assert float(rows[0]["test_macro_f1"]) == report["test_macro_f1"]
     assert float(rows[0]["test_f1[owls]"]) == per_class["owls"]["f1"]
     assert {"test_balanced_accuracy", "test_precision[dogs]", "test_recall[cats]"} <= set(rows[0])

@@ -131,8 +131,9 @@ def rows_of(run):
 
 def test_a_run_with_the_recipe_parts_records_both_weights(ema_run):
     rows = rows_of(ema_run)
-    assert list(rows[0])[:12] == ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr",
-                                  "seconds", "images_per_s", "ema_val_error", "ema_test_error", "ema_test_top5_error"]
+    assert list(rows[0])[:13] == ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr",
+                                  "seconds", "images_per_s", "eval_seconds", "ema_val_error", "ema_test_error",
+                                  "ema_test_top5_error"]
     assert all(r["ema_test_error"] != "" and r["ema_val_error"] == "" for r in rows)  # no validation split
     state = load_checkpoint(ema_run / "checkpoint.pt")
     c = TrainConfig(**state["config"])
@@ -165,7 +166,7 @@ def test_label_smoothing_is_in_the_training_loss(tmp_path):
     with torch.no_grad():
         model.classifier.weight.mul_(20)  # larger logits, on which smoothing weighs more
     torch.save(model.state_dict(), tmp_path / "init.pth")
-    args = [*TINY, "--dataset", "cifar10", "--drop-rate", "0", "--train-subset", "32", "--epochs", "1",
+    args = [*TINY, "--dataset", "cifar10", "--drop-rate", "0", "--amp", "off", "--train-subset", "32", "--epochs", "1",
             "--init", str(tmp_path / "init.pth")]
     losses = {}
     for smoothing in ("0", "0.3"):

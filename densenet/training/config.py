@@ -25,6 +25,10 @@ __all__ = ["ConfigError", "TrainConfig", "field_help", "field_types", "paper_rec
 FOLDER_DATASETS = ("folder", "imagenet")
 
 
+#: --amp: auto, bf16, off (none is the same), fp16 (densenet.training.precision)
+AMP_CHOICES = ("auto", "bf16", "off", "none", "fp16")
+
+
 class ConfigError(DenseNetError, ValueError):
     """A configuration that cannot be used; the message names the key and what is allowed."""
 
@@ -112,7 +116,9 @@ class TrainConfig:
     memory_efficient: bool = _opt(False, "keep only each dense block's buffer for backward (memory linear in depth)")
     sync_bn: bool = _opt(False, "synchronised BN over all processes (distributed training; matters for small "
                                 "per-process batches)")
-    amp: str = _opt("off", "mixed precision: off, bf16, or fp16 (CUDA only, with a gradient scaler)")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on a CPU with bfloat16 instructions, AVX512_BF16 or AMX, where "
+                            "it trains faster; else off), bf16, off or none (float32), fp16 (CUDA only, with a gradient "
+                            "scaler). BN statistics, weights and the optimizer's state stay float32")
     channels_last: bool = _opt(False, "NHWC memory format for the model and its inputs (faster convolutions on GPUs)")
     init: str | None = _opt(None, "start from this project's checkpoint or a torchvision DenseNet state dict")
     weights: str | None = _opt(None, "start from trained weights by name, a tag of --model such as imagenet "
@@ -295,7 +301,7 @@ def validate(config: TrainConfig) -> None:
         (config.sync_every is None or config.sync_every >= 1, "sync_every must be at least 1"),
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),
-        (config.amp in ("off", "bf16", "fp16"), f"amp must be off, bf16 or fp16, got {config.amp!r}"),
+        (config.amp in AMP_CHOICES, f"amp must be one of {', '.join(AMP_CHOICES)}, got {config.amp!r}"),
         (config.spatial_dims in (None, 1, 2, 3), f"spatial_dims must be 1, 2 or 3, got {config.spatial_dims}"),
         (not isinstance(config.image_size, list) or (len(config.image_size) in (1, 3) and min(config.image_size) >= 1),
          f"image_size must be one side or three (depth, height, width), got {config.image_size}"),

@@ -82,6 +82,7 @@ from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .ema import WeightAverage
 from .evaluate import EvalCounts, evaluate
 from .memory import check_memory, estimate_memory
+from .precision import check_precision, cpu_bf16_instructions, resolve_amp
 from .runlock import RunLock
 from .schedule import describe, lr_at
 
@@ -91,7 +92,7 @@ __all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_mod
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "checkpoint.prev.pt", "report.json", "tensorboard",
              "confusion.csv", "confusion.png")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
-                  "images_per_s")
+                  "images_per_s", "eval_seconds")
 #: after METRIC_COLUMNS, in runs that keep a weight average (ema_decay): its errors
 EMA_COLUMNS = ("ema_val_error", "ema_test_error", "ema_test_top5_error")
 #: after METRIC_COLUMNS, when scikit-learn is there: the test split's macro averages and balanced accuracy (percent)
@@ -120,6 +121,7 @@ class Run:
     amp_dtype: torch.dtype | None  # autocast dtype, None: full precision
     data: Data
     log: Callable[[str], None]  # rank 0 speaks for the job
+    given_amp: str = "off"  # --amp as given (auto: the precision was chosen for the user)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -171,7 +173,9 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
         raise ConfigError(f"batch_size {config.batch_size} (the global batch) is not divisible by the "
                           f"{dd.world_size} processes; each process takes batch_size / world_size images per step")
     device = resolve_device(device_name)
-    amp_dtype, use_scaler = check_precision(config, device)
+    given_amp = config.amp
+    config = dataclasses.replace(config, amp=resolve_amp(config.amp, device))  # config.yaml keeps the concrete one
+    amp_dtype, use_scaler = check_precision(config.amp, device)
     out = Path(config.out)
     if dd.restart > 0:  # torchrun restarted the job after a worker failed: continue from the last checkpoint
         resume = has_checkpoint(out)
@@ -198,7 +202,7 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
         if device.type == "cuda":  # CIFAR/SVHN on the GPU: batches built there, no host in the step
             data.to(device)
         log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
-        run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None))
+        run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None), given_amp)
         state = build_state(run, use_scaler, checkpoint)
         return run_epochs(run, state)
 
@@ -295,8 +299,9 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
         with stop_on_signals() as stop:
             for epoch in range(state.epoch, config.epochs):
                 row = train_one_epoch(run, state, epoch, stop, clock)
+                t0 = time.perf_counter()
                 columns, test = evaluate_epoch(run, state)
-                row.update(columns)
+                row.update(columns, eval_seconds=round(time.perf_counter() - t0, 3))
                 state.history.append(row)
                 state.epoch, state.step, state.partial = epoch + 1, 0, {}
                 save_snapshot(run, state)
@@ -511,6 +516,16 @@ def save_snapshot(run: Run, state: State) -> None:
 
 
 # ---------------------------------------------------------------------------- the plan and its clock
+def precision_note(run: Run) -> str:
+    """What the plan line says of the precision: the autocast dtype, and why when it was chosen for the user."""
+    if run.amp_dtype is None:
+        return "float32"
+    note = f"amp {run.config.amp}"
+    if run.device.type == "cpu" and run.given_amp == "auto":
+        note += f" (by default on this CPU: it has {cpu_bf16_instructions()}; --amp off for float32)"
+    return note
+
+
 def log_plan(run: Run, state: State, num_params: int) -> None:
     """Say what is about to run (or where it resumes) before the first step."""
     config, dd, data = run.config, run.dd, run.data
@@ -524,7 +539,7 @@ def log_plan(run: Run, state: State, num_params: int) -> None:
             f"{data.train.num_images:,} training images, {config.epochs} epochs x {steps:,} steps = "
             f"{config.epochs * steps:,} steps of batch {config.batch_size}"
             + (f" ({dd.world_size} processes x {config.batch_size // dd.world_size}, {dd.backend})" if dd.enabled else "")
-            + f", device {run.device}" + (f", amp {config.amp}" if run.amp_dtype else ""))
+            + f", device {run.device}, {precision_note(run)}")
     run.log(f"learning: {describe(config)}")
     if config.data is None:
         run.log("(a short demo on the 1,000-image sample; give --data for a real dataset and the paper's recipe)")
@@ -631,20 +646,6 @@ def configure_runtime(config: TrainConfig, device: torch.device) -> None:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(config.seed)
-
-
-def check_precision(config: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a gradient scaler is needed) for ``config.amp`` on ``device``."""
-    if config.amp == "off":
-        return None, False
-    if config.amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("--amp fp16 needs a CUDA GPU (float16 training with a gradient scaler); "
-                              "on a CPU use --amp bf16 or --amp off")
-        return torch.float16, True
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16")
-    return torch.bfloat16, False
 
 
 def on_main(dd: Dist, fn: Callable[[], Any]) -> Any:
