@@ -49,7 +49,7 @@ def test_run_directory_holds_everything(sample_run):
     assert {"config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "report.json", "tensorboard"} <= names
     rows = list(csv.DictReader((sample_run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert list(rows[0])[:9] == ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr",
+    assert list(rows[0])[:10] == ["epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr",
                                  "seconds", "images_per_s", "eval_seconds"]  # then the class metrics (tests/test_own_data.py)
     assert {"test_macro_f1", "test_balanced_accuracy", "test_f1[cat]"} <= set(rows[0])
     assert [float(r["lr"]) for r in rows] == [0.1, 0.1, 0.1]  # 3 epochs: milestones 50%/75% need >= 4

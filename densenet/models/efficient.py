@@ -593,8 +593,14 @@ def can_fuse_bn_relu_pool(norm: nn.Module, x: Tensor) -> bool:
 def _avg_pool_backward(grad: Tensor, y: Tensor) -> Tensor:
     """Gradient of ``y`` through a 2-wide (2x2, 2x2x2) average pool with stride 2."""
     d = y.dim() - 2
-    if d == 3:
+    if d == 3 and grad.dtype in (torch.float32, torch.float64):
         return _aten.avg_pool3d_backward(grad, y, [2, 2, 2], [2, 2, 2], [0, 0, 0], False, True, None)
+    if d == 3:  # PyTorch has no bfloat16/float16 kernel for this one: each output's gradient / 8 to its 2x2x2 inputs
+        g = F.interpolate(grad, scale_factor=2, mode="nearest").mul_(0.125)  # exact: a power of two
+        pad = [0, 0] * 3
+        for i, (n_in, n_out) in enumerate(zip(y.shape[2:], g.shape[2:])):
+            pad[2 * (2 - i) + 1] = n_in - n_out  # an odd size's last slice feeds no output: zero gradient
+        return F.pad(g, pad) if any(pad) else g
     if d == 2:
         return _aten.avg_pool2d_backward(grad, y, [2, 2], [2, 2], [0, 0], False, True, None)
     # 1-D: the 2-D kernel on (N, C, L, 1), as avg_pool1d itself computes
