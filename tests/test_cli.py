@@ -118,6 +118,7 @@ def test_console_entry_point_and_module():
     assert "1,019,722" in out.stdout
 
 
+@pytest.mark.slow
 def test_output_piped_into_a_reader_that_leaves_is_not_a_crash():
     """`densenet models | head -1`: the reader closes the pipe; no traceback, no bug report request."""
     p = subprocess.Popen([sys.executable, "-m", "densenet", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -126,6 +127,7 @@ def test_output_piped_into_a_reader_that_leaves_is_not_a_crash():
     assert p.wait() == 141 and err == "", err
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs_as_pasted():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"## Quick start\s+```python\n(.*?)```", readme, re.DOTALL).group(1)

@@ -48,7 +48,8 @@ def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return p
 
 
-@pytest.mark.parametrize("flags", [[], ["--memory-efficient"], ["--reference-path"]])
+@pytest.mark.parametrize("flags", [[], pytest.param(["--memory-efficient"], marks=pytest.mark.slow),
+                                   pytest.param(["--reference-path"], marks=pytest.mark.slow)])
 def test_sync_bn_step_in_float64_equals_one_process(flags):
     """2 processes x 4 images with DDP + synchronised BN give the gradients and BN running
     statistics of 1 process x 8 images to float64 rounding (the sums are only reordered)."""
@@ -61,6 +62,7 @@ def test_sync_bn_step_in_float64_equals_one_process(flags):
         assert tracked == "1"  # running statistics updated exactly once per step
 
 
+@pytest.mark.slow
 def test_two_processes_of_32_match_one_process_of_64(tmp_path):
     """K = 3 SGD steps of the real training command, fp32.
 
@@ -229,6 +231,7 @@ def test_world_size_without_rendezvous_is_refused(tmp_path):
     assert "no rendezvous to join" in p.stderr and "torchrun" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_a_peer_that_dies_ends_the_other_with_a_message(tmp_path):
     """Two processes started by hand (no torchrun agent to notice): rank 1 is killed mid-run, rank 0
     stops within the collective timeout with a message instead of hanging."""

@@ -358,6 +358,7 @@ def flip(data: bytes, position: int) -> bytes:
     return data[:position] + bytes([data[position] ^ 0x10]) + data[position + 1:]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bit_flips_are_detected_or_harmless(tmp_path):
     """Every flipped byte either makes loading fail with a CheckpointError or leaves the content
@@ -542,6 +543,7 @@ def check_estimates(cases: list[tuple]) -> None:
     assert all(0.67 <= r["ratio"] <= 1.5 for r in results), rows
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_memory_estimate_against_measured_peak():
     check_estimates(CASES)

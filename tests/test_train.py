@@ -205,6 +205,7 @@ def kill_when(proc: subprocess.Popen, path: Path, sig: int, timeout: float = 120
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     args = [*TINY, "--epochs", "2", "--deterministic", "--checkpoint-every", "2", "--drop-rate", "0.1"]
     reference = tmp_path / "reference"
@@ -227,6 +228,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         assert (a["train_loss"], a["train_error"], a["test_error"]) == (b["train_loss"], b["train_error"], b["test_error"])
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
     out = tmp_path / "term"
     args = [*TINY, "--epochs", "2", "--deterministic", "--checkpoint-every", "3"]
@@ -253,6 +255,7 @@ def write_folder_dataset(root: Path, classes=("cats", "dogs", "owls"), per_split
                 Image.fromarray(pixels).save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
 
 
+@pytest.mark.slow
 def test_init_from_torchvision_state_dict_reinitialises_a_different_head(tmp_path, capsys):
     data = tmp_path / "pets"
     write_folder_dataset(data)
