@@ -11,7 +11,8 @@ data=../shared/data/cifar10-jpeg.zip
 here=docs/runs/cifar10-bc100-k12-budget
 run=~/runs/cifar10-bc100-k12-budget
 if [ ! -f "$run/checkpoint.pt" ] && [ -f "$here/checkpoint.pt" ]; then
-    mkdir -p "$run" && cp "$here/checkpoint.pt" "$here/config.yaml" "$here/metrics.csv" "$run/"
+    mkdir -p "$run" && cp "$here/checkpoint.pt" "$here/config.yaml" "$run/"
+    if [ -f "$here/metrics.csv" ]; then cp "$here/metrics.csv" "$run/"; fi
 fi
 if [ -f "$run/checkpoint.pt" ]; then
     nice -n 19 densenet train --resume "$run" --quiet
