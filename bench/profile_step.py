@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_speed import matmul_gflops, train_step_fn  # noqa: E402  (this folder: the same step and ceiling)
+
 from densenet import create_model  # noqa: E402
 
 GROUPS = [  # (group, operator-name patterns), first match wins
@@ -48,28 +49,11 @@ def group_of(name: str) -> str:
 
 
 def make_step(model_name: str, batch: int, bf16: bool):
+    """One SGD step of ``model_name`` on a fixed channels_last batch (bench_speed's step)."""
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes=10).to(memory_format=torch.channels_last).train()
+    model = create_model(model_name, num_classes=10).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, nesterov=True)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def matmul_gflops(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    return train_step_fn(model, x, torch.randint(0, 10, (batch,)), bf16)
 
 
 def step_gflop(model_name: str) -> float:
@@ -142,7 +126,7 @@ def main() -> None:
         step()
         step()
         seconds = (time.perf_counter() - t) / 2
-        ceiling = matmul_gflops(torch.bfloat16 if bf16 else torch.float32)
+        ceiling = matmul_gflops(dtype=torch.bfloat16 if bf16 else torch.float32)
         with profile() as prof:
             step()
             step()
