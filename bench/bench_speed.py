@@ -32,6 +32,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
+from densenet.models import fused  # noqa: E402
 from densenet.serving.inference import prepare_for_inference  # noqa: E402
 
 CASES = {  # name: (model, image side, batch)
@@ -62,6 +63,8 @@ BF16_SUFFIX = "_bf"
 def build(impl: str, name: str) -> torch.nn.Module:
     if impl.endswith(BF16_SUFFIX):
         return build(impl[: -len(BF16_SUFFIX)], name).to(memory_format=torch.channels_last)
+    if impl == "ours_unfused":  # the fast path without densenet.models.fused's compiled kernels
+        return build("ours", name)
     if impl == "tv":
         return torchvision_model(name)
     if impl == "tv_me":
@@ -91,6 +94,17 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16
         opt.step()
 
     return step
+
+
+def unfused(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the fused CPU kernels turned off while it runs (the lever alone)."""
+    def run() -> None:
+        fused.set_enabled(False)
+        try:
+            step()
+        finally:
+            fused.set_enabled(None)
+    return run
 
 
 def data(name: str, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +218,7 @@ def main() -> None:
     results["matmul_gflops"] = ceiling
     results["matmul_gflops_bf16"] = ceiling_bf16 = matmul_gflops(dtype=torch.bfloat16)
     print(f"# {results['date']}  {results['machine']}\n# 2048^3 matrix product: fp32 {ceiling:.1f} GFLOP/s, "
-          f"bf16 {ceiling_bf16:.1f} GFLOP/s\n")
+          f"bf16 {ceiling_bf16:.1f} GFLOP/s\n# ours: {fused.status()}\n")
 
     def report(title: str, per_s: dict[str, float], gflop_per_image: float, base: str) -> None:
         print(f"## {title}")
@@ -215,7 +229,7 @@ def main() -> None:
         results[title] = per_s
 
     # ---------------------------------------------------------------- training throughput
-    bc100 = ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"]
+    bc100 = ["tv", "tv_bf", "ours", "ours_bf", "ours_unfused_bf", "ours_me_bf"]
     if args.levers:
         bc100 += ["tv_me", "ours_me", "ours_ref", "ours_ref_cl", "ours_ref_bf"]
     train_cases = [("bc100", 64, bc100, args.repeats)] if not (args.memory_only or args.no_train) else []
@@ -230,13 +244,15 @@ def main() -> None:
         for m in models.values():
             m.load_state_dict(sd)
         fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
+        for impl in [i for i in fns if i.startswith("ours_unfused")]:
+            fns[impl] = unfused(fns[impl])
         if args.compile and case == "bc100":
             compiled = torch.compile(build("ours", name))
             t = time.perf_counter()
             fns["ours_compiled"] = train_step_fn(compiled, x, y)
             fns["ours_compiled"]()
             print(f"  torch.compile + first step: {time.perf_counter() - t:.0f} s")
-        sec = timed_alternating(fns, repeats)
+        sec = timed_alternating(fns, repeats, warmup=2)  # the second step too: compiled kernels settle in
         report(f"train {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
                3 * forward_gflop(name, size), "tv" if "tv" in impls else impls[0])
         del models, fns

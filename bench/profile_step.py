@@ -134,6 +134,8 @@ def main() -> None:
         for e in prof.key_averages():
             if e.key.startswith("aten::"):
                 by_group[group_of(e.key)] += e.self_cpu_time_total
+            elif e.key.startswith("## Call CompiledFxGraph"):  # densenet.models.fused's kernels
+                by_group["fused elementwise kernels (compiled)"] += e.self_cpu_time_total
         total = sum(by_group.values())
         lines += [f"## {name}: {args.batch / seconds:.1f} images/s, {gflop / seconds:.0f} GFLOP/s "
                   f"({gflop / seconds / ceiling:.0%} of the {ceiling:.0f} GFLOP/s 2048^3 matrix product in this dtype)", "",

@@ -38,6 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import bn_input_backward, bn_relu, bn_relu_backward, bn_relu_train, bn_relu_train_backward, store_maps
+from .fused import colsum as _colsum
+from .fused import normalise as _normalise
+from .fused import vec as _vec
 from .sync_bn import SyncBatchNorm2d, bn_backward, bn_factor, sync_active, sync_moments, update_running
 
 __all__ = ["autocast_on", "bn_relu_pool", "bn_relu_pool_eval", "can_fuse_bn_relu_pool", "can_fuse_stem",
@@ -205,21 +209,12 @@ def _bn1_affine(invstd: Tensor, offset: Tensor, weight: Tensor, bias: Tensor, dt
 
 def _bn1_relu(rows: Tensor, bn1: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
     """relu(rows * scale + shift) of an (M, C) matrix (a strided channel prefix of the buffer), into ``out``."""
-    scale, shift = bn1
-    return torch.addcmul(shift, rows, scale, out=out).relu_()
+    return bn_relu(rows, *bn1, out=out)
 
 
 def _offset(mean: Tensor, centre: Tensor | None, lo: int = 0, hi: int | None = None) -> Tensor:
     """Batch mean of the stored values of channels [lo, hi): the maps' mean, less the centre."""
     return mean[lo:hi] if centre is None else mean[lo:hi] - centre[lo:hi].to(mean.dtype)
-
-
-def _normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None = None) -> Tensor:
-    """x_hat = (rows - offset) * invstd per channel, in rows' dtype (``offset`` is small in a
-    centred buffer, so folding it into one multiply-add loses nothing there)."""
-    if rows.dtype == offset.dtype:
-        return torch.sub(rows, offset, out=out).mul_(invstd)
-    return torch.addcmul(_vec(-offset * invstd, rows), rows, _vec(invstd, rows), out=out)
 
 
 def _affine_centred(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
@@ -232,21 +227,6 @@ def _affine_centred(x: Tensor, mean: Tensor, scale: Tensor, bias: Tensor, out: T
     centre = mean.to(x.dtype)
     t = torch.sub(x, centre, out=out)
     return torch.addcmul(_vec(bias - (mean - centre.to(mean.dtype)) * scale, x), t, _vec(scale, x), out=t)
-
-
-def _colsum(rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-channel sums of an (M, C) matrix (or any layout whose last dimension is the channel) as a
-    ``dtype`` vector. A bfloat16/float16 matrix is summed in its own dtype (accumulated in float32 by
-    the kernel, the result rounded once): a sum with ``dtype=float32`` would first convert the
-    whole matrix, several times slower on the CPU than the sum itself."""
-    return rows.sum(tuple(range(rows.dim() - 1))).to(dtype)
-
-
-def _vec(v: Tensor, like: Tensor) -> Tensor:
-    """A per-channel vector in ``like``'s dtype: elementwise kernels with operands of two dtypes
-    take a slow path (about 10x for bfloat16 on the CPU), so statistics and BN weights meet a
-    bfloat16 matrix in bfloat16."""
-    return v.to(like.dtype)
 
 
 def _centred_moments(z: Tensor, work: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -304,7 +284,13 @@ def _block_forward(
 
     def store(rows: Tensor, lo: int, hi: int) -> None:
         """Maps of channels [lo, hi), an (M, hi - lo) matrix, into the buffer, with their statistics."""
-        if centre is None:
+        stats = None if spec.sync else store_maps(rows, b2[:, lo:hi], spec.centred, spec.stat_dtype)
+        if stats is not None:  # one fused pass: statistics, and the maps stored less their centre
+            mean[lo:hi], var[lo:hi] = stats
+            invstd[lo:hi] = torch.rsqrt(stats[1] + spec.eps)
+            if centre is not None:
+                centre[lo:hi] = stats[0]
+        elif centre is None:
             b2[:, lo:hi].copy_(rows)
             _chunk_stats(spec, b2[:, lo:hi], lo, hi, mean, var, invstd)
         else:  # statistics first, from the contiguous maps; then stored less their centre
@@ -344,9 +330,7 @@ def _block_forward(
                 z4 = _nchw(z, n, sp)
             else:
                 z4 = _nchw(t @ w1.t(), n, sp)
-                f = bn_factor(norm2)
-                u, m2, s2 = _aten.native_batch_norm(z4, p[3], p[4], norm2.running_mean, norm2.running_var, True, f, norm2.eps)
-                r = u.relu_()
+                r, m2, s2 = bn_relu_train(z4, p[3], p[4], norm2)
             o = spec.conv(r, p[5], padding=1)
             if save:
                 saved.append((m2, s2) if spec.memory_efficient else (m2, s2, z4, r))
@@ -414,18 +398,16 @@ def _lean_bottleneck_backward(
         g_z.sub_(_vec(g_n2b / m, z)).sub_(zhat.mul_(_vec(g_n2w / m, z))).mul_(_vec(sc2, z))
     g_w1 = torch.zeros(w1.shape, dtype=sdt, device=w1.device)  # summed over row chunks: at least float32
     g_b1, g_w1n = torch.zeros_like(offset[:c]), torch.zeros_like(offset[:c])
-    w_bn1 = _vec(p[0], b2)
     for a in range(0, m, rows):
-        tc = t = _bn1_relu(prefix[a : a + rows], bn1)  # in the buffer's dtype
-        if g_w1.dtype == tc.dtype:
-            g_w1.addmm_(g_z[a : a + rows].t(), tc)
+        t = _bn1_relu(prefix[a : a + rows], bn1)  # in the buffer's dtype
+        if g_w1.dtype == t.dtype:
+            g_w1.addmm_(g_z[a : a + rows].t(), t)
         else:
-            g_w1 += g_z[a : a + rows].t() @ tc
+            g_w1 += g_z[a : a + rows].t() @ t
         g = g_z[a : a + rows] @ w1
-        _aten.threshold_backward.grad_input(g, tc, 0, grad_input=g)
-        g_b1 += _colsum(g, sdt)
-        gw[a : a + rows, :c].addcmul_(g, w_bn1)
-        g_w1n += _colsum(g.mul_(_normalise(prefix[a : a + rows], offset[:c], invstd[:c], out=t)), sdt)  # x_hat in t
+        g_b, g_wn = bn_relu_backward(g, t, None, prefix[a : a + rows], offset[:c], invstd[:c], gw[a : a + rows, :c], p[0], sdt)
+        g_b1 += g_b
+        g_w1n += g_wn
     return [g_w1n, g_b1, g_w1.as_strided(p[2].shape, p[2].stride()), g_n2w, g_n2b, g_w2]
 
 
@@ -451,15 +433,17 @@ def _block_backward(
     per = 6 if spec.bottleneck else 3
     grads: list[Tensor] = [torch.empty(0)] * len(params)
 
-    def normalised(lo: int, hi: int, out: Tensor | None = None) -> Tensor:
+    def normalised(lo: int, hi: int) -> Tensor:
         if xhat is not None:
             return xhat[:, lo:hi]
-        return _normalise(b2[:, lo:hi], offset[lo:hi], invstd[lo:hi], out=out)
+        return _normalise(b2[:, lo:hi], offset[lo:hi], invstd[lo:hi])
 
     def finish(lo: int, hi: int) -> Tensor:
         """Final gradient of buffer channels [lo, hi): direct + BN normalisation backward of gw."""
-        g_bn = bn_backward(gw[:, lo:hi], normalised(lo, hi), invstd[lo:hi], None, spec.total, spec.group, spec.sync)[0]
-        return g_bn.add_(gd[:, lo:hi])  # in the buffer's dtype
+        if spec.sync:
+            g_bn = bn_backward(gw[:, lo:hi], normalised(lo, hi), invstd[lo:hi], None, spec.total, spec.group)[0]
+            return g_bn.add_(gd[:, lo:hi])  # in the buffer's dtype
+        return bn_input_backward(gw[:, lo:hi], normalised(lo, hi), invstd[lo:hi], gd[:, lo:hi], spec.total)
 
     for i in reversed(range(len(spec.layers))):
         layer = spec.layers[i]
@@ -476,13 +460,12 @@ def _block_backward(
             norm2 = layer.norm2
             m2, s2, z4, r4 = saved[i]
             g_r, g_w2, _ = _conv_backward(spec, g_o, r4, p[5], [True, True, False])
-            g_u = _aten.threshold_backward(g_r, r4, 0)
             if spec.sync:
+                g_u = _aten.threshold_backward(g_r, r4, 0)
                 zhat = _affine_centred(_rows(z4), m2, s2, torch.zeros_like(s2))
                 g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), zhat, s2, p[3], spec.total, spec.group)
             else:
-                g_z, g_n2w, g_n2b = _aten.native_batch_norm_backward(
-                    g_u, z4, p[3], norm2.running_mean, norm2.running_var, m2, s2, True, norm2.eps, [True, True, True])
+                g_z, g_n2w, g_n2b = bn_relu_train_backward(g_r, r4, z4, m2, s2, p[3], norm2.eps)
                 g_z = _rows(g_z)
             g_w1 = (g_z.t() @ t).as_strided(p[2].shape, p[2].stride())  # the weight's own strides (DDP buckets)
             grads[per * i + 3], grads[per * i + 4], grads[per * i + 5] = g_n2w, g_n2b, g_w2
@@ -492,10 +475,8 @@ def _block_backward(
             g_t = _rows(g_t4)
             if not g_t.is_contiguous():
                 g_t = g_t.contiguous()
-        g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
-        g_b1 = _colsum(g_a, sdt)
-        gw[:, :c].addcmul_(g_a, _vec(p[0], g_a))
-        g_w1n = _colsum(g_a.mul_(normalised(0, c, out=t)), sdt)  # t is no longer needed: its memory takes x_hat
+        g_b1, g_w1n = bn_relu_backward(g_t, t, None if xhat is None else xhat[:, :c], b2[:, :c], offset[:c], invstd[:c],
+                                       gw[:, :c], p[0], sdt)
         grads[per * i], grads[per * i + 1], grads[per * i + 2] = g_w1n, g_b1, g_w1
     g_x = finish(0, c0)
     return _nchw(g_x.to(spec.dtype).contiguous(), n, sp), grads

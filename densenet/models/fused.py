@@ -1,0 +1,304 @@
+"""Per-channel elementwise kernels of the fast path, fused by TorchInductor where a C++ compiler is found.
+
+Outside its matrix products and convolutions, a dense block's training step is a chain of
+per-channel passes over (M, C) matrices (M = batch x positions): BN1-ReLU of each layer's
+prefix in forward and again in backward, then the ReLU mask, two column sums and the update of
+the accumulated BN1 gradient. Each pass reads and writes the whole matrix, and on a CPU with
+bfloat16 matrix units these passes, not the arithmetic, take most of the step
+(``python bench/profile_step.py``). ``torch.compile`` fuses each chain into one loop over memory.
+
+Every function here has an eager form (plain PyTorch ops, the reference, used on small matrices,
+off the CPU, under an outer ``torch.compile``, and wherever compilation is unavailable) and a
+compiled form used for bfloat16/float16 matrices of at least ``MIN_NUMEL`` elements (in float32 the
+whole step measured no faster; the tests compile the float64 forms to check the arithmetic).
+Compilation happens once per process and dtype (about 20 s, cached on disk by Inductor); shapes
+are dynamic, so every layer and block shares the same kernels. The compiled forms compute in
+float32 and round once, so they are at least as precise as the eager chain.
+
+``DENSENET_FUSED=0`` (or :func:`set_enabled`) turns the compiled forms off.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .sync_bn import bn_backward, bn_factor, update_running
+
+__all__ = ["bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train", "bn_relu_train_backward", "colsum",
+           "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
+
+MIN_NUMEL = 1 << 18  # matrices smaller than this run eagerly: compiling would not pay
+# dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
+# (48.2 against 49.8 images/s on 2026-12-05, docs/speed.md), so float32/64 keep the eager chain
+COMPILED_DTYPES = (torch.bfloat16, torch.float16)
+_aten = torch.ops.aten
+_state: dict[str, Any] = {"enabled": None, "compiled": {}}
+
+
+def _compiler_found() -> bool:
+    """Whether Inductor's C++ compiler is on PATH (``$CXX``, else g++, c++ or clang++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(n) for n in names)
+
+
+def enabled() -> bool:
+    """Whether the compiled forms are used (``DENSENET_FUSED`` unset or 1, and a C++ compiler found)."""
+    if _state["enabled"] is None:
+        _state["enabled"] = os.environ.get("DENSENET_FUSED", "1") != "0" and _compiler_found()
+    return bool(_state["enabled"])
+
+
+def status() -> str:
+    """One line for the plan: whether the fused kernels are on, and if not why."""
+    if enabled():
+        return "fused CPU kernels (compiled at the first step)"
+    if os.environ.get("DENSENET_FUSED", "1") == "0":
+        return "unfused CPU kernels (DENSENET_FUSED=0)"
+    if _state["enabled"] is False and not _compiler_found():
+        return "unfused CPU kernels (no C++ compiler found; Debian: apt install g++)"
+    return "unfused CPU kernels"
+
+
+def set_enabled(on: bool | None) -> None:
+    """Turn the compiled forms on or off for this process (None: back to the environment's choice)."""
+    _state["enabled"] = on
+
+
+def _use_compiled(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in COMPILED_DTYPES and x.numel() >= MIN_NUMEL and enabled()
+            and not torch.compiler.is_compiling() and not torch.jit.is_scripting())
+
+
+def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *args: Any) -> Any:
+    """``fn(*args)`` compiled (once per process and dtype; dynamic shapes). If that fails, ``eager(*args)``
+    (or None): a kernel that never compiled is turned off for the process, with one warning."""
+    compiled = _state["compiled"]
+    if name not in compiled:
+        compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    try:
+        # no "duck sizing": sizes that happen to be equal on the first call (a layer's width and
+        # another's) must not become one symbol, or every layer would compile its own kernel; and
+        # room for the variants dtypes and sizes of 1 make; and every rounding to bfloat16 written
+        # here done, not skipped as a no-op (a map's centre is its mean rounded to the buffer's dtype);
+        # compiled in this process: a pool of compile workers would hold the CPU through the next steps
+        with (torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False),
+              torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512),
+              torch._inductor.config.patch(emulate_precision_casts=True, compile_threads=1)):
+            out = compiled[name](*args)
+        _state.setdefault("ok", set()).add(name)
+        return out
+    except Exception as e:  # noqa: BLE001  (a broken toolchain must not stop training: warn once, run eagerly)
+        if name not in _state.get("ok", set()):
+            warnings.warn(f"densenet: the fused CPU kernels could not be compiled ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); running the unfused kernels "
+                          "(slower). Install a C++ compiler (Debian: apt install g++) or set DENSENET_FUSED=0 "
+                          "to silence this.", RuntimeWarning, stacklevel=3)
+            _state["enabled"] = False
+        return None if eager is None else eager(*args)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def vec(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector in ``like``'s dtype: elementwise kernels with operands of two dtypes
+    take a slow path (about 10x for bfloat16 on the CPU), so statistics and BN weights meet a
+    bfloat16 matrix in bfloat16."""
+    return v.to(like.dtype)
+
+
+def colsum(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-channel sums of an (M, C) matrix (or any layout whose last dimension is the channel) as a
+    ``dtype`` vector. A bfloat16/float16 matrix is summed in its own dtype (accumulated in float32 by
+    the kernel, the result rounded once): a sum with ``dtype=float32`` would first convert the
+    whole matrix, several times slower on the CPU than the sum itself."""
+    return rows.sum(tuple(range(rows.dim() - 1))).to(dtype)
+
+
+def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None = None) -> Tensor:
+    """x_hat = (rows - offset) * invstd per channel, in rows' dtype (``offset`` is small in a
+    centred buffer, so folding it into one multiply-add loses nothing there)."""
+    if rows.dtype == offset.dtype:
+        return torch.sub(rows, offset, out=out).mul_(invstd)
+    return torch.addcmul(vec(-offset * invstd, rows), rows, vec(invstd, rows), out=out)
+
+
+def _bn_relu_eager(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None) -> Tensor:
+    return torch.addcmul(shift, rows, scale, out=out).relu_()
+
+
+def _bn_relu_fused(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    acc = _acc(rows.dtype)
+    return out.copy_(torch.relu(rows.to(acc) * scale.to(acc) + shift.to(acc)))
+
+
+def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """relu(rows * scale + shift) of an (M, C) matrix (possibly a strided channel prefix), per-channel
+    ``scale`` and ``shift`` in rows' dtype; into ``out`` (M, C) when given. One pass when fused."""
+    if _use_compiled(rows):
+        out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
+        return _call("bn_relu", _bn_relu_fused, _bn_relu_eager, rows, scale, shift, out)
+    return _bn_relu_eager(rows, scale, shift, out)
+
+
+def _bn_relu_backward_eager(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor, offset: Tensor,
+                            invstd: Tensor, gw: Tensor, weight: Tensor, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    g_a = _aten.threshold_backward.grad_input(g_t, t, 0, grad_input=g_t)
+    g_bias = colsum(g_a, stat_dtype)
+    gw.addcmul_(g_a, vec(weight, g_a))
+    if xhat is None:  # t is no longer needed: its memory takes x_hat
+        xhat = normalise(prefix, offset, invstd, out=t)
+    return g_bias, colsum(g_a.mul_(xhat), stat_dtype)
+
+
+def _bn_relu_backward_fused(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor, offset: Tensor,
+                            invstd: Tensor, gw: Tensor, weight: Tensor, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    acc = _acc(g_t.dtype)
+    g_a = torch.where(t > 0, g_t.to(acc), 0.0)
+    if xhat is None:
+        xh = (prefix.to(acc) - offset.to(acc)) * invstd.to(acc)
+    else:
+        xh = xhat.to(acc)
+    gw.copy_((gw.to(acc) + g_a * weight.to(g_t.dtype).to(acc)).to(gw.dtype))
+    return g_a.sum(0).to(stat_dtype), (g_a * xh).sum(0).to(stat_dtype)
+
+
+def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor, offset: Tensor, invstd: Tensor,
+                     gw: Tensor, weight: Tensor, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Backward of t = relu(BN(prefix)) for the BN's affine parameters, given the gradient g_t of t.
+
+    With g_a = g_t where t > 0 (M, C): adds g_a * ``weight`` (the BN's weight, per channel) to ``gw``
+    (M, C, the gradient of the normalised maps summed over every reader) and returns the gradients
+    of the BN's bias and weight, sum(g_a) and sum(g_a * x_hat) per channel, as ``stat_dtype``
+    vectors. ``xhat`` is the normalised prefix, or None to compute it from ``prefix``, ``offset``
+    (the batch mean of the stored values) and ``invstd``. May overwrite ``g_t`` and ``t``."""
+    if _use_compiled(g_t):
+        # detached: the compiler takes a Parameter's shape as fixed, which would compile once per layer
+        return _call("bn_relu_backward", _bn_relu_backward_fused, _bn_relu_backward_eager,
+                     g_t, t, xhat, prefix, offset, invstd, gw, weight.detach(), stat_dtype)
+    return _bn_relu_backward_eager(g_t, t, xhat, prefix, offset, invstd, gw, weight, stat_dtype)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, C, *spatial) -> (M, C) (a view when t is channels_last)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _like(rows: Tensor, t: Tensor) -> Tensor:
+    """(M, C) rows -> the (N, C, *spatial) channels_last view shaped like ``t``."""
+    return rows.view(t.shape[0], *t.shape[2:], t.shape[1]).movedim(-1, 1)
+
+
+def _bn_relu_train_eager(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    u, mean, invstd = _aten.native_batch_norm(z, weight, bias, norm.running_mean, norm.running_var, True,
+                                              bn_factor(norm), norm.eps)
+    return u.relu_(), mean, invstd
+
+
+def _bn_relu_train_fused(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = _acc(z.dtype)
+    zf = z.to(acc)
+    var, mean = torch.var_mean(zf, dim=0, correction=0)
+    invstd = torch.rsqrt(var + eps)
+    r = torch.relu((zf - mean) * (invstd * weight.to(acc)) + bias.to(acc)).to(z.dtype)
+    return r, mean.to(weight.dtype), invstd.to(weight.dtype), var.to(weight.dtype)
+
+
+def bn_relu_train(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """relu(BatchNorm(z)) of a channels_last (N, C, *spatial) tensor with batch statistics, updating
+    ``norm``'s running statistics as ``nn.BatchNorm`` does. Returns (output shaped like z, batch
+    mean (C,), 1/sqrt(var + eps) (C,))."""
+    if _use_compiled(z) and _channels_last(z):
+        rows = _rows(z)
+        out = _call("bn_relu_train", _bn_relu_train_fused, None, rows, weight.detach(), bias.detach(), float(norm.eps))
+        if out is not None:
+            r, mean, invstd, var = out
+            update_running(norm, mean, var, rows.shape[0])
+            return _like(r, z), mean, invstd
+    return _bn_relu_train_eager(z, weight, bias, norm)
+
+
+def _bn_relu_train_backward_eager(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    g_u = _aten.threshold_backward(g_r, r, 0)
+    return tuple(_aten.native_batch_norm_backward(g_u, z, weight, None, None, mean, invstd, True, eps,
+                                                  [True, True, True]))
+
+
+def _bn_relu_train_backward_fused(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _acc(z.dtype)
+    m = z.shape[0]
+    g_u = torch.where(r > 0, g_r.to(acc), 0.0)
+    zhat = (z.to(acc) - mean.to(acc)) * invstd.to(acc)
+    g_b = g_u.sum(0)
+    g_w = (g_u * zhat).sum(0)
+    g_z = (g_u - g_b / m - zhat * (g_w / m)) * (invstd.to(acc) * weight.to(acc))
+    return g_z.to(z.dtype), g_w.to(weight.dtype), g_b.to(weight.dtype)
+
+
+def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor,
+                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of r = relu(BatchNorm(z)) with batch statistics, (N, C, *spatial) tensors: returns
+    the gradients of z (shaped like z), of the BN weight and of its bias, given the gradient ``g_r`` of r."""
+    if _use_compiled(z) and all(_channels_last(t) for t in (g_r, r, z)):
+        out = _call("bn_relu_train_backward", _bn_relu_train_backward_fused, None,
+                    _rows(g_r), _rows(r), _rows(z), mean, invstd, weight.detach(), eps)
+        if out is not None:
+            return _like(out[0], z), out[1], out[2]
+    return _bn_relu_train_backward_eager(g_r, r, z, mean, invstd, weight, eps)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether (N, C, *spatial) t is stored channel-last, so that its (M, C) rows are a view."""
+    return t.movedim(1, -1).is_contiguous()
+
+
+def _bn_input_backward_eager(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, total: int) -> Tensor:
+    return bn_backward(gy, xhat, invstd, None, total, None, False)[0].add_(direct)
+
+
+def _bn_input_backward_fused(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, total: int) -> Tensor:
+    acc = _acc(gy.dtype)
+    g = gy.to(acc)
+    xh = xhat.to(acc)
+    mean_g = g.sum(0) / total
+    mean_gx = (g * xh).sum(0) / total
+    return ((g - mean_g - xh * mean_gx) * invstd.to(acc) + direct.to(acc)).to(gy.dtype)
+
+
+def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, total: int) -> Tensor:
+    """Gradient of a BatchNorm's input (batch statistics over ``total`` values per channel, this
+    process only), ``gy`` being the gradient of its normalised output x_hat, plus ``direct`` (the
+    gradient reaching the input by other paths); (M, C) matrices, returned contiguous in gy's dtype."""
+    if _use_compiled(gy):
+        return _call("bn_input_backward", _bn_input_backward_fused, _bn_input_backward_eager, gy, xhat, invstd,
+                     direct, total)
+    return _bn_input_backward_eager(gy, xhat, invstd, direct, total)
+
+
+def _store_maps_fused(rows: Tensor, out: Tensor, centred: bool, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    acc = _acc(rows.dtype)
+    x = rows.to(acc)
+    var, mean = torch.var_mean(x, dim=0, correction=0)
+    if centred:  # less the mean rounded to the buffer's dtype (its "centre")
+        out.copy_((x - mean.to(rows.dtype).to(acc)).to(out.dtype))
+    else:
+        out.copy_(rows)
+    return mean.to(stat_dtype), var.to(stat_dtype)
+
+
+def store_maps(rows: Tensor, out: Tensor, centred: bool, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """New maps (M, C) into the block buffer's slice ``out`` (less their batch mean rounded to the
+    buffer's dtype when ``centred``), returning their batch mean and biased variance (``stat_dtype``
+    vectors); in one fused pass, or None (nothing written) where the compiled form is not used."""
+    if not _use_compiled(out):
+        return None
+    return _call("store_maps", _store_maps_fused, None, rows.detach(), out, centred, stat_dtype)
