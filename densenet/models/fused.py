@@ -19,6 +19,7 @@ float32 and round once, so they are at least as precise as the eager chain.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -79,6 +80,9 @@ def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *
     (or None): a kernel that never compiled is turned off for the process, with one warning."""
     compiled = _state["compiled"]
     if name not in compiled:
+        # Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every
+        # CPU-only machine: nothing a CPU user can act on
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     try:
         # no "duck sizing": sizes that happen to be equal on the first call (a layer's width and
