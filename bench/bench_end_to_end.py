@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
 from densenet.data import build_data  # noqa: E402
+from densenet.training.precision import resolve_amp  # noqa: E402
 
 ZIP = Path(os.environ.get("DENSENET_CIFAR10_ZIP", Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"))
 
@@ -38,7 +39,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", default="auto", help="auto (what densenet train does: bf16 on a CPU with AMX/AVX512_BF16) or off")
+    p.add_argument("--channels-last", action="store_true", help="as densenet train --channels-last (off by default there too)")
     args = p.parse_args()
+    bf16 = resolve_amp(args.amp, torch.device("cpu")) == "bf16"
     torch.set_num_threads(args.threads)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}, {platform.node()}, torch {torch.__version__}, "
           f"{args.threads} threads; command: python {' '.join(sys.argv)}")
@@ -47,11 +51,14 @@ def main() -> None:
     data = build_data("cifar10+", ZIP, batch_size=args.batch_size)
     print(f"data ready in {time.perf_counter() - t0:.1f} s ({data.train.num_images} training images, {data.source})")
     model = create_model(args.model, num_classes=10)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)  # as densenet train
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images.contiguous(memory_format=fmt)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,7 +84,10 @@ def main() -> None:
         rates["real"].append(block(real_batches))
     med = {k: statistics.median(v) for k, v in rates.items()}
     loss = 1 - med["real"] / med["synthetic"]
-    print(f"{args.model}, batch {args.batch_size}, {args.repeats} alternating blocks of {args.steps} steps (median):")
+    precision = "bf16 autocast" if bf16 else "float32"
+    layout = "channels_last, " if args.channels_last else ""
+    print(f"{args.model}, {precision}, {layout}batch {args.batch_size}, "
+          f"{args.repeats} alternating blocks of {args.steps} steps (median):")
     print(f"  synthetic in-memory batches: {med['synthetic']:.1f} img/s   "
           f"(all: {', '.join(f'{r:.1f}' for r in rates['synthetic'])})")
     print(f"  real CIFAR-10 loader:        {med['real']:.1f} img/s   (all: {', '.join(f'{r:.1f}' for r in rates['real'])})")

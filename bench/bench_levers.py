@@ -32,6 +32,7 @@ ALLOCATORS = {"jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
               "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
 LEVERS = {  # name: (environment additions, child options)
     "baseline": ({}, []),
+    "fused kernels off (DENSENET_FUSED=0)": ({"DENSENET_FUSED": "0"}, []),
     "THP_MEM_ALLOC_ENABLE=1": ({"THP_MEM_ALLOC_ENABLE": "1"}, []),
     "jemalloc": ({"LD_PRELOAD": ALLOCATORS["jemalloc"]}, []),
     "tcmalloc": ({"LD_PRELOAD": ALLOCATORS["tcmalloc"]}, []),

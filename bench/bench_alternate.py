@@ -1,0 +1,52 @@
+"""Any few of bench_speed's training configurations, alternating in one process (medians), for an A/B
+of one lever without the rest of the full bench: for example the fused CPU kernels on and off.
+
+    python bench/bench_alternate.py ours_bf,ours_unfused_bf                 # the fused kernels alone
+    python bench/bench_alternate.py tv,tv_bf,ours_bf,ours_unfused_bf --repeats 5
+    python bench/bench_alternate.py ours_bf,ours_me_bf                      # memory-efficient against the default
+
+Configurations: bench_speed's names (tv, tv_bf, ours, ours_bf, ours_unfused_bf, ours_me_bf, ...);
+BC-100 k=12, batch 64, 32x32 unless --model says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_speed as b  # noqa: E402  (this folder: the same models, steps and timing)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("impls", help="comma-separated configurations")
+    p.add_argument("--model", default="densenet_bc100_k12")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    impls = args.impls.split(",")
+    x, y = b.data(args.model, 32, args.batch)
+    models = {i: b.build(i, args.model) for i in impls}
+    state = models[impls[0]].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+    fns = {i: b.train_step_fn(m, x, y, i.endswith(b.BF16_SUFFIX)) for i, m in models.items()}
+    for i in fns:
+        if i.startswith("ours_unfused"):
+            fns[i] = b.unfused(fns[i])
+    sec = b.timed_alternating(fns, args.repeats, warmup=args.warmup)
+    print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}, torch {torch.__version__}, {args.threads} threads, "
+          f"{args.model} batch {args.batch}, median of {args.repeats} alternating steps; ours: {b.fused.status()}")
+    for i, s in sec.items():
+        print(f"  {i:16s} {args.batch / s:7.2f} img/s   {sec[impls[0]] / s:5.2f}x {impls[0]}")
+
+
+if __name__ == "__main__":
+    main()
