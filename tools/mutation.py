@@ -43,6 +43,7 @@ _CHECKPOINT_TESTS = ["tests/test_checkpoint.py", "tests/test_reliability.py", "-
 MODULES: dict[str, list[str]] = {
     "densenet/models/efficient.py": ["tests/test_efficient.py", "tests/test_sync_bn.py"],
     "densenet/models/sync_bn.py": ["tests/test_sync_bn.py"],
+    "densenet/models/fused.py": ["tests/test_fused.py", "tests/test_efficient.py"],
     "densenet/io/checkpoint.py": [*_CHECKPOINT_TESTS],
     "densenet/io/atomic.py": [*_CHECKPOINT_TESTS],
     "densenet/models/weights.py": ["tests/test_weights.py", "tests/test_hostile.py", "-k",
