@@ -504,3 +504,18 @@ def test_load_torchvision_weights_is_strict_unless_told(tmp_path):
         load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth")
     model = load_torchvision_weights(tiny(num_classes=7), tmp_path / "w.pth", strict=False)
     assert torch.equal(model.features.conv0.weight, source.features.conv0.weight)
+
+
+def test_rgb_weights_load_into_a_greyscale_model_with_the_first_convolution_summed(tmp_path):
+    torch.manual_seed(0)
+    rgb = torchvision.models.densenet121(weights=None).eval()
+    torch.save(rgb.state_dict(), tmp_path / "densenet121.pth")
+    grey = create_model("densenet121", in_channels=1).eval()
+    report = load_weight_file(grey, tmp_path / "densenet121.pth")
+    assert any("summed over its 3 input channels" in r for r in report.renamed)
+    x = torch.rand(2, 1, 64, 64, dtype=torch.float64)
+    with torch.no_grad():  # a grey image gives what the RGB model gives for it in all three channels (float32
+        # weights summed in float32: equal to rounding)
+        assert torch.allclose(grey.double()(x), rgb.double()(x.expand(-1, 3, -1, -1)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(WeightsError, match="conv0"):  # two channels: no rule, still a mismatch naming the layer
+        load_weight_file(create_model("densenet121", in_channels=2), tmp_path / "densenet121.pth")

@@ -242,6 +242,18 @@ def _adapt(state: object, model: nn.Module) -> tuple[dict[str, Tensor], dict[str
     return out, origin, report
 
 
+def _to_one_channel(state: dict[str, Tensor], own: Mapping[str, Tensor], report: LoadReport) -> None:
+    """RGB weights into a one-channel (greyscale) model: a convolution that reads the 3 image channels in
+    the file and 1 in the model gets the file's weights summed over the three, so that a grey image
+    x gives what the RGB model gives for (x, x, x) (timm's ``adapt_input_conv`` does the same)."""
+    for k, mine in own.items():
+        theirs = state.get(k)
+        if (theirs is not None and mine.dim() >= 3 and theirs.dim() == mine.dim() and theirs.shape[1] == 3
+                and mine.shape[1] == 1 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]):
+            state[k] = theirs.sum(1, keepdim=True)
+            report.renamed.append(f"{k}: summed over its 3 input channels for the model's 1 (greyscale)")
+
+
 def _shapes(tensors) -> str:
     return " / ".join(str(tuple(t.shape)) for t in tensors)
 
@@ -258,6 +270,7 @@ def load_state_dict(model: nn.Module, state: Mapping, *, strict: bool = True) ->
     """
     state, origin, report = _adapt(state, model)
     own = model.state_dict()
+    _to_one_channel(state, own, report)
     named = lambda k: f"{k} ({origin[k]} in the file)" if k in origin else k  # noqa: E731
     is_head = lambda k: k.startswith(_HEAD)  # noqa: E731
     # Checkpoints from PyTorch < 0.4.1 (torchvision's published DenseNet weights among them) have
