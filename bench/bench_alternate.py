@@ -33,14 +33,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     impls = args.impls.split(",")
     x, y = b.data(args.model, 32, args.batch)
-    models = {i: b.build(i, args.model) for i in impls}
-    state = models[impls[0]].state_dict()
-    for m in models.values():
-        m.load_state_dict(state)
-    fns = {i: b.train_step_fn(m, x, y, i.endswith(b.BF16_SUFFIX)) for i, m in models.items()}
-    for i in fns:
-        if i.startswith("ours_unfused"):
-            fns[i] = b.unfused(fns[i])
+    fns = b.train_steps(impls, args.model, x, y)
     sec = b.timed_alternating(fns, args.repeats, warmup=args.warmup)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}, torch {torch.__version__}, {args.threads} threads, "
           f"{args.model} batch {args.batch}, median of {args.repeats} alternating steps; ours: {b.fused.status()}")

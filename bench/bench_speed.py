@@ -107,6 +107,16 @@ def unfused(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def train_steps(impls: list[str], name: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """One training step per configuration, every model starting from the first one's weights."""
+    models = {impl: build(impl, name) for impl in impls}
+    state = models[impls[0]].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+    fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
+    return {impl: unfused(fn) if impl.startswith("ours_unfused") else fn for impl, fn in fns.items()}
+
+
 def data(name: str, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     classes = 10 if "bc" in name else 1000
@@ -239,13 +249,7 @@ def main() -> None:
     for case, batch, impls, repeats in train_cases:
         name, size, _ = CASES[case]
         x, y = data(name, size, batch)
-        models = {impl: build(impl, name) for impl in impls}
-        sd = models[impls[0]].state_dict()
-        for m in models.values():
-            m.load_state_dict(sd)
-        fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
-        for impl in [i for i in fns if i.startswith("ours_unfused")]:
-            fns[impl] = unfused(fns[impl])
+        fns = train_steps(impls, name, x, y)
         if args.compile and case == "bc100":
             compiled = torch.compile(build("ours", name))
             t = time.perf_counter()
@@ -255,7 +259,7 @@ def main() -> None:
         sec = timed_alternating(fns, repeats, warmup=2)  # the second step too: compiled kernels settle in
         report(f"train {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
                3 * forward_gflop(name, size), "tv" if "tv" in impls else impls[0])
-        del models, fns
+        del fns
 
     # ---------------------------------------------------------------- inference throughput
     for case in ("bc100", "bc250", "d121") if not args.memory_only else ():

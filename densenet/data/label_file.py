@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import math
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +77,11 @@ def _pick(header: list[str], given: str | None, candidates: Sequence[str], what:
     return next((c for c in candidates if c in header), None)
 
 
+def _unknown_value(i: int, col: str, value: str) -> DataError:
+    return DataError(f"row {i + 2}, column {col!r}: unknown label value {value!r}; a label cell holds 1 "
+                     "(positive), 0 (negative), -1 (uncertain) or nothing (not mentioned)")
+
+
 def _label_columns(header: list[str], rows: list[dict[str, str]], exclude: set[str]) -> list[str]:
     """Columns whose filled cells are all 1, 0 or -1 (at least one filled). A column that is at least half
     such values but holds others, or a named column blank in every row, is an error naming it."""
@@ -94,8 +99,7 @@ def _label_columns(header: list[str], rows: list[dict[str, str]], exclude: set[s
             found.append(col)
         elif len(good) >= 0.5 * len(filled):
             i, bad = next((i, v) for i, v in enumerate(values) if v and v not in _LABEL_VALUES)
-            raise DataError(f"row {i + 2}, column {col!r}: unknown label value {bad!r}; a label cell holds 1 "
-                            "(positive), 0 (negative), -1 (uncertain) or nothing (not mentioned)")
+            raise _unknown_value(i, col, bad)
     return found
 
 
@@ -159,8 +163,7 @@ def read_label_file(
                                 "or fill it")
             for i, v in enumerate(values):
                 if v not in _LABEL_VALUES:
-                    raise DataError(f"row {i + 2}, column {col!r}: unknown label value {v!r}; a label cell holds 1 "
-                                    "(positive), 0 (negative), -1 (uncertain) or nothing (not mentioned)")
+                    raise _unknown_value(i, col, v)
                 x = _LABEL_VALUES[v]
                 targets[i, j] = 0.0 if x is None else uncertain_value if x == -1.0 else x
 
@@ -272,8 +275,7 @@ def split_by_group(table: LabelTable, fractions: Sequence[float] = (0.8, 0.1, 0.
     out = {n: [] for n in names}
     for g, s in assignment.items():
         out[names[s]] += members[g]
-    counts = Counter({n: len(v) for n, v in out.items()})
-    empty = [n for n, f in zip(names, fractions) if f > 0 and counts[n] == 0]
+    empty = [n for n, f in zip(names, fractions) if f > 0 and not out[n]]
     if empty:
         raise DataError(f"{len(members)} group(s) are too few to fill every split ({', '.join(empty)} empty); "
                         "give more images, fewer splits or a split column")

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import as_nchw as _nchw
+from .fused import as_rows as _rows
 from .fused import bn_input_backward, bn_relu, bn_relu_backward, bn_relu_train, bn_relu_train_backward, store_maps
 from .fused import colsum as _colsum
 from .fused import normalise as _normalise
@@ -142,16 +144,6 @@ def can_use_fast_block(block: nn.ModuleDict, x: Tensor) -> bool:
             if isinstance(m, _BN) and not (m.affine and m.track_running_stats and m.running_mean is not None):
                 return False
     return True
-
-
-def _nchw(t2d: Tensor, n: int, spatial: Sequence[int]) -> Tensor:
-    """(N*H*W, C) row-major matrix -> (N, C, H, W) channels_last view (any number of spatial sides)."""
-    return t2d.view(n, *spatial, -1).movedim(-1, 1)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(N, C, H, W) tensor -> (N*H*W, C) matrix (a view when t is channels_last; any spatial sides)."""
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
 def _conv_backward(spec: "_Block", g_o: Tensor, inp: Tensor, weight: Tensor, mask: list[bool]) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
@@ -30,15 +31,15 @@ from torch import Tensor, nn
 
 from .sync_bn import bn_backward, bn_factor, update_running
 
-__all__ = ["bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train", "bn_relu_train_backward", "colsum",
-           "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
+__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train",
+           "bn_relu_train_backward", "colsum", "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
 
 MIN_NUMEL = 1 << 18  # matrices smaller than this run eagerly: compiling would not pay
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
 # (48.2 against 49.8 images/s on 2026-12-05, docs/speed.md), so float32/64 keep the eager chain
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
 _aten = torch.ops.aten
-_state: dict[str, Any] = {"enabled": None, "compiled": {}}
+_state: dict[str, Any] = {"enabled": None, "compiled": {}, "ok": set()}  # ok: kernels that compiled
 
 
 def _compiler_found() -> bool:
@@ -60,7 +61,7 @@ def status() -> str:
         return "fused CPU kernels (compiled at the first step)"
     if os.environ.get("DENSENET_FUSED", "1") == "0":
         return "unfused CPU kernels (DENSENET_FUSED=0)"
-    if _state["enabled"] is False and not _compiler_found():
+    if not _compiler_found():
         return "unfused CPU kernels (no C++ compiler found; Debian: apt install g++)"
     return "unfused CPU kernels"
 
@@ -94,16 +95,26 @@ def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *
               torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512),
               torch._inductor.config.patch(emulate_precision_casts=True, compile_threads=1)):
             out = compiled[name](*args)
-        _state.setdefault("ok", set()).add(name)
+        _state["ok"].add(name)
         return out
     except Exception as e:  # noqa: BLE001  (a broken toolchain must not stop training: warn once, run eagerly)
-        if name not in _state.get("ok", set()):
+        if name not in _state["ok"]:
             warnings.warn(f"densenet: the fused CPU kernels could not be compiled ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); running the unfused kernels "
                           "(slower). Install a C++ compiler (Debian: apt install g++) or set DENSENET_FUSED=0 "
                           "to silence this.", RuntimeWarning, stacklevel=3)
             _state["enabled"] = False
         return None if eager is None else eager(*args)
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """(N, C, *spatial) tensor -> (N * positions, C) matrix (a view when t is channels_last)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def as_nchw(t2d: Tensor, n: int, spatial: Sequence[int]) -> Tensor:
+    """(N * positions, C) row-major matrix -> (N, C, *spatial) channels_last view."""
+    return t2d.view(n, *spatial, -1).movedim(-1, 1)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -190,16 +201,6 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
     return _bn_relu_backward_eager(g_t, t, xhat, prefix, offset, invstd, gw, weight, stat_dtype)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """(N, C, *spatial) -> (M, C) (a view when t is channels_last)."""
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
-def _like(rows: Tensor, t: Tensor) -> Tensor:
-    """(M, C) rows -> the (N, C, *spatial) channels_last view shaped like ``t``."""
-    return rows.view(t.shape[0], *t.shape[2:], t.shape[1]).movedim(-1, 1)
-
-
 def _bn_relu_train_eager(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     u, mean, invstd = _aten.native_batch_norm(z, weight, bias, norm.running_mean, norm.running_var, True,
                                               bn_factor(norm), norm.eps)
@@ -220,12 +221,12 @@ def bn_relu_train(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> t
     ``norm``'s running statistics as ``nn.BatchNorm`` does. Returns (output shaped like z, batch
     mean (C,), 1/sqrt(var + eps) (C,))."""
     if _use_compiled(z) and _channels_last(z):
-        rows = _rows(z)
+        rows = as_rows(z)
         out = _call("bn_relu_train", _bn_relu_train_fused, None, rows, weight.detach(), bias.detach(), float(norm.eps))
         if out is not None:
             r, mean, invstd, var = out
             update_running(norm, mean, var, rows.shape[0])
-            return _like(r, z), mean, invstd
+            return as_nchw(r, z.shape[0], z.shape[2:]), mean, invstd
     return _bn_relu_train_eager(z, weight, bias, norm)
 
 
@@ -254,9 +255,9 @@ def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invs
     the gradients of z (shaped like z), of the BN weight and of its bias, given the gradient ``g_r`` of r."""
     if _use_compiled(z) and all(_channels_last(t) for t in (g_r, r, z)):
         out = _call("bn_relu_train_backward", _bn_relu_train_backward_fused, None,
-                    _rows(g_r), _rows(r), _rows(z), mean, invstd, weight.detach(), eps)
+                    as_rows(g_r), as_rows(r), as_rows(z), mean, invstd, weight.detach(), eps)
         if out is not None:
-            return _like(out[0], z), out[1], out[2]
+            return as_nchw(out[0], z.shape[0], z.shape[2:]), out[1], out[2]
     return _bn_relu_train_backward_eager(g_r, r, z, mean, invstd, weight, eps)
 
 

@@ -519,10 +519,12 @@ def save_snapshot(run: Run, state: State) -> None:
 # ---------------------------------------------------------------------------- the plan and its clock
 def precision_note(run: Run) -> str:
     """What the plan line says of the precision: the autocast dtype, and why when it was chosen for the user."""
-    note = "float32" if run.amp_dtype is None else f"amp {run.config.amp}"
-    if run.amp_dtype is not None and run.device.type == "cpu" and run.given_amp == "auto":
+    if run.amp_dtype is None:
+        return "float32"
+    note = f"amp {run.config.amp}"
+    if run.device.type == "cpu" and run.given_amp == "auto":
         note += f" (by default on this CPU: it has {cpu_bf16_instructions()}; --amp off for float32)"
-    if run.amp_dtype is not None and run.device.type == "cpu":  # the fused kernels serve bfloat16/float16
+    if run.device.type == "cpu":  # the fused kernels serve bfloat16/float16
         note += f", {fused.status()}"
     return note
 
