@@ -36,7 +36,7 @@ __all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backwa
 
 MIN_NUMEL = 1 << 18  # matrices smaller than this run eagerly: compiling would not pay
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
-# (48.2 against 49.8 images/s on 2026-12-05, docs/speed.md), so float32/64 keep the eager chain
+# (48.2 against 49.8 images/s on 2026-12-05, docs/speed.md says how to repeat it), so float32/64 keep the eager chain
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
 _aten = torch.ops.aten
 _state: dict[str, Any] = {"enabled": None, "compiled": {}, "ok": set()}  # ok: kernels that compiled
