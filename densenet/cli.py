@@ -38,7 +38,9 @@ from .analysis import (
     write_reuse_csv,
 )
 from .analysis.explain import METHODS, ExplainError
-from .data import DataError, build_data
+from .analysis.multilabel_metrics import format_label_table, multilabel_metrics
+from .analysis.plots import plot_roc
+from .data import DataError, ImageOptions, build_data
 from .errors import DenseNetError, MissingDependency, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
@@ -60,6 +62,7 @@ from .serving.export import SUFFIXES
 from .serving.tta import TTA_MODES, check_tta
 from .training import TrainingStopped, evaluate, evaluate_tta, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
+from .training.evaluate import score_multilabel
 from .training.loop import resolve_device
 
 
@@ -208,8 +211,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     dataset = args.dataset or info["dataset"]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{dataset}" if args.checkpoint else None
+    labels = {}
+    if dataset == "csv":  # the label file's test split, read as in training
+        labels = dict(image_root=args.image_root, uncertain=info.get("uncertain", "zeros"),
+                      group_column=info.get("group_column"),
+                      image_options=ImageOptions(info.get("in_channels", 3), info.get("fit", "crop"),
+                                                 info.get("dicom_window", False)))
     data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
-                      workers=args.workers, image_size=info["image_size"], seed=info.get("seed", 0))
+                      workers=args.workers, image_size=info["image_size"], seed=info.get("seed", 0), **labels)
+    if data.multilabel:
+        return eval_labels(args, model, info, data, device, out)
     if data.num_classes != model.num_classes:
         raise DataError(f"{dataset} has {data.num_classes} classes but the model has {model.num_classes}")
     if dataset == "folder" and info.get("class_names") and list(info["class_names"]) != data.class_names:
@@ -241,6 +252,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             write_eval_files(out, result.confusion.numpy(), data.class_names, summary,
                              title=f"{info.get('model') or 'model'} on {dataset}: test split, {result.images:,} images")
+    return 0
+
+
+def eval_labels(args: argparse.Namespace, model, info: dict, data, device: torch.device, out: Path | None) -> int:
+    """``densenet eval`` of a multi-label model on a label file's test split: the per-label table, and
+    eval.json and roc.png in ``out``."""
+    if list(info.get("class_names", [])) != data.class_names:
+        raise DataError(f"the labels of {args.data} ({', '.join(data.class_names[:10])}) are not the labels the model was "
+                        f"trained on ({', '.join(info.get('class_names', [])[:10])})")
+    if args.tta:
+        raise ConfigError("--tta is for single-label models; a multi-label evaluation scores each image once")
+    scores = score_multilabel(model, data.test.batches(0), device)
+    thresholds = info.get("thresholds")
+    metrics = multilabel_metrics(scores.targets, scores.scores, data.class_names, thresholds)
+    print(f"{args.data} test split, {scores.images} images, {len(data.class_names)} labels "
+          f"(thresholds {'chosen on the validation split' if thresholds else '0.5'}):\n{format_label_table(metrics)}")
+    if out is None:
+        print("(give --out DIR to write eval.json and roc.png)")
+        return 0
+    if not out.parent.is_dir():
+        raise MissingFile(f"cannot write into {out}: the folder {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
+    plot_roc(out / "roc.png", scores.targets, scores.scores, data.class_names,
+             title=f"{info.get('model') or 'model'}: test split of {Path(args.data).name}, {scores.images:,} images")
+    summary = {"dataset": "csv", "data": args.data, "images": scores.images, "label_error": scores.label_error(thresholds),
+               "mean_auroc": metrics["mean_auroc"], "mean_average_precision": metrics["mean_average_precision"],
+               "labels_without_auroc": metrics["undefined"], "per_label": metrics["labels"]}
+    atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out / 'roc.png'} and {out / 'eval.json'}")
     return 0
 
 
@@ -296,6 +336,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = list(info["class_names"])
     index = {name: i for i, name in enumerate(names)}
     files = list(expand_image_paths(images))
+    if info.get("multilabel"):
+        return predict_labels(args, model, info, files, skip if args.skip_bad else None, skipped)
     truth = dict(zip(files, folder_truth(files, names))) if args.truth_from_folders else {}
     rows, pairs, tta_right = [], [], 0
     on_error = skip if args.skip_bad else None
@@ -330,6 +372,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ranks = range(min(args.top, len(names)))
         writer.writerow(["image"] + (["true_class"] if truth else []) + [f"{c}{i + 1}" for i in ranks for c in ("class", "prob")]
                         + ([f"{args.tta}_{c}{i + 1}" for i in ranks for c in ("class", "prob")] if args.tta else []))
+        writer.writerows(rows)
+        atomic_write_text(args.csv, buffer.getvalue())
+    return 0
+
+
+def predict_labels(args: argparse.Namespace, model, info: dict, files: list[Path], on_error, skipped: list) -> int:
+    """``densenet predict`` of a multi-label model: every label's probability, and the labels at or above
+    the thresholds saved with the model (0.5 without them), printed and written to ``--csv``."""
+    if args.truth_from_folders:
+        raise ConfigError("--truth-from-folders is for single-label models; for a multi-label model give the label file "
+                          "to densenet eval")
+    names = list(info["class_names"])
+    thresholds = info.get("thresholds") or [0.5] * len(names)
+    if args.tta:
+        predictions = predict_images_tta(model, files, info, tta=args.tta, on_error=on_error)
+    else:
+        predictions = ((path, probs, None) for path, probs in predict_images(model, files, info, on_error=on_error))
+    rows = []
+    for path, probs, averaged in predictions:
+        use = averaged or probs
+        positive = [n for (n, p), t in zip(use, thresholds) if p >= t]
+        print(f"{path}: {'|'.join(positive) or '(none)'}; " + ", ".join(f"{n} {p:.1%}" for n, p in use))
+        rows.append([str(path), *(f"{p:.9g}" for _, p in use), "|".join(positive)])
+    if not rows:
+        raise DataError(f"no image could be scored in {', '.join(map(str, args.images))}"
+                        + (f" ({len(skipped)} skipped)" if skipped else " (no image files found)"))
+    if args.csv:
+        _check_out_folder(args.csv)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["image", *names, "positive_labels"])
         writer.writerows(rows)
         atomic_write_text(args.csv, buffer.getvalue())
     return 0
@@ -498,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
     add_weights_flags(p)
     p.add_argument("--dataset", help="default: the dataset the checkpoint was trained on")
-    p.add_argument("--data", help="dataset directory or archive (default: the bundled sample)")
+    p.add_argument("--data", help="dataset directory or archive, or a label file for --dataset csv (default: the bundled "
+                                  "sample)")
+    p.add_argument("--image-root", help="dataset csv: the folder the label file's image paths are relative to (default: "
+                                        "the label file's folder)")
     p.add_argument("--out", metavar="DIR", help="folder for confusion.csv, confusion.png and eval.json (default: "
                                                 "eval-DATASET beside the checkpoint; with --weights, only when given)")
     p.add_argument("--batch-size", type=_positive, default=256)

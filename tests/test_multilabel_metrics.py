@@ -43,7 +43,7 @@ def test_a_label_without_positives_is_named_and_left_out_of_the_means():
     table = format_label_table(m)
     assert "left out of the means: Hernia" in table and table.count("\n") == 5
     cols = label_metric_columns(m, "val_")
-    assert cols["val_mean_auroc"] == m["mean_auroc"] and np.isnan(cols["val_auroc/Hernia"])
+    assert cols["val_mean_auroc"] == m["mean_auroc"] and np.isnan(cols["val_auroc[Hernia]"])
 
 
 def _rates(y: np.ndarray, s: np.ndarray, t: float) -> tuple[float, float, float]:

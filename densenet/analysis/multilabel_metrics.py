@@ -93,9 +93,10 @@ def multilabel_metrics(targets: np.ndarray, scores: np.ndarray, names: Sequence[
 
 
 def label_metric_columns(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Flat ``metrics.csv`` columns: ``{prefix}mean_auroc``, ``{prefix}mean_ap`` and ``{prefix}auroc/<label>``."""
+    """Flat ``metrics.csv`` columns: ``{prefix}mean_auroc``, ``{prefix}mean_ap`` and ``{prefix}auroc[LABEL]``
+    (the form of the per-class columns)."""
     cols = {f"{prefix}mean_auroc": metrics["mean_auroc"], f"{prefix}mean_ap": metrics["mean_average_precision"]}
-    cols.update({f"{prefix}auroc/{name}": row["auroc"] for name, row in metrics["labels"].items()})
+    cols.update({f"{prefix}auroc[{name}]": row["auroc"] for name, row in metrics["labels"].items()})
     return cols
 
 

@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ..io.atomic import atomic_write_bytes
+from .metrics import sklearn_metrics
 
-__all__ = ["lr_drops", "plot_confusion", "plot_curves", "plot_efficiency"]
+__all__ = ["lr_drops", "plot_confusion", "plot_curves", "plot_efficiency", "plot_roc"]
 
 
 def lr_drops(rows: Sequence[dict]) -> list[int]:
@@ -127,6 +128,32 @@ def plot_confusion(path: str | os.PathLike, confusion: np.ndarray, class_names: 
                             color="white" if share[t, p] > 0.6 else "black")
     ax.set(xlabel="predicted class", ylabel="true class",
            title=title or f"Confusion matrix ({int(counts.sum()):,} images), normalised by row")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_roc(path: str | os.PathLike, targets: np.ndarray, scores: np.ndarray, names: Sequence[str], title: str = "") -> None:
+    """Write a PNG of each label's ROC curve (true against false positive rate) with its AUROC in the
+    legend. ``targets`` (N, L): 1, 0 or NaN (left out); ``scores`` (N, L) probabilities. A label whose
+    counted images are all of one class has no curve and is named as such."""
+    skm = sklearn_metrics()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    colours = plt.get_cmap("tab20")
+    for j, name in enumerate(names):
+        keep = ~np.isnan(targets[:, j])
+        y, s = targets[keep, j].astype(int), scores[keep, j]
+        if y.size == 0 or y.min() == y.max():
+            ax.plot([], [], " ", label=f"{name}: no AUROC (one class only)")
+            continue
+        fpr, tpr, _ = skm.roc_curve(y, s)
+        ax.plot(fpr, tpr, color=colours(j % 20), linewidth=1.3, label=f"{name} ({skm.roc_auc_score(y, s):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", xlim=(0, 1),
+           ylim=(0, 1.01), title=title or "ROC curves")
+    ax.legend(fontsize=7 if len(names) > 10 else 8, loc="lower right", title="label (AUROC)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -16,6 +16,8 @@ from .download import RESOURCES, missing_message
 from .download import download as download_files
 from .errors import DataError, DataNotFound
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, scan_tree, typical_size
+from .image_reading import ImageOptions
+from .label_file import read_label_file, split_by_group
 from .loader import ArrayLoader, FolderLoader
 from .svhn import find_svhn, read_svhn
 from .transforms import derive_seed
@@ -25,10 +27,11 @@ __all__ = ["DATASETS", "Data", "build_data", "SAMPLE_PATH", "IMAGENET_MEAN", "IM
 
 log = logging.getLogger("densenet.data")
 
-DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder", *VOLUME_DATASETS)
+DATASETS = ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder", "csv", *VOLUME_DATASETS)
 SAMPLE_PATH = Path(__file__).resolve().parent.parent / "assets" / "cifar10-sample.zip"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # one channel: the means of ImageNet's three
 _VAL, _TRAIN_SUBSET, _TEST_SUBSET, _FOLDER_SPLIT = 3, 4, 5, 6  # seed streams
 
 
@@ -52,6 +55,7 @@ class Data:
     ignored: list[str] = field(default_factory=list)  # image folders: files left out, their suffix not an image's
     spatial_dims: int = 2  # 3 for volumes, 1 for signals
     in_channels: int = 3
+    multilabel: bool = False  # csv label files: targets (N, L) float32 with NaN for ignored labels, not class indices
 
     def __repr__(self) -> str:
         """One line (a thousand class names would fill the terminal); every field is an attribute."""
@@ -64,7 +68,9 @@ class Data:
     def model_args(self) -> dict[str, int]:
         """What a model for this data needs besides the class count: nothing for images (the models'
         defaults), ``spatial_dims`` and ``in_channels`` for volumes and signals."""
-        return {} if self.spatial_dims == 2 else {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
+        if self.spatial_dims == 2:
+            return {} if self.in_channels == 3 else {"in_channels": self.in_channels}
+        return {"spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
 
     def to(self, device: str | torch.device) -> Data:
         """Hold the array datasets (CIFAR, SVHN) on ``device`` as uint8, batches built there (see
@@ -218,7 +224,9 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
                image_size: int | tuple[int, ...] | None = None, val_fraction: float | None = None,
                train_subset: int | None = None,
                test_subset: int | None = None, coarse_labels: bool = False, download: bool = False,
-               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2, balanced: bool = False) -> Data:
+               max_image_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch: int = 2, balanced: bool = False,
+               image_root: str | os.PathLike | None = None, uncertain: str = "zeros", group_column: str | None = None,
+               image_options: ImageOptions | None = None) -> Data:
     """Loaders for dataset ``name`` (one of :data:`DATASETS`) read from ``root``.
 
     ``root``: a directory or archive. cifar10/cifar100: the official binary or python release
@@ -249,6 +257,12 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
     superclasses; ``download``: fetch missing official files (MD5-checked); ``prefetch``: batches of
     32x32 datasets prepared ahead in a thread; ``balanced``: the training loader draws class-balanced
     batches (see :mod:`densenet.data.loader`). Every bad input raises :class:`DataError`.
+
+    csv: ``root`` is a label file (:mod:`densenet.data.label_file`: CheXpert's or ChestX-ray14's
+    layout) naming images relative to its folder or to ``image_root``; ``uncertain`` is the policy
+    for -1 labels, ``group_column`` the patient column; the file's split column, else a seeded split
+    by group (80/10/10). Images are read at full depth (:mod:`densenet.data.image_reading`;
+    ``image_options``: channels, fit, DICOM window); the loaders yield targets (N, L) float32.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -268,6 +282,14 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
         return Data(name, p.num_classes, p.class_names, zeros, ones, size, p.train, p.val, p.test, p.source,
                     spatial_dims=p.spatial_dims, in_channels=p.channels,
                     class_counts=_class_counts(p.train, p.num_classes))
+    if name == "csv":
+        if balanced:
+            raise DataError("class-balanced sampling needs one class per image; a label file has several labels per "
+                            "image: leave out --balanced-sampler (--pos-weight auto weighs rare labels instead)")
+        return _label_file_data(root, image_root, uncertain, group_column, image_options or ImageOptions(),
+                                batch_size=batch_size, eval_batch_size=eval_bs, seed=seed, workers=workers,
+                                skip_bad_images=skip_bad_images, image_size=image_size or 224, train_subset=train_subset,
+                                test_subset=test_subset, max_pixels=max_image_pixels)
     if base in ("imagenet", "folder"):
         size = image_size or 224
         if size < 8:
@@ -323,3 +345,38 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
 
 def _class_counts(loader: ArrayLoader | FolderLoader | VolumeLoader, num_classes: int) -> list[int]:
     return np.bincount(loader.labels(), minlength=num_classes).tolist()
+
+
+def _label_file_data(root, image_root, uncertain: str, group_column: str | None, options: ImageOptions, *,
+                     batch_size: int, eval_batch_size: int, seed: int, workers: int, skip_bad_images: bool,
+                     image_size: int, train_subset: int | None, test_subset: int | None, max_pixels: int | None) -> Data:
+    """The ``csv`` dataset: a label file's rows split into train / val / test (see :func:`build_data`)."""
+    if root is None or str(root) == "sample":
+        raise DataError("csv needs root: a label file (--data labels.csv) naming images relative to its folder or to "
+                        "--image-root")
+    if image_size < 8:
+        raise DataError(f"image_size must be at least 8, got {image_size}")
+    table = read_label_file(Path(root).expanduser(), image_root, uncertain, group_column=group_column,
+                            skip_bad=skip_bad_images)
+    if table.skipped:
+        log.warning("%d row(s) of %s left out, their images missing: %s", len(table.skipped), table.source,
+                    "; ".join(table.skipped[:3]) + (" ..." if len(table.skipped) > 3 else ""))
+    parts = split_by_group(table, seed=seed)
+    empty = [n for n in ("train", "test") if not len(parts[n])]
+    if empty:
+        raise DataError(f"{table.source}: no rows for the {' and '.join(empty)} split; the split column needs train and "
+                        "test rows (val optional), or leave it out for a seeded split")
+    tree = ImageTree(Path("/"), "", list(table.labels), [str(p.absolute()) for p in table.paths],
+                     np.zeros(len(table), np.int64), targets=table.targets)
+    train_idx = _pick(parts["train"], train_subset, seed, _TRAIN_SUBSET, "train_subset")[0] if train_subset else parts["train"]
+    test_idx = _pick(parts["test"], test_subset, seed, _TEST_SUBSET, "test_subset")[0] if test_subset else parts["test"]
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if options.channels == 3 else (GREY_MEAN, GREY_STD)
+    common = dict(seed=seed, image_size=image_size, mean=mean, std=std, workers=workers, skip_bad_images=skip_bad_images,
+                  max_pixels=max_pixels, image_options=options)
+    train = FolderLoader(tree, train_idx, batch_size, train=True, **common)
+    val = FolderLoader(tree, parts["val"], eval_batch_size, train=False, **common) if len(parts["val"]) else None
+    test = FolderLoader(tree, test_idx, eval_batch_size, train=False, **common)
+    positives = np.nan_to_num(table.targets[train_idx], nan=0.0).sum(0)
+    return Data("csv", len(table.labels), list(table.labels), mean, std, image_size, train, val, test, str(table.source),
+                skipped=list(table.skipped), class_counts=[int(v) for v in positives], in_channels=options.channels,
+                multilabel=True)

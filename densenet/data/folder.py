@@ -98,7 +98,8 @@ class ImageTree:
     ``root``: a directory or a zip file; ``prefix``: the split folder inside it (``"train"``, or
     ``""`` when the classes sit at the top). ``files[i]`` is read with :meth:`read` and has label
     ``labels[i]`` (the index of its class folder in sorted ``class_names``). ``ignored``: the files
-    under ``prefix`` left out because their suffix is not an image's (hidden files aside).
+    under ``prefix`` left out because their suffix is not an image's (hidden files aside). A multi-label
+    tree (read from a label file) has ``targets`` (N, L) float32 instead: 1, 0, NaN (ignored).
     """
 
     root: Path
@@ -107,6 +108,7 @@ class ImageTree:
     files: list[str] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     ignored: list[str] = field(default_factory=list)
+    targets: np.ndarray | None = field(default=None, repr=False)
     _zip: zipfile.ZipFile | None = field(default=None, repr=False)
     _zip_pid: int = field(default=-1, repr=False)
 

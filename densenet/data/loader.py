@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .errors import DataError
 from .folder import DEFAULT_MAX_PIXELS, ImageTree, decode_image
+from .image_reading import ImageOptions, fit_image, match_channels, read_image
 from .transforms import (
     crop_flip_params,
     derive_seed,
@@ -205,36 +206,50 @@ class _FolderBatches(torch.utils.data.Dataset):
     """Worker side of :class:`FolderLoader`: one item = one (shard of a) batch, decoded and transformed."""
 
     def __init__(self, tree: ImageTree, plan: list[tuple[np.ndarray, np.ndarray]], mode: str, size: int,
-                 seed: int, epoch: int, skip_bad: bool, max_pixels: int | None) -> None:
+                 seed: int, epoch: int, skip_bad: bool, max_pixels: int | None, options: ImageOptions | None) -> None:
         self.tree, self.plan, self.mode, self.size = tree, plan, mode, size
-        self.seed, self.epoch, self.skip_bad, self.max_pixels = seed, epoch, skip_bad, max_pixels
+        self.seed, self.epoch, self.skip_bad, self.max_pixels, self.options = seed, epoch, skip_bad, max_pixels, options
 
     def __len__(self) -> int:
         return len(self.plan)
 
+    def _decode(self, name: str):  # noqa: ANN202 - a Pillow image
+        data, where = self.tree.read(name), self.tree.location(name)
+        if self.options is None:
+            return decode_image(data, where, self.max_pixels)
+        return fit_image(read_image(data, where, self.options, self.max_pixels), self.options)
+
     def __getitem__(self, k: int) -> tuple[Tensor | None, Tensor | None, list[str]]:
         files, positions = self.plan[k]
-        shape = (10, 3, self.size, self.size) if self.mode == "ten_crop" else (3, self.size, self.size)
+        channels = 3 if self.options is None else self.options.channels
+        shape = (10, channels, self.size, self.size) if self.mode == "ten_crop" else (channels, self.size, self.size)
         out, labels, bad = [], [], []
         for f, pos in zip(files, positions):
             name = self.tree.files[f]
             try:
-                im = decode_image(self.tree.read(name), self.tree.location(name), self.max_pixels)
+                im = self._decode(name)
             except DataError as e:
                 if not self.skip_bad:
                     return None, None, [str(e)]  # re-raised by the loader, without a worker traceback
                 bad.append(self.tree.location(name))
                 continue
-            if self.mode == "train":  # per-image randomness: a function of (seed, epoch, position in epoch)
+            if self.mode == "train" and self.options is not None:  # labels: the whole image, mirrored or not
+                a = eval_image(im, self.size)
+                if np.random.default_rng(derive_seed(self.seed, _AUGMENT, self.epoch, pos)).random() < 0.5:
+                    a = np.ascontiguousarray(a[:, :, ::-1])
+            elif self.mode == "train":  # per-image randomness: a function of (seed, epoch, position in epoch)
                 a = train_image(im, self.size, np.random.default_rng(derive_seed(self.seed, _AUGMENT, self.epoch, pos)))
             elif self.mode == "ten_crop":
                 a = ten_crop_image(im, self.size)
             else:
                 a = eval_image(im, self.size)
-            out.append(torch.from_numpy(a))
-            labels.append(int(self.tree.labels[f]))
-        x = torch.stack(out) if out else torch.zeros((0, *shape), dtype=torch.uint8)
-        return x, torch.tensor(labels, dtype=torch.int64), bad
+            out.append(torch.from_numpy(a if self.options is None else match_channels(a, channels)))
+            labels.append(self.tree.labels[f] if self.tree.targets is None else self.tree.targets[f])
+        dtype = torch.uint8 if self.options is None else torch.float32
+        x = torch.stack(out) if out else torch.zeros((0, *shape), dtype=dtype)
+        if self.tree.targets is None:
+            return x, torch.tensor(np.array(labels, np.int64)), bad
+        return x, torch.from_numpy(np.array(labels, np.float32).reshape(-1, self.tree.targets.shape[1])), bad
 
 
 def _identity(x):
@@ -244,8 +259,10 @@ def _identity(x):
 class FolderLoader(_Base):
     """Batches of an :class:`ImageTree` decoded by ``workers`` processes (0: in this process).
 
-    Training: random resized crop to ``image_size`` and a flip (per image, seeded by position);
-    evaluation: resize and centre crop (see :func:`transforms.eval_image`), or with
+    Training: random resized crop to ``image_size`` and a flip (per image, seeded by position); with
+    ``image_options`` (label files: several findings per image, which a crop could cut out) the
+    evaluation view and a flip, as CheXNet trains; evaluation: resize and centre crop (see
+    :func:`transforms.eval_image`), or with
     ``batches(..., ten_crop=True)`` the paper's 10-crop view, images shaped (N, 10, 3, S, S).
     Undecodable images raise :class:`DataError`, or with ``skip_bad_images`` are dropped from their
     batch (which is then smaller) and listed in ``skipped`` with a warning. ``balanced``:
@@ -254,11 +271,15 @@ class FolderLoader(_Base):
 
     def __init__(self, tree: ImageTree, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
                  image_size: int, mean: Sequence[float], std: Sequence[float], workers: int = 2,
-                 skip_bad_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, balanced: bool = False) -> None:
+                 skip_bad_images: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS, balanced: bool = False,
+                 image_options: ImageOptions | None = None) -> None:
         super().__init__(indices, batch_size, train=train, seed=seed, mean=mean, std=std, balanced=balanced)
         if workers < 0:
             raise DataError(f"workers must be >= 0, got {workers}")
-        self.tree, self.image_size, self.workers = tree, image_size, workers
+        if balanced and tree.targets is not None:
+            raise DataError("class-balanced sampling needs one class per image; a multi-label file has several: "
+                            "leave out --balanced-sampler (--pos-weight auto weighs rare labels instead)")
+        self.tree, self.image_size, self.workers, self.image_options = tree, image_size, workers, image_options
         self.skip_bad_images, self.max_pixels = skip_bad_images, max_pixels
         self.skipped: set[str] = set()
 
@@ -267,13 +288,15 @@ class FolderLoader(_Base):
 
     def batches(self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1,
                 ten_crop: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        """(images float32 (N, 3, S, S), or (N, 10, 3, S, S) with ``ten_crop``; labels (N,) int64)."""
+        """(images float32 (N, C, S, S), or (N, 10, C, S, S) with ``ten_crop``; labels (N,) int64, or for a
+        multi-label tree (``tree.targets``) targets (N, L) float32: 1, 0, NaN for an ignored label)."""
         if ten_crop and self.train:
             raise DataError("ten_crop is an evaluation view: use it on data.test or data.val")
         plan = [(idx[part], np.arange(i * self.batch_size, i * self.batch_size + len(idx))[part])
                 for i, idx, part in self._plan(epoch, start, rank, world_size)]
         mode = "train" if self.train else ("ten_crop" if ten_crop else "eval")
-        ds = _FolderBatches(self.tree, plan, mode, self.image_size, self.seed, epoch, self.skip_bad_images, self.max_pixels)
+        ds = _FolderBatches(self.tree, plan, mode, self.image_size, self.seed, epoch, self.skip_bad_images, self.max_pixels,
+                            self.image_options)
         workers = min(self.workers, len(plan))
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                              collate_fn=_identity, persistent_workers=False)

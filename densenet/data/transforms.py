@@ -115,11 +115,14 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
 
 
 def _to_chw(im: Image.Image) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))  # a writable copy
+    """(C, H, W), a writable copy: uint8 for RGB and L images, float32 (0-255 scale) for F images."""
+    a = np.asarray(im, dtype=np.float32 if im.mode == "F" else np.uint8)
+    return a[None].copy() if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
 def train_image(im: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Random resized crop to ``size`` x ``size`` and a flip with probability 0.5; uint8 (3, size, size)."""
+    """Random resized crop to ``size`` x ``size`` and a flip with probability 0.5; (C, size, size), uint8
+    (float32 for mode F images; C = 1 for greyscale ones)."""
     box = random_resized_crop_box(im.width, im.height, rng)
     out = im.resize((size, size), Image.BILINEAR, box=box)
     if rng.random() < 0.5:

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.explain import ExplainError, explain, save_overlay
-from ..data import DataError, decode_image, eval_image
+from ..data import DataError, decode_image, eval_image, fit_image, match_channels, read_image
 from ..data.transforms import normalize
 from ..errors import ArgumentError
 from ..io.atomic import atomic_write_bytes
-from .predict import expand_image_paths
+from .predict import expand_image_paths, image_options
 
 __all__ = ["Explained", "explain_images", "resolve_class"]
 
@@ -75,11 +75,16 @@ def explain_images(model: nn.Module, data: dict, paths: Iterable[str | os.PathLi
     files = list(expand_image_paths(paths))
     done: list[Explained] = []
     used: set[str] = set()
+    options = image_options(data)  # a label-file model: its channels, fit and full-depth reading
     for start in range(0, len(files), batch_size):
         batch, pixels, tensors = [], [], []
         for path in files[start : start + batch_size]:
             try:
-                view = eval_image(decode_image(Path(path).read_bytes(), str(path)), size)  # uint8 (3, S, S)
+                if options is None:
+                    view = eval_image(decode_image(Path(path).read_bytes(), str(path)), size)  # uint8 (3, S, S)
+                else:  # float32 (C, S, S) on the 0-255 scale
+                    image = fit_image(read_image(Path(path).read_bytes(), str(path), options), options)
+                    view = match_channels(eval_image(image, size), options.channels)
             except (DataError, OSError) as e:
                 error = e if isinstance(e, DataError) else DataError(f"cannot read image {path}: {e.strerror or e}")
                 if on_error is None:
@@ -87,14 +92,16 @@ def explain_images(model: nn.Module, data: dict, paths: Iterable[str | os.PathLi
                 on_error(Path(path), error)
                 continue
             batch.append(Path(path))
-            pixels.append(view.transpose(1, 2, 0))
+            shown = np.clip(np.rint(match_channels(view, 3)), 0, 255).astype(np.uint8) if options else view
+            pixels.append(shown.transpose(1, 2, 0))
             tensors.append(normalize(view, tuple(data["mean"]), tuple(data["std"])))
         if not batch:
             continue
         x = torch.stack(tensors)
         maps = explain(model, x, method=method, target=target, layer=layer)
         with torch.no_grad():
-            probs = F.softmax(model.eval()(x).float(), dim=1)
+            logits = model.eval()(x).float()
+            probs = torch.sigmoid(logits) if data.get("multilabel") else F.softmax(logits, dim=1)  # one per label
         chosen = probs.argmax(1).tolist() if target is None else [target] * len(batch)
         for i, path in enumerate(batch):
             values, indices = probs[i].topk(min(top, probs.shape[1]))

@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import IMAGE_SUFFIXES, DataError, check_finite, decode_image, eval_image
+from ..data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    ImageOptions,
+    check_finite,
+    decode_image,
+    eval_image,
+    fit_image,
+    match_channels,
+    read_image,
+)
+from ..data.dicom import DICOM_SUFFIXES
 from ..data.folder import list_entries
 from ..data.transforms import normalize
 from ..errors import ArgumentError, MissingFile
@@ -18,7 +29,8 @@ from .inference import load_onnx
 from .loading import model_from_checkpoint, model_from_exported_program, model_from_safetensors
 from .tta import check_tta, flip_average
 
-__all__ = ["expand_image_paths", "folder_truth", "load_image", "load_predictor", "predict_images", "predict_images_tta"]
+__all__ = ["expand_image_paths", "folder_truth", "image_options", "load_image", "load_predictor", "predict_images",
+           "predict_images_tta"]
 
 
 def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -26,8 +38,8 @@ def expand_image_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
     folders followed, as when training on an image folder)."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(p / name for name, is_dir in list_entries(p)
-                              if not is_dir and Path(name).suffix.lower() in IMAGE_SUFFIXES and (p / name).is_file())
+            yield from sorted(p / name for name, is_dir in list_entries(p) if not is_dir and (p / name).is_file()
+                              and Path(name).suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES)
         else:
             yield p
 
@@ -54,15 +66,22 @@ def folder_truth(files: Iterable[Path], class_names: list[str]) -> list[int]:
     return labels
 
 
-def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple) -> Tensor:
+def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple, options: ImageOptions | None = None
+               ) -> Tensor:
     """An image file as a normalised (3, image_size, image_size) float tensor, with the evaluation
     view of the data loaders (:func:`densenet.data.eval_image`): small models (image_size <= 64,
-    CIFAR/SVHN) see the whole image resized, larger ones the ImageNet centre crop."""
+    CIFAR/SVHN) see the whole image resized, larger ones the ImageNet centre crop. ``options``: a
+    label-file model's reading (full depth, DICOM, channels, fit), the image then (C, S, S)."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror}") from None
-    x = normalize(eval_image(decode_image(data, str(path)), image_size), tuple(mean), tuple(std))
+    if options is None:
+        view = eval_image(decode_image(data, str(path)), image_size)
+    else:
+        view = match_channels(eval_image(fit_image(read_image(data, str(path), options), options), image_size),
+                              options.channels)
+    x = normalize(view, tuple(mean), tuple(std))
     check_finite(x, f"image {path} (after normalisation with mean {list(mean)}, std {list(std)})")
     return x
 
@@ -95,6 +114,13 @@ def load_predictor(path: str | os.PathLike, image_size: int | None = None, ema: 
         model.check_input_size(image_size)
         data = {**data, "image_size": image_size}
     return model, data
+
+
+def image_options(data: dict) -> ImageOptions | None:
+    """How a label-file model reads images (from its checkpoint's data description); None for the others."""
+    if not data.get("multilabel"):
+        return None
+    return ImageOptions(int(data.get("in_channels", 3)), data.get("fit", "crop"), bool(data.get("dicom_window", False)))
 
 
 @torch.no_grad()
@@ -132,11 +158,12 @@ def _predict(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.PathLik
     device = device or torch.device("cpu")
     names = data["class_names"]
     files = list(expand_image_paths(paths))
+    options = image_options(data)
     for i in range(0, len(files), batch_size):
         chunk, images = [], []
         for f in files[i : i + batch_size]:
             try:
-                images.append(load_image(f, data["image_size"], data["mean"], data["std"]))
+                images.append(load_image(f, data["image_size"], data["mean"], data["std"], options))
             except DataError as e:
                 if on_error is None:
                     raise
@@ -147,6 +174,13 @@ def _predict(model: Callable[[Tensor], Tensor], paths: Iterable[str | os.PathLik
             continue
         batch = torch.stack(images).to(device)
         logits = model(batch).float()
+        if data.get("multilabel"):  # one sigmoid per label; all of them, in the label order
+            views = [torch.sigmoid(logits)]
+            if flip:
+                views.append((views[0] + torch.sigmoid(model(batch.flip(-1)).float())) / 2)
+            for n, f in enumerate(chunk):
+                yield f, [[(names[j], p) for j, p in enumerate(v[n].tolist())] for v in views]
+            continue
         views = [F.softmax(logits, dim=1)]
         if flip:  # the mirror: the width axis, the last one
             views.append(flip_average(logits, model(batch.flip(-1)).float()).exp())

@@ -19,10 +19,13 @@ from ..models import model_spec
 
 __all__ = ["ConfigError", "TrainConfig", "field_help", "field_types", "paper_recipe", "resolve_config",
            "load_yaml_config", "SAMPLE_RECIPE", "type_name", "FOLDER_DATASETS", "native_image_size", "RECIPES",
-           "SCHEDULES", "named_recipe"]
+           "SCHEDULES", "named_recipe", "OPTIMIZERS"]
 
-#: datasets read from image folders, whose images are resized to ``image_size``
-FOLDER_DATASETS = ("folder", "imagenet")
+#: datasets read from image files, whose images are resized to ``image_size`` (csv: a multi-label label file)
+FOLDER_DATASETS = ("folder", "imagenet", "csv")
+
+#: --optimizer: SGD (the paper's) or Adam (CheXNet's)
+OPTIMIZERS = ("sgd", "adam")
 
 
 #: --amp: auto, bf16, off (none is the same), fp16 (densenet.training.precision)
@@ -43,7 +46,7 @@ def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
 _EPOCHS_HELP = ", ".join(f"{n} {d}" for d, n in PAPER_EPOCHS.items() if d != "cifar100")
 
 #: learning-rate schedules (densenet/training/schedule.py says what each does)
-SCHEDULES = ("step", "cosine", "linear", "onecycle")
+SCHEDULES = ("step", "cosine", "linear", "onecycle", "plateau")
 
 #: what each ``--recipe`` sets over the paper's recipe of the dataset (explicit flags and YAML keys win).
 #: ``budget``: a starting point for short runs (10-30 epochs), to be confirmed by measurement; why each
@@ -52,6 +55,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "budget": {"schedule": "linear", "warmup_epochs": 1.0, "lr": 0.1, "momentum": 0.9, "nesterov": True,
                "weight_decay": 5e-4, "label_smoothing": 0.1, "ema_decay": 0.999, "ema_eval": True},
+    # CheXNet (Rajpurkar et al. 2017): DenseNet-121 from ImageNet weights (--init FILE), 224 px, Adam 1e-3, batch 16,
+    # weighted binary cross-entropy, lr / 10 when the validation loss plateaus (docs/multilabel.md)
+    "chexnet": {"model": "densenet121", "image_size": 224, "optimizer": "adam", "lr": 1e-3, "batch_size": 16,
+                "weight_decay": 0.0, "schedule": "plateau", "lr_gamma": 0.1, "pos_weight": "auto"},
 }
 _BUDGET_HELP = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v:g}"
                         if isinstance(v, float) else f"--{k.replace('_', '-')} {v}" for k, v in RECIPES["budget"].items())
@@ -70,7 +77,9 @@ class TrainConfig:
                                   "demo recipe)")
     out: str = _opt("runs/densenet", "run directory")
     epochs: int = _opt(300, f"default: the paper's ({_EPOCHS_HELP}); 8 on the bundled sample")
-    recipe: str = _opt("paper", "paper (the default: the paper's recipe of the dataset, Section 4.2) or budget, for short "
+    recipe: str = _opt("paper", "paper (the default: the paper's recipe of the dataset, Section 4.2), chexnet (multi-label "
+                                "chest X-rays: DenseNet-121, 224 px, Adam 1e-3, batch 16, --pos-weight auto, lr / 10 on a "
+                                "validation-loss plateau; give ImageNet weights with --init FILE) or budget, for short "
                                 f"runs (e.g. --recipe budget --epochs 30): {_BUDGET_HELP}. Linear decay to zero is the "
                                 "most robust schedule on a small budget (Li et al., ICLR 2020); label smoothing and an "
                                 "average of the weights helped most in short CIFAR-10 runs (Page, Jordan's airbench); "
@@ -79,6 +88,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(256, "images per evaluation batch")
     lr: float = _opt(0.1, "base learning rate: where the step, cosine and linear schedules start (after any warm-up), "
                           "the peak of onecycle")
+    optimizer: str = _opt("sgd", "sgd (the paper's; --momentum, --nesterov) or adam (betas 0.9, 0.999; --weight-decay "
+                                 "as L2, as in CheXNet)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(1e-4, "L2 weight decay")
@@ -88,7 +99,11 @@ class TrainConfig:
     schedule: str = _opt("step", "learning-rate schedule, set before every step: step (the paper's: lr times lr_gamma at "
                                  "each milestone; the default), cosine (to zero), linear (decay to zero over the run) or "
                                  "onecycle (Smith 2018, linear phases: from lr/10 up to lr at 45%% of the steps, down to "
-                                 "lr/10 at 90%%, then to zero; at least 2 epochs)")
+                                 "lr/10 at 90%%, then to zero; at least 2 epochs) or plateau (lr times lr_gamma after "
+                                 "each --plateau-patience epochs without a lower validation loss; needs a validation "
+                                 "split)")
+    plateau_patience: int = _opt(1, "schedule plateau: epochs without a new lowest validation loss before lr is "
+                                    "multiplied by lr_gamma (default 1)")
     warmup_epochs: float = _opt(0.0, "epochs (fractions allowed) of linear warm-up from about zero to the schedule's "
                                      "starting lr, before any schedule (default 0: none)")
     label_smoothing: float = _opt(0.0, "label smoothing of the training loss, in [0, 1) (default 0: none)")
@@ -110,6 +125,22 @@ class TrainConfig:
     balanced_sampler: bool = _opt(False, "draw training batches class-balanced (each image weighted by 1 / its class's "
                                          "images, with replacement; as many draws per epoch as images), for imbalanced "
                                          "classes")
+    image_root: str | None = _opt(None, "dataset csv: the folder the label file's image paths are relative to (default: "
+                                        "the label file's folder)")
+    uncertain: str = _opt("zeros", "dataset csv: uncertain (-1) labels count as ones, zeros (the default) or ignore "
+                                   "(left out of the loss and the metrics for that label)")
+    group_column: str | None = _opt(None, "dataset csv: the column of patient (group) ids kept on one side of the "
+                                          "seeded split (default: Patient ID and the like when the file has one)")
+    pos_weight: str | None = _opt(None, "multi-label: auto weighs each label's positives by negatives / positives of "
+                                        "the training split (default: none)")
+    in_channels: int = _opt(3, "dataset csv: 1 (greyscale, e.g. X-rays; RGB weights are summed over their channels) "
+                               "or 3 (default)")
+    fit: str = _opt("crop", "dataset csv: a non-square image is centre-cropped (crop, the default) or padded with black "
+                            "bands (pad) to become square, keeping its aspect ratio")
+    dicom_window: bool = _opt(False, "dataset csv: DICOM images use their VOI window (WindowCenter/Width) when they "
+                                     "have one (default: the full range)")
+    threshold_rule: str = _opt("youden", "multi-label: each label's decision threshold is chosen on the validation split "
+                                         "by youden (max sensitivity + specificity, the default) or f1")
     spatial_dims: int | None = _opt(None, "1, 2 or 3: the model's spatial dimensions (default: the dataset's, 3 for "
                                           "volumes, 1 for signals, else 2)")
     download: bool = _opt(False, "download missing official CIFAR/SVHN files (MD5-checked); needs internet")
@@ -159,7 +190,8 @@ def field_help(name: str) -> str:
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
-RUNTIME_KEYS = frozenset({"out", "data", "download", "device", "threads", "workers", "quiet", "checkpoint_every", "sync_every",
+RUNTIME_KEYS = frozenset({"out", "data", "image_root",
+                          "download", "device", "threads", "workers", "quiet", "checkpoint_every", "sync_every",
                           "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 
 #: what a run on the bundled 1,000-image sample changes in the recipe when not given: a demo that
@@ -317,10 +349,36 @@ def validate(config: TrainConfig) -> None:
         (all(math.isfinite(getattr(config, k)) for k in ("lr", "momentum", "weight_decay", "lr_gamma", "drop_rate")),
          "lr, momentum, weight_decay, lr_gamma and drop_rate must be finite numbers (not .inf or .nan)"),
         *_recipe_checks(config),
+        *_label_file_checks(config),
     ]
     problems = [message for ok, message in checks if not ok]
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def _label_file_checks(config: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the keys of multi-label label files (dataset csv) and the optimizer."""
+    csv_only = [k for k, default in (("image_root", None), ("group_column", None), ("in_channels", 3), ("fit", "crop"),
+                                     ("dicom_window", False), ("uncertain", "zeros")) if getattr(config, k) != default]
+    return [
+        (config.optimizer in OPTIMIZERS, f"optimizer (--optimizer) must be one of {', '.join(OPTIMIZERS)}, "
+                                         f"got {config.optimizer!r}"),
+        (config.plateau_patience >= 1, f"plateau_patience (--plateau-patience) must be at least 1, got "
+                                       f"{config.plateau_patience}"),
+        (config.uncertain in ("ones", "zeros", "ignore"),
+         f"uncertain (--uncertain) must be ones, zeros or ignore, got {config.uncertain!r}"),
+        (config.pos_weight in (None, "auto"), f"pos_weight (--pos-weight) must be auto (or left out), got "
+                                              f"{config.pos_weight!r}"),
+        (config.in_channels in (1, 3), f"in_channels (--in-channels) must be 1 or 3, got {config.in_channels}"),
+        (config.fit in ("crop", "pad"), f"fit (--fit) must be crop or pad, got {config.fit!r}"),
+        (config.threshold_rule in ("youden", "f1"),
+         f"threshold_rule (--threshold-rule) must be youden or f1, got {config.threshold_rule!r}"),
+        (config.dataset == "csv" or not csv_only,
+         f"{', '.join(csv_only)} {'is' if len(csv_only) == 1 else 'are'} for label files (--dataset csv), not "
+         f"{config.dataset}"),
+        (config.dataset == "csv" or config.pos_weight is None,
+         f"pos_weight (--pos-weight) is for multi-label label files (--dataset csv), not {config.dataset}"),
+    ]
 
 
 def _recipe_checks(config: TrainConfig) -> list[tuple[bool, str]]:

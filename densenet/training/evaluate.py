@@ -1,5 +1,6 @@
 """Evaluation: counts of correct top-1 / top-5 predictions, the summed loss and the confusion matrix
-over a dataset split.
+over a dataset split; for multi-label data, every image's probabilities (:func:`score_multilabel`),
+which AUROC needs.
 
 Counts, not percentages, so that shards (processes of a distributed run) add up exactly; the
 errors are computed once, from the totals.
@@ -10,14 +11,16 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import check_finite
 from ..serving.tta import check_tta, flip_average
+from .objective import masked_bce
 
-__all__ = ["EvalCounts", "evaluate", "evaluate_tta", "topk_correct"]
+__all__ = ["EvalCounts", "EvalScores", "evaluate", "evaluate_tta", "score_multilabel", "topk_correct"]
 
 
 @dataclass
@@ -148,3 +151,61 @@ def _scores(model: nn.Module, images: Tensor, spatial_dims: int) -> Tensor:
         probs = F.softmax(model(images.flatten(0, 1)), dim=1).view(b, crops, -1).mean(1)
         return probs.clamp_min(1e-12).log()
     return model(images)
+
+
+@dataclass
+class EvalScores:
+    """A multi-label split's sigmoid probabilities ``scores`` and ``targets`` (N, L) float64 (NaN:
+    ignored), and the binary cross-entropy summed over the ``known`` (image, label) pairs."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    loss_sum: float = 0.0
+    known: int = 0
+
+    @property
+    def images(self) -> int:
+        return len(self.scores)
+
+    @property
+    def loss(self) -> float:
+        """Mean binary cross-entropy per known label (NaN for none)."""
+        return self.loss_sum / self.known if self.known else math.nan
+
+    def label_error(self, thresholds: np.ndarray | None = None) -> float:
+        """Percent of known labels decided wrong at ``thresholds`` (L,) (0.5 each by default), averaged
+        per image first (the multi-label counterpart of the top-1 error; NaN for no images)."""
+        if not self.images:
+            return math.nan
+        t = np.full(self.scores.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+        known = ~np.isnan(self.targets)
+        wrong = ((self.scores >= t) != (self.targets > 0.5)) & known
+        return 100.0 * float(np.mean(wrong.sum(1) / np.maximum(known.sum(1), 1)))
+
+    @classmethod
+    def merge(cls, parts: list["EvalScores"]) -> "EvalScores":
+        """The scores of several shards (processes) as one split."""
+        return cls(np.concatenate([p.scores for p in parts]), np.concatenate([p.targets for p in parts]),
+                   sum(p.loss_sum for p in parts), sum(p.known for p in parts))
+
+
+@torch.no_grad()
+def score_multilabel(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> EvalScores:
+    """Sigmoid probabilities of ``model`` over ``batches`` of (images, targets (N, L)), in eval mode (the
+    model's mode is restored after); a batch holding NaN or infinite values is refused."""
+    was_training = model.training
+    model.eval()
+    scores, targets, loss_sum, known = [], [], 0.0, 0
+    try:
+        for index, (images, target) in enumerate(batches):
+            check_finite(images, f"batch {index + 1} of the evaluation data")
+            logits = model(images.to(device, non_blocking=True)).float().cpu()
+            loss_sum += float(masked_bce(logits, target, reduction="sum"))
+            known += int((~torch.isnan(target)).sum())
+            scores.append(torch.sigmoid(logits).double().numpy())
+            targets.append(target.double().numpy())
+    finally:
+        model.train(was_training)
+    width = targets[0].shape[1] if targets else 0
+    return EvalScores(np.concatenate(scores) if scores else np.zeros((0, width)),
+                      np.concatenate(targets) if targets else np.zeros((0, width)), loss_sum, known)

@@ -44,8 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -53,8 +53,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..analysis.metrics import class_metrics, metric_columns, sklearn_metrics, top5_applies, write_confusion_csv
-from ..analysis.plots import plot_confusion, plot_curves
-from ..data import Data, DataError, build_data
+from ..analysis.multilabel_metrics import choose_thresholds, label_metric_columns, multilabel_metrics
+from ..analysis.plots import plot_confusion, plot_curves, plot_roc
+from ..data import Data, DataError, ImageOptions, build_data
 from ..errors import DenseNetError, MissingDependency
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import CheckpointError, load_checkpoint, save_rotating
@@ -81,8 +82,9 @@ from .config import (
 )
 from .distributed import PEER_HINT, Dist, is_peer_failure, setup, teardown
 from .ema import WeightAverage
-from .evaluate import EvalCounts, evaluate
+from .evaluate import EvalCounts, EvalScores, evaluate, score_multilabel
 from .memory import check_memory, estimate_memory
+from .objective import Objective, positive_weights
 from .precision import check_precision, cpu_bf16_instructions, resolve_amp
 from .runlock import RunLock
 from .schedule import describe, lr_at
@@ -91,13 +93,16 @@ __all__ = ["train", "TrainingStopped", "RUN_FILES", "resolve_device", "build_mod
            "load_run_config", "load_checkpoint_for_resume"]
 
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoint.pt", "checkpoint.prev.pt", "report.json", "tensorboard",
-             "confusion.csv", "confusion.png")
+             "confusion.csv", "confusion.png", "roc.png")
 METRIC_COLUMNS = ("epoch", "train_loss", "train_error", "val_error", "test_error", "test_top5_error", "lr", "seconds",
                   "images_per_s", "eval_seconds")
 #: after METRIC_COLUMNS, in runs that keep a weight average (ema_decay): its errors
 EMA_COLUMNS = ("ema_val_error", "ema_test_error", "ema_test_top5_error")
 #: after METRIC_COLUMNS, when scikit-learn is there: the test split's macro averages and balanced accuracy (percent)
 CLASS_METRIC_COLUMNS = ("test_macro_precision", "test_macro_recall", "test_macro_f1", "test_balanced_accuracy")
+#: after METRIC_COLUMNS, in multi-label runs (dataset csv) and with the plateau schedule: losses and mean AUROC / AP
+LABEL_METRIC_COLUMNS = ("val_loss", "val_mean_auroc", "test_mean_auroc", "test_mean_ap", "ema_val_loss",
+                        "ema_test_mean_auroc")
 PLAN_STEPS = 5  # steps timed after the first one for the estimate of the run's duration
 IMBALANCE_NOTE = 10  # a largest-to-smallest class ratio above this is pointed out
 SIZE_NOTE = (0.5, 4.0)  # images whose short side is below / above these multiples of image_size are pointed out
@@ -123,6 +128,7 @@ class Run:
     data: Data
     log: Callable[[str], None]  # rank 0 speaks for the job
     given_amp: str = "off"  # --amp as given (auto: the precision was chosen for the user)
+    objective: Objective = field(default_factory=Objective)  # the loss, and what counts as right
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -138,6 +144,7 @@ class State:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     ema: WeightAverage | None = None  # the exponential moving average of the weights (ema_decay)
+    thresholds: list[float] | None = None  # multi-label: per-label decision thresholds chosen on the validation split
     epoch: int = 0  # epochs finished
     step: int = 0  # steps finished in epoch ``epoch``
     history: list[dict] = field(default_factory=list)  # one metrics row per finished epoch
@@ -195,17 +202,33 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
             config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
             val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
             train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
-            balanced=config.balanced_sampler,
+            balanced=config.balanced_sampler, image_root=config.image_root, uncertain=config.uncertain,
+            group_column=config.group_column,
+            image_options=ImageOptions(config.in_channels, config.fit, config.dicom_window) if config.dataset == "csv" else None,
         )
-        if data.num_classes < 2:
+        if config.schedule == "plateau" and data.val is None:
+            raise ConfigError("schedule plateau follows the validation loss, but the data has no validation split: give "
+                              "--val-size N, a val split in the label file, or another --schedule")
+        if data.num_classes < 2 and not data.multilabel:
             raise DataError(f"{config.data}: one class only ({data.class_names[0]}/); a classifier needs at least 2 "
                             "classes, one folder per class: <class>/<image>, or train/<class>/ and test/<class>/")
         if device.type == "cuda":  # CIFAR/SVHN on the GPU: batches built there, no host in the step
             data.to(device)
         log = (lambda msg: print(msg, flush=True)) if config.quiet else tqdm.write
-        run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None), given_amp)
+        run = Run(config, dd, device, out, amp_dtype, data, log if dd.main else (lambda msg: None), given_amp,
+                  make_objective(config, data, device))
         state = build_state(run, use_scaler, checkpoint)
         return run_epochs(run, state)
+
+
+def make_objective(config: TrainConfig, data: Data, device: torch.device) -> Objective:
+    """Softmax cross-entropy, or for multi-label data binary cross-entropy (with ``pos_weight auto``
+    each label's positives weighed by its negatives / positives in the training split)."""
+    weight = None
+    if data.multilabel and config.pos_weight == "auto":
+        tree = data.train.tree
+        weight = torch.from_numpy(positive_weights(tree.targets[data.train.indices])).to(device)
+    return Objective(data.multilabel, config.label_smoothing, weight)
 
 
 def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
@@ -230,8 +253,11 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
     # DDP the weights take it too, so that gradients match DDP's buckets without a copy
     model.to(device, memory_format=torch.channels_last if dd.enabled and model.spatial_dims == 2 else run.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-                                weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                                    weight_decay=config.weight_decay)
     state = State(model, model, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
                   WeightAverage(model, config.ema_decay) if config.ema_decay else None)
     if checkpoint is not None:
@@ -263,6 +289,7 @@ def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
         state.ema.load_state_dict(checkpoint["ema"])
     state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
     state.history, state.partial = checkpoint["history"], checkpoint["partial"]
+    state.thresholds = checkpoint.get("data", {}).get("thresholds")
     dd = run.dd
     ranks = checkpoint.get("rng_per_rank") or [checkpoint["rng"]]
     if len(ranks) == dd.world_size:
@@ -273,7 +300,8 @@ def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
 
 #: what decides how a run learns, besides the optimizer: a resume must keep them (the CLI checks
 #: config.yaml in load_run_config; this guards train(config, resume=True) too)
-RECIPE_KEYS = ("recipe", "schedule", "warmup_epochs", "label_smoothing", "ema_decay", "ema_eval")
+RECIPE_KEYS = ("recipe", "schedule", "warmup_epochs", "label_smoothing", "ema_decay", "ema_eval", "optimizer", "pos_weight",
+               "plateau_patience")
 
 
 def check_same_recipe(run: Run, saved: dict[str, Any]) -> None:
@@ -295,7 +323,7 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
     log_plan(run, state, num_params)
     steps_left = (config.epochs - state.epoch) * data.train.num_batches - state.step
     clock = FirstStepsClock(steps_left, run.log)
-    test: EvalCounts | None = None
+    test: EvalCounts | EvalScores | None = None
     try:
         with stop_on_signals() as stop:
             for epoch in range(state.epoch, config.epochs):
@@ -311,6 +339,7 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
                 run.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error "
                         f"{row['train_error']:.2f}%, " + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
                         + f"test error {row['test_error']:.2f}%, "
+                        + (f"test mean AUROC {row['test_mean_auroc']:.4f}, " if row.get("test_mean_auroc") is not None else "")
                         + (f"average's test error {row['ema_test_error']:.2f}%, " if "ema_test_error" in row else "")
                         + f"lr {row['lr']:g}, {row['images_per_s']:.1f} img/s")
                 signalled = dd.sum([float(bool(stop["signal"]))], run.device)[0] > 0  # every rank decides alike
@@ -324,7 +353,7 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
     if test is None:  # resumed after the last epoch's checkpoint: the final model's counts once more
         test = evaluate_split(run, served_model(run, state), data.test)
     report = make_report(config, state.history, num_params, str(run.device))
-    report.update(class_report(data, test))
+    report.update(label_report(data, test, state.thresholds) if isinstance(test, EvalScores) else class_report(data, test))
     if dd.enabled:
         report["processes"] = dd.world_size
     on_main(dd, lambda: write_final_files(run, report, test))
@@ -334,26 +363,58 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
     run.log(f"done: final test error {report['test_error']:.2f}%" + ("" if top5 is None else f" (top-5 {top5:.2f}%)")
             + average
             + (f", balanced accuracy {report['test_balanced_accuracy']:.2f}%, macro F1 {report['test_macro_f1']:.2f}%"
-               if "test_macro_f1" in report else "") + f"; run in {run.out}")
+               if "test_macro_f1" in report else "")
+            + (f", mean AUROC {report['test_mean_auroc']:.4f}" if "test_mean_auroc" in report else "") + f"; run in {run.out}")
     return report
 
 
-def evaluate_epoch(run: Run, state: State) -> tuple[dict[str, Any], EvalCounts]:
+def evaluate_epoch(run: Run, state: State) -> tuple[dict[str, Any], EvalCounts | EvalScores]:
     """The epoch's validation and test errors (and the test split's class metrics) of the weights, and
     with a weight average its errors beside them (``ema_*``); returns these metrics columns and the test
-    counts of the weights that are served: the average with ``ema_eval``, else the weights."""
+    counts of the weights that are served: the average with ``ema_eval``, else the weights. Multi-label:
+    label errors at thresholds chosen on the validation split (kept in ``state.thresholds``), losses and
+    mean AUROC / AP."""
+    if run.data.multilabel:
+        return evaluate_epoch_multilabel(run, state)
     data, top5 = run.data, top5_applies(run.data.num_classes)
     columns: dict[str, Any] = {}
     served = None
     for prefix, model in [("", state.model)] + ([("ema_", state.ema.model)] if state.ema is not None else []):
         if data.val is not None:
-            columns[f"{prefix}val_error"] = evaluate_split(run, model, data.val).top1_error
+            val = evaluate_split(run, model, data.val)
+            columns[f"{prefix}val_error"] = val.top1_error
+            if run.config.schedule == "plateau":
+                columns[f"{prefix}val_loss"] = val.loss
         test = evaluate_split(run, model, data.test)
         columns.update({f"{prefix}test_error": test.top1_error, f"{prefix}test_top5_error": test.top5_error if top5 else None})
         if not prefix:
             columns.update(metric_columns(split_metrics(data, test), "test", data.class_names))
         if model is served_model(run, state):
             served = test
+    return columns, served
+
+
+def evaluate_epoch_multilabel(run: Run, state: State) -> tuple[dict[str, Any], EvalScores]:
+    """:func:`evaluate_epoch` of multi-label data."""
+    data, names = run.data, run.data.class_names
+    columns: dict[str, Any] = {"test_top5_error": None}
+    served = None
+    for prefix, model in [("", state.model)] + ([("ema_", state.ema.model)] if state.ema is not None else []):
+        thresholds = None
+        if data.val is not None:
+            val = evaluate_split(run, model, data.val)
+            thresholds = choose_thresholds(val.targets, val.scores, run.config.threshold_rule)
+            columns.update({f"{prefix}val_error": val.label_error(thresholds), f"{prefix}val_loss": val.loss,
+                            f"{prefix}val_mean_auroc": multilabel_metrics(val.targets, val.scores, names)["mean_auroc"]})
+        test = evaluate_split(run, model, data.test)
+        metrics = multilabel_metrics(test.targets, test.scores, names, thresholds)
+        columns.update({f"{prefix}test_error": test.label_error(thresholds), f"{prefix}test_top5_error": None,
+                        f"{prefix}test_mean_auroc": metrics["mean_auroc"]})
+        if not prefix:
+            columns.update(label_metric_columns(metrics, "test_"))
+        if model is served_model(run, state):
+            served = test
+            state.thresholds = None if thresholds is None else [float(t) for t in thresholds]
     return columns, served
 
 
@@ -389,9 +450,31 @@ def class_report(data: Data, test: EvalCounts) -> dict[str, Any]:
     return out
 
 
-def write_final_files(run: Run, report: dict[str, Any], test: EvalCounts) -> None:
-    """report.json, and the test split's confusion matrix as confusion.csv (counts) and confusion.png."""
-    if test.confusion is not None:
+def label_report(data: Data, test: EvalScores, thresholds: list[float] | None) -> dict[str, Any]:
+    """What report.json says about a multi-label test split: per label its training positives, AUROC,
+    average precision, and sensitivity, specificity and F1 at the threshold chosen on the validation
+    split; the means; the labels without an AUROC (all test images of one class), named."""
+    metrics = multilabel_metrics(test.targets, test.scores, data.class_names, None if thresholds is None else
+                                 np.asarray(thresholds))
+    return {"label_names": list(data.class_names), "multilabel": True,
+            "train_positives": dict(zip(data.class_names, data.class_counts)),
+            "test_mean_auroc": metrics["mean_auroc"], "test_mean_average_precision": metrics["mean_average_precision"],
+            "test_labels_without_auroc": metrics["undefined"], "test_per_label": metrics["labels"],
+            "thresholds": dict(zip(data.class_names, thresholds)) if thresholds is not None else None,
+            "threshold_note": "chosen on the validation split" if thresholds is not None else
+                              "0.5 (no validation split to choose on)",
+            "roc_curves": "roc.png"}
+
+
+def write_final_files(run: Run, report: dict[str, Any], test: EvalCounts | EvalScores) -> None:
+    """report.json, and the test split's confusion matrix as confusion.csv (counts) and confusion.png, or
+    for multi-label data its ROC curves (roc.png)."""
+    if isinstance(test, EvalScores):
+        config = run.config
+        plot_roc(run.out / "roc.png", test.targets, test.scores, run.data.class_names,
+                 title=f"{config.model} on {Path(config.data or '').name}, epoch {report['epochs']}: test split, "
+                       f"{test.images:,} images")
+    elif test.confusion is not None:
         names, config = run.data.class_names, run.config
         write_confusion_csv(run.out / "confusion.csv", test.confusion.numpy(), names)
         plot_confusion(run.out / "confusion.png", test.confusion.numpy(), names,
@@ -423,7 +506,7 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     unread = 0
     with closing(data.train.batches(epoch, start=step0, rank=dd.rank, world_size=dd.world_size)) as batches:
         for step, (images, labels) in enumerate(batches, start=step0):
-            lr = set_learning_rate(state.optimizer, lr_at(config, epoch * steps + step, steps))
+            lr = set_learning_rate(state.optimizer, lr_at(config, epoch * steps + step, steps, val_losses(run, state)))
             pending += train_step(run, state, images, labels)
             if state.ema is not None:
                 state.ema.update(state.model)
@@ -457,7 +540,8 @@ def train_one_epoch(run: Run, state: State, epoch: int, stop: dict, clock: "Firs
     bar.close()
     seconds = acc["seconds"]
     return {"epoch": epoch + 1, "train_loss": acc["loss"] / max(acc["seen"], 1),
-            "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)), "lr": learning_rate(config, epoch, steps),
+            "train_error": 100.0 * (1 - acc["correct"] / max(acc["seen"], 1)),
+            "lr": learning_rate(config, epoch, steps, val_losses(run, state)),
             "seconds": round(seconds, 3), "images_per_s": round(acc["seen"] / max(seconds, 1e-9), 2)}
 
 
@@ -468,13 +552,13 @@ def train_step(run: Run, state: State, images: torch.Tensor, labels: torch.Tenso
     labels = labels.to(run.device, non_blocking=True)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = state.step_model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=run.config.label_smoothing)
+        loss = run.objective.loss(logits, labels)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    hits = (logits.detach().argmax(1) == labels).sum()
-    n = labels.numel()
+    hits = run.objective.correct(logits.detach(), labels)
+    n = labels.shape[0]
     return torch.stack([loss.detach().double() * n, hits.double(), loss.new_tensor(n, dtype=torch.float64)])
 
 
@@ -485,9 +569,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def evaluate_split(run: Run, model: nn.Module, loader: Any) -> EvalCounts:
-    """Counts of ``model`` over a whole split: each rank scores its shard, the counts are summed."""
-    counts = evaluate(model, loader.batches(0, rank=run.dd.rank, world_size=run.dd.world_size), run.device)
+def evaluate_split(run: Run, model: nn.Module, loader: Any) -> EvalCounts | EvalScores:
+    """Counts of ``model`` over a whole split: each rank scores its shard, the counts are summed;
+    multi-label data: every image's probabilities, gathered from the ranks."""
+    batches = loader.batches(0, rank=run.dd.rank, world_size=run.dd.world_size)
+    if run.data.multilabel:
+        scores = score_multilabel(model, batches, run.device)
+        return EvalScores.merge(run.dd.gather(scores)) if run.dd.enabled else scores
+    counts = evaluate(model, batches, run.device)
     if not run.dd.enabled:
         return counts
     return EvalCounts.from_list(run.dd.sum(counts.as_list(), run.device))
@@ -506,6 +595,10 @@ def save_snapshot(run: Run, state: State) -> None:
     data_info = {"dataset": run.config.dataset, "num_classes": data.num_classes, "class_names": list(data.class_names),
                  "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size,
                  "seed": run.config.seed}  # the seed chose the held-out split: eval finds the same test images
+    if data.multilabel:  # what predict needs besides: sigmoid outputs, the thresholds, the channels and the fit
+        data_info.update(multilabel=True, thresholds=state.thresholds, in_channels=data.in_channels, fit=run.config.fit,
+                         uncertain=run.config.uncertain, group_column=run.config.group_column,
+                         dicom_window=run.config.dicom_window)
     # the new file complete on disk before the old one becomes checkpoint.prev.pt
     on_main(dd, lambda: save_rotating(run.out, {
         "format": "densenet-checkpoint-v1", "config": run.config.to_dict(), "model_config": model.config(),
@@ -621,10 +714,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def learning_rate(config: TrainConfig, epoch: int, steps_per_epoch: int = 1) -> float:
+def learning_rate(config: TrainConfig, epoch: int, steps_per_epoch: int = 1, val_loss: list[float | None] | None = None
+                  ) -> float:
     """lr at the first step of the given epoch (0-based), the ``lr`` column of metrics.csv; for the
-    paper's step schedule, ``lr`` times ``lr_gamma`` for every milestone passed (the whole epoch's)."""
-    return lr_at(config, epoch * steps_per_epoch, steps_per_epoch)
+    paper's step schedule, ``lr`` times ``lr_gamma`` for every milestone passed (the whole epoch's);
+    ``val_loss``: each epoch's validation loss so far (the plateau schedule's input)."""
+    return lr_at(config, epoch * steps_per_epoch, steps_per_epoch, val_loss or ())
+
+
+def val_losses(run: Run, state: State) -> list[float | None]:
+    """The validation loss of each epoch trained so far, of the weights the run serves (the plateau schedule's input)."""
+    key = "ema_val_loss" if run.config.ema_eval and state.ema is not None else "val_loss"
+    return [r.get(key) for r in state.history]
 
 
 def build_model(config: TrainConfig, num_classes: int, data_args: dict | None = None) -> DenseNet:
@@ -781,7 +882,7 @@ def write_epoch_logs(out: Path, writer: SummaryWriter, config: TrainConfig, hist
     plot_curves(out / "curves.png", [(config.model, history)], title=f"{config.model} on {config.dataset}")
     row = history[-1]
     for key in ("train_loss", "train_error", "val_error", "test_error", "lr", "images_per_s", "ema_val_error",
-                "ema_test_error", *CLASS_METRIC_COLUMNS):
+                "ema_test_error", *CLASS_METRIC_COLUMNS, *LABEL_METRIC_COLUMNS):
         if row.get(key) is not None:
             writer.add_scalar(key, row[key], row["epoch"])
     writer.flush()
@@ -792,7 +893,7 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     that keep one, then the class metrics the rows hold (macro averages,
     balanced accuracy, per-class ``test_f1[NAME]`` ...); missing values are empty."""
     extra = list(EMA_COLUMNS) if any(k in r for r in rows for k in EMA_COLUMNS) else []
-    extra += [k for k in CLASS_METRIC_COLUMNS if any(k in r for r in rows)]
+    extra += [k for k in CLASS_METRIC_COLUMNS + LABEL_METRIC_COLUMNS if any(k in r for r in rows)]
     extra += [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("test_") and "[" in k]
     columns = [*METRIC_COLUMNS, *extra]
     buffer = io.StringIO()
