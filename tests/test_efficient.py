@@ -115,11 +115,17 @@ def test_float32_relative_difference_below_1e5(mode):
         assert rel(f, r) < 1e-5 and rel(m, r) < 1e-5 and rel(m, f) < 5e-6
 
 
+def side(stem: str) -> int:
+    """An input side every stage of a ``pair(..., stem=stem)`` model sees more than one value at."""
+    return 32 if stem == "imagenet" else 8
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_batch_size_one(mode):
+def test_batch_size_one(mode, stem):
     torch.manual_seed(2)
-    ref, other = pair(mode)
-    compare(ref.train(), other.train(), torch.randn(1, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
+    ref, other = pair(mode, stem=stem)
+    compare(ref.train(), other.train(), torch.randn(1, 3, side(stem), side(stem), dtype=torch.float64), rtol=1e-10)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -146,11 +152,12 @@ def test_cumulative_average_momentum_none():
         compare(ref.train(), other.train(), torch.randn(2, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
 
 
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_no_grad_in_training_and_eval(mode):
+def test_no_grad_in_training_and_eval(mode, stem):
     torch.manual_seed(5)
-    ref, other = pair(mode)
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ref, other = pair(mode, stem=stem)
+    x = torch.randn(2, 3, side(stem), side(stem), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(other.train()(x), ref.train()(x), rtol=1e-10, atol=1e-10)
         for b, b_ref in zip(other.buffers(), ref.buffers()):
@@ -158,12 +165,13 @@ def test_no_grad_in_training_and_eval(mode):
         torch.testing.assert_close(other.eval()(x), ref.eval()(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_eval_mode_with_gradients(mode):
+def test_eval_mode_with_gradients(mode, stem):
     """Eval mode with gradients (e.g. saliency maps) uses running statistics and gives the same gradients."""
     torch.manual_seed(6)
-    ref, other = pair(mode)
-    compare(ref.eval(), other.eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64), rtol=1e-10)
+    ref, other = pair(mode, stem=stem)
+    compare(ref.eval(), other.eval(), torch.randn(2, 3, side(stem), side(stem), dtype=torch.float64), rtol=1e-10)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -328,6 +336,10 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
     transition = model.features.transition1.train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         transition(torch.randn(1, transition.in_channels, 1, 1))
+    for mode in MODES:  # the ImageNet stem: its 7x7/2 convolution makes one value per channel of a 1x1 image
+        _, model = pair(mode, stem="imagenet")
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            model.train()(torch.randn(1, 3, 1, 1, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------- mixed precision

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_helpers import SHARED_ZIP
 from PIL import Image
 from sklearn import metrics as skm
 
@@ -117,6 +118,9 @@ def test_masked_bce_leaves_ignored_labels_out_of_the_loss_and_its_mean():
     known = torch.nn.functional.binary_cross_entropy_with_logits(logits[[0, 1, 1], [0, 0, 1]], targets[[0, 1, 1], [0, 0, 1]])
     assert torch.isclose(masked_bce(logits, targets), known)
     assert masked_bce(logits, torch.full((2, 2), float("nan"))) == 0  # nothing known: no loss, no NaN
+    per_image = masked_bce(logits, targets, reduction="image")  # the training loss: summed per image, the scale of
+    assert torch.isclose(per_image, known * 3 / 2)  # softmax cross-entropy (3 known labels over 2 images)
+    assert torch.isclose(Objective(multilabel=True).loss(logits, targets), per_image)
     weight = torch.tensor([3.0, 1.0])
     assert masked_bce(logits[:1, :1], targets[:1, :1], weight[:1]) == pytest.approx(
         3 * float(torch.nn.functional.softplus(-logits[0, 0])))
@@ -322,3 +326,47 @@ def test_a_label_file_of_dicom_images_loads_inverted_and_at_full_depth(tmp_path)
     assert first.mode == "F" and np.asarray(first)[0, 0] == 255 and np.asarray(second)[0, 0] == 0  # MONOCHROME1 inverted
     x, y = next(iter(data.train.batches(0)))
     assert x.shape[1:] == (1, 16, 16) and y.shape[1] == 1
+
+
+def test_missing_images_are_named_and_skip_bad_goes_on(task, tmp_path):
+    root = tmp_path / "gaps"
+    csv_path = write_label_task(root, {"train": 24, "val": 8, "test": 8})
+    for name in ("train003.png", "train005.png", "test001.png"):
+        (root / "images" / name).unlink()
+    args = ["train", "--dataset", "csv", "--data", str(csv_path), *MODEL, "--epochs", "1", "--batch-size", "8",
+            "--image-size", "32", "--out", str(tmp_path / "run")]
+    code, printed = run_main(*args)
+    assert code != 0 and "3 of 40 rows" in printed and "train003.png" in printed and "--skip-bad" in printed
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "report.json").exists()
+    code, printed = run_main(*args, "--skip-bad")
+    assert code == 0, printed
+    assert "3 row(s)" in printed and "left out" in printed
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["test_per_label"]["red"]["images"] == 7
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"shared CIFAR-10 JPEG zip not found at {SHARED_ZIP}")
+def test_the_worked_example_of_docs_multilabel_at_a_small_size(tmp_path):
+    """docs/multilabel.md's commands, small: mosaics from the real CIFAR-10 copy, a short run, eval and
+    predict; the AUROC the run reports equals scikit-learn's on predict's CSV to 1e-6, and it learns
+    (above chance on held-out mosaics)."""
+    from densenet.data.mosaic import main as make_mosaics
+
+    assert make_mosaics([str(SHARED_ZIP), str(tmp_path / "mosaic"), "--train", "640", "--val", "128", "--test", "256"]) == 0
+    labels = tmp_path / "mosaic" / "labels.csv"
+    out = tmp_path / "run"
+    code, printed = run_main("train", "--dataset", "csv", "--data", str(labels), "--model", "densenet_bc16_k8",
+                             "--image-size", "32", "--recipe", "budget", "--epochs", "3", "--workers", "0", "--quiet",
+                             "--out", str(out))
+    assert code == 0, printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_mean_auroc"] > 0.55 and len(report["test_per_label"]) == 10
+    rows = [r for r in csv.DictReader(open(labels)) if r["Split"] == "test"]
+    code, printed = run_main("predict", str(out / "checkpoint.pt"), str(tmp_path / "mosaic" / "images" / "test"),
+                             "--csv", str(tmp_path / "test.csv"))
+    assert code == 0, printed
+    predicted = {Path(r["image"]).name: r for r in csv.DictReader(open(tmp_path / "test.csv"))}
+    names = list(report["test_per_label"])
+    y = np.array([[float(r[n]) for n in names] for r in rows])
+    s = np.array([[float(predicted[Path(r["Path"]).name][n]) for n in names] for r in rows])
+    assert skm.roc_auc_score(y, s, average="macro") == pytest.approx(report["test_mean_auroc"], abs=1e-6)

@@ -139,6 +139,8 @@ class TrainConfig:
                             "bands (pad) to become square, keeping its aspect ratio")
     dicom_window: bool = _opt(False, "dataset csv: DICOM images use their VOI window (WindowCenter/Width) when they "
                                      "have one (default: the full range)")
+    skip_bad: bool = _opt(False, "image folders and label files: images that are missing or cannot be decoded are "
+                                 "counted, the first few named, and left out (default: stop at the first, naming it)")
     threshold_rule: str = _opt("youden", "multi-label: each label's decision threshold is chosen on the validation split "
                                          "by youden (max sensitivity + specificity, the default) or f1")
     spatial_dims: int | None = _opt(None, "1, 2 or 3: the model's spatial dimensions (default: the dataset's, 3 for "
@@ -190,7 +192,7 @@ def field_help(name: str) -> str:
 
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
-RUNTIME_KEYS = frozenset({"out", "data", "image_root",
+RUNTIME_KEYS = frozenset({"out", "data", "image_root", "skip_bad",
                           "download", "device", "threads", "workers", "quiet", "checkpoint_every", "sync_every",
                           "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 

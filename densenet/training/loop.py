@@ -202,7 +202,8 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
             config.dataset, config.data, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
             val_size=config.val_size or None, seed=config.seed, workers=config.workers, image_size=config.image_size,
             train_subset=config.train_subset, test_subset=config.test_subset, download=config.download,
-            balanced=config.balanced_sampler, image_root=config.image_root, uncertain=config.uncertain,
+            balanced=config.balanced_sampler, skip_bad_images=config.skip_bad, image_root=config.image_root,
+            uncertain=config.uncertain,
             group_column=config.group_column,
             image_options=ImageOptions(config.in_channels, config.fit, config.dicom_window) if config.dataset == "csv" else None,
         )
@@ -656,7 +657,17 @@ def data_notes(config: TrainConfig, data: Data) -> list[str]:
                          f"{data.image_size}x{data.image_size} ({'upscaled' if factor < 1 else 'downscaled'} "
                          f"{max(factor, 1 / factor):.1f}x), the input size of {config.model}; {change}")
     counts = data.class_counts
-    if counts and max(counts) > IMBALANCE_NOTE * min(counts):
+    if data.multilabel:
+        n = data.train.num_images
+        rare = [f"{name} {c:,}" for name, c in zip(data.class_names, counts) if c < n / 20]
+        if rare:
+            notes.append(f"rare labels (positives in {n:,} training images): {', '.join(rare[:10])}"
+                         f"{' ...' if len(rare) > 10 else ''}; their AUROC is reported per label"
+                         + ("" if config.pos_weight else ", and --pos-weight auto weighs their positives up"))
+        if data.skipped:
+            notes.append(f"{len(data.skipped):,} row(s) of {data.source} left out (--skip-bad), their images missing: "
+                         f"{'; '.join(data.skipped[:3])}{' ...' if len(data.skipped) > 3 else ''}")
+    elif counts and max(counts) > IMBALANCE_NOTE * min(counts):
         big, small = counts.index(max(counts)), counts.index(min(counts))
         ratio = "no images" if not counts[small] else f"{counts[big] / counts[small]:.0f}:1"
         notes.append(f"the classes are out of balance ({ratio}: {data.class_names[big]} has {counts[big]:,} training "

@@ -2,8 +2,11 @@
 several labels per image (sigmoid binary cross-entropy, labels decided right at 0.5).
 
 Multi-label targets are (N, L) float: 1 positive, 0 negative, NaN ignored (``--uncertain ignore``).
-An ignored label adds nothing to the loss nor to its normaliser: the loss is the mean binary
-cross-entropy over the known (image, label) pairs. ``pos_weight`` (L,) multiplies each label's
+An ignored label adds nothing to the loss. The training loss is each image's binary cross-entropy
+summed over its known labels, averaged over the images: the scale of the softmax cross-entropy, whose
+gradient also spreads over every output, so that SGD's learning rates carry over (a mean over all
+(image, label) pairs would divide the gradients by the number of labels). Losses reported by an
+evaluation are per known label. ``pos_weight`` (L,) multiplies each label's
 positive term (``--pos-weight auto``: negatives / positives of the training split, as CheXNet weighs
 its rare findings).
 """
@@ -21,12 +24,15 @@ __all__ = ["Objective", "masked_bce", "positive_weights"]
 
 def masked_bce(logits: Tensor, targets: Tensor, pos_weight: Tensor | None = None, reduction: str = "mean") -> Tensor:
     """Binary cross-entropy of ``logits`` (N, L) against ``targets`` (N, L) with NaN entries left out;
-    ``reduction``: ``mean`` over the known entries (0 when there are none) or ``sum``. Computed in float32."""
+    ``reduction``: ``mean`` over the known entries (0 when there are none), ``image`` (summed over each
+    image's labels, averaged over the images: the training loss) or ``sum``. Computed in float32."""
     known = ~torch.isnan(targets)
     loss = F.binary_cross_entropy_with_logits(logits.float(), torch.where(known, targets, 0.0).float(),
                                               pos_weight=pos_weight, reduction="none")
     total = (loss * known).sum()
-    return total if reduction == "sum" else total / known.sum().clamp_min(1)
+    if reduction == "sum":
+        return total
+    return total / (len(targets) if reduction == "image" else known.sum().clamp_min(1))
 
 
 def positive_weights(targets: np.ndarray) -> np.ndarray:
@@ -50,7 +56,7 @@ class Objective:
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The mean loss of a batch: logits (N, C), targets (N,) class indices or (N, L) multi-label."""
         if self.multilabel:
-            return masked_bce(logits, targets, self.pos_weight)
+            return masked_bce(logits, targets, self.pos_weight, reduction="image")
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
     def correct(self, logits: Tensor, targets: Tensor) -> Tensor:

@@ -121,7 +121,9 @@ def describe(config: TrainConfig) -> str:
     if config.warmup_epochs:
         parts.append(f"warm-up {config.warmup_epochs:g} epoch(s)")
     if config.label_smoothing:
-        parts.append(f"label smoothing {config.label_smoothing:g}")
+        parts.append(f"label smoothing {config.label_smoothing:g}" + (" (single-label only: not applied to the binary "
+                                                                      "cross-entropy of label files)"
+                                                                      if config.dataset == "csv" else ""))
     if config.ema_decay is not None:
         parts.append(f"weight average (EMA) decay {config.ema_decay:g}"
                      + (", reported and served in place of the weights" if config.ema_eval else ", reported beside them"))
