@@ -262,6 +262,10 @@ def test_16_bit_images_keep_their_low_bits(tmp_path):
     assert not np.array_equal(x, y)
     assert np.allclose(y - x, 1 / 257, atol=1e-3)  # one 16-bit step on the 0-255 scale
     assert read_image(a.read_bytes(), "a.png", options).mode == "F"
+    tiff = tmp_path / "a.tif"
+    Image.fromarray(base).save(tiff)  # 16-bit TIFF, as scanners write them
+    t = np.asarray(read_image(tiff.read_bytes(), "a.tif", options))
+    assert t.dtype == np.float32 and np.allclose(t, base / 257, atol=1e-3)
 
 
 def test_channels_and_fit(tmp_path):
