@@ -374,3 +374,22 @@ def test_the_worked_example_of_docs_multilabel_at_a_small_size(tmp_path):
     y = np.array([[float(r[n]) for n in names] for r in rows])
     s = np.array([[float(predicted[Path(r["Path"]).name][n]) for n in names] for r in rows])
     assert skm.roc_auc_score(y, s, average="macro") == pytest.approx(report["test_mean_auroc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_test_image_once(task, tmp_path):
+    """torchrun, 2 processes (gloo): each rank scores its shard of the test split, the probabilities are
+    gathered, so report.json's AUROC covers every test image once, as in one process."""
+    from test_distributed import ok, single, torchrun
+
+    args = ["train", "--dataset", "csv", "--data", str(task), "--model", "densenet_bc16_k8", "--image-size", "32",
+            "--batch-size", "16", "--epochs", "1", "--uncertain", "ignore", "--amp", "off", "--sync-bn", "--deterministic",
+            "--quiet", "--threads", "1", "--workers", "0", "--checkpoint-every", "0"]
+    two = ok(torchrun([*args, "--out", str(tmp_path / "two")]))
+    ok(single([*args, "--out", str(tmp_path / "one")]))
+    assert "2 processes x 8, gloo" in two.stdout
+    a, b = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two"))
+    assert b["processes"] == 2
+    assert [r["images"] for r in b["test_per_label"].values()] == [r["images"] for r in a["test_per_label"].values()] \
+        == [16, 16, 12]
+    assert b["test_mean_auroc"] == pytest.approx(a["test_mean_auroc"], abs=0.05)
