@@ -336,10 +336,25 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
     transition = model.features.transition1.train()
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         transition(torch.randn(1, transition.in_channels, 1, 1))
-    for mode in MODES:  # the ImageNet stem: its 7x7/2 convolution makes one value per channel of a 1x1 image
+    for mode in MODES:  # the ImageNet stem alone: its 7x7/2 convolution makes one value per channel of a 1x1 image
         _, model = pair(mode, stem="imagenet")
+        stem = model.features[:4].train()  # conv0, norm0, relu0, pool0: the fused stem's modules
         with pytest.raises(ValueError, match="more than 1 value per channel"):
-            model.train()(torch.randn(1, 3, 1, 1, dtype=torch.float64))
+            stem(torch.randn(1, 3, 1, 1, dtype=torch.float64))
+        stem(torch.randn(1, 3, 3, 3, dtype=torch.float64)).sum().backward()  # 2x2 values per channel: trains
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_imagenet_stem_under_autocast_computes_as_autocast_does(mode):
+    """The fused stem is for float32/64 without autocast; under autocast the stem runs as PyTorch's
+    modules do (the convolution in bfloat16), giving the layer-by-layer form's output."""
+    torch.manual_seed(14)
+    ref, other = pair(mode, dtype=torch.float32, stem="imagenet")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref.features[:4].train()(x), other.features[:4].train()(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
 
 
 # ---------------------------------------------------------------------------- mixed precision
