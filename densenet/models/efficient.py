@@ -814,7 +814,7 @@ def _conv0_grads(g: Tensor, x: Tensor, conv_w: Tensor, conv: nn.Module, need_x: 
                                          False, zeros, conv.groups, [True, False, False])[0]
     if need_w:
         if (d == 3 and tuple(conv.kernel_size) == (7,) * 3 and tuple(conv.stride) == (2,) * 3
-                and tuple(conv.padding) == (3,) * 3 and tuple(conv.dilation) == ones and conv.groups == 1):
+                and tuple(conv.padding) == (3,) * 3 and tuple(conv.dilation) == (1,) * 3 and conv.groups == 1):
             xs = _space_to_depth(x)
             ws = torch.empty((conv_w.shape[0], xs.shape[1], 4, 4, 4), dtype=x.dtype, device=x.device,
                              memory_format=torch.channels_last_3d)
