@@ -45,7 +45,7 @@ def all_images(loader, **kw) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------- names
 def test_dataset_names_and_unknown_name():
-    assert DATASETS == ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder", "volumes", "signals")
+    assert DATASETS == ("cifar10", "cifar10+", "cifar100", "cifar100+", "svhn", "imagenet", "folder", "csv", "volumes", "signals")
     with pytest.raises(DataError, match="valid names: cifar10, cifar10\\+, cifar100.*folder"):
         build_data("cifar11", None)
     assert issubclass(DataError, ValueError)

@@ -71,8 +71,9 @@ class TrainConfig:
 
     model: str = _opt("densenet_bc100_k12", "registered name or densenet_bc{L}_k{k} (default densenet_bc100_k12; "
                       "densenet_bc40_k12 for the bundled sample)")
-    dataset: str = _opt("cifar10+", "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet, folder, volumes (3-D: NIfTI "
-                                    "or .npy) or signals (1-D .npy) (default cifar10+)")
+    dataset: str = _opt("cifar10+", "cifar10, cifar10+, cifar100, cifar100+, svhn, imagenet, folder, csv (a multi-label "
+                                    "label file, docs/multilabel.md), volumes (3-D: NIfTI or .npy) or signals (1-D .npy) "
+                                    "(default cifar10+)")
     data: str | None = _opt(None, "dataset directory or archive (default: the bundled CIFAR-10 sample, with a short "
                                   "demo recipe)")
     out: str = _opt("runs/densenet", "run directory")
