@@ -345,6 +345,17 @@ def test_one_value_per_channel_in_training_raises_as_the_reference_does():
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_a_stem_with_another_pool_runs_module_by_module(mode):
+    """The fused stem is a 3x3/2 max pool with padding 1: a stem given another pool (here 2x2/2) runs
+    its modules one by one and equals the reference."""
+    torch.manual_seed(15)
+    ref, other = pair(mode, stem="imagenet")
+    for model in (ref, other):
+        model.features.pool0 = nn.MaxPool2d(2)
+    compare(ref.train(), other.train(), torch.randn(2, 3, 32, 32, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_imagenet_stem_under_autocast_computes_as_autocast_does(mode):
     """The fused stem is for float32/64 without autocast; under autocast the stem runs as PyTorch's
     modules do (the convolution in bfloat16), giving the layer-by-layer form's output."""

@@ -42,7 +42,8 @@ _CHECKPOINT_TESTS = ["tests/test_checkpoint.py", "tests/test_reliability.py", "-
 #: each core module and the pytest arguments that select its own tests (fast ones first: -x stops at the first failure)
 MODULES: dict[str, list[str]] = {
     # test_volumes.py: the 1-D and 3-D forms of the kernels (transitions' pooling backward among them)
-    "densenet/models/efficient.py": ["tests/test_efficient.py", "tests/test_sync_bn.py", "tests/test_volumes.py"],
+    "densenet/models/efficient.py": ["tests/test_efficient.py", "tests/test_sync_bn.py", "tests/test_volumes.py",
+                                     "tests/test_fused.py"],
     "densenet/models/sync_bn.py": ["tests/test_sync_bn.py"],
     "densenet/models/fused.py": ["tests/test_fused.py", "tests/test_efficient.py"],
     "densenet/io/checkpoint.py": [*_CHECKPOINT_TESTS],
