@@ -126,7 +126,8 @@ def test_fused_stem_in_chunks_of_one_image(spatial_dims, mode, monkeypatch):
     torch.manual_seed(9)
     ref, other = pair(mode, spatial_dims, stem="imagenet")
     stems = counting(monkeypatch, dn, "fused_stem")
-    x = batch(spatial_dims, "imagenet") if spatial_dims != 2 else torch.randn(3, 3, 20, 18, dtype=torch.float64)
+    # 4 images, not 3: with one image per chunk a loop over the images must not stop at the channel count
+    x = batch(spatial_dims, "imagenet", n=4) if spatial_dims != 2 else torch.randn(4, 3, 20, 18, dtype=torch.float64)
     compare(ref.train(), other.train(), x)
     compare(ref, other, x)
     assert stems == [True, True]
