@@ -6,7 +6,8 @@ of one lever without the rest of the full bench: for example the fused CPU kerne
     python bench/bench_alternate.py ours_bf,ours_me_bf                      # memory-efficient against the default
 
 Configurations: bench_speed's names (tv, tv_bf, ours, ours_bf, ours_unfused_bf, ours_me_bf, ...);
-BC-100 k=12, batch 64, 32x32 unless --model says otherwise.
+BC-100 k=12, batch 64; images at the model's input size (32x32 for the CIFAR models, 224x224 for the
+ImageNet ones) unless --size says otherwise.
 """
 from __future__ import annotations
 
@@ -20,23 +21,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_speed as b  # noqa: E402  (this folder: the same models, steps and timing)
 
+from densenet.models import model_spec  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("impls", help="comma-separated configurations")
     p.add_argument("--model", default="densenet_bc100_k12")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, help="image side (default: the model's input size)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     impls = args.impls.split(",")
-    x, y = b.data(args.model, 32, args.batch)
+    size = args.size or model_spec(args.model).input_size
+    x, y = b.data(args.model, size, args.batch)
     fns = b.train_steps(impls, args.model, x, y)
     sec = b.timed_alternating(fns, args.repeats, warmup=args.warmup)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.model} batch {args.batch}, median of {args.repeats} alternating steps; ours: {b.fused.status()}")
+          f"{args.model} batch {args.batch}, {size}x{size}, median of {args.repeats} alternating steps; ours: {b.fused.status()}")
     for i, s in sec.items():
         print(f"  {i:16s} {args.batch / s:7.2f} img/s   {sec[impls[0]] / s:5.2f}x {impls[0]}")
 
