@@ -284,6 +284,7 @@ def test_channels_and_fit(tmp_path):
 
 
 def test_one_channel_model_trains_on_greyscale_16_bit_files(tmp_path):
+    """A greyscale model (--in-channels 1, padded to square, in the memory-efficient mode) on 16-bit PNGs."""
     root = tmp_path / "grey"
     (root / "img").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -299,7 +300,7 @@ def test_one_channel_model_trains_on_greyscale_16_bit_files(tmp_path):
     out = tmp_path / "run"
     code, printed = run_main("train", "--dataset", "csv", "--data", str(root / "labels.csv"), *MODEL, "--epochs", "1",
                              "--batch-size", "8", "--image-size", "32", "--in-channels", "1", "--fit", "pad",
-                             "--out", str(out))
+                             "--memory-efficient", "--out", str(out))
     assert code == 0, printed
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert checkpoint["model"]["features.conv0.weight"].shape[1] == 1
