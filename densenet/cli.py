@@ -40,7 +40,7 @@ from .analysis import (
 from .analysis.explain import METHODS, ExplainError
 from .analysis.multilabel_metrics import format_label_table, multilabel_metrics
 from .analysis.plots import plot_roc
-from .data import DataError, ImageOptions, build_data
+from .data import DataError, build_data
 from .errors import DenseNetError, MissingDependency, MissingFile
 from .io.atomic import atomic_write_text
 from .models import count_macs, count_parameters, create_model, list_models, list_weights, model_spec, stage_summary
@@ -59,6 +59,7 @@ from .serving import (
     resolve_class,
 )
 from .serving.export import SUFFIXES
+from .serving.predict import image_options
 from .serving.tta import TTA_MODES, check_tta
 from .training import TrainingStopped, evaluate, evaluate_tta, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
@@ -214,9 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     labels = {}
     if dataset == "csv":  # the label file's test split, read as in training
         labels = dict(image_root=args.image_root, uncertain=info.get("uncertain", "zeros"),
-                      group_column=info.get("group_column"),
-                      image_options=ImageOptions(info.get("in_channels", 3), info.get("fit", "crop"),
-                                                 info.get("dicom_window", False)))
+                      group_column=info.get("group_column"), image_options=image_options(info))
     data = build_data(dataset, args.data, batch_size=args.batch_size, eval_batch_size=args.batch_size,
                       workers=args.workers, image_size=info["image_size"], seed=info.get("seed", 0), **labels)
     if data.multilabel:

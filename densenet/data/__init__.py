@@ -13,7 +13,7 @@ from .download import RESOURCES
 from .download import download as download_dataset
 from .errors import DataError, DataNotFound, ExpansionRefused, check_finite
 from .folder import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageTree, decode_image, open_image, scan_tree
-from .image_reading import ImageOptions, fit_image, match_channels, read_image
+from .image_reading import ImageOptions, eval_view, fit_image, match_channels, read_image
 from .loader import ArrayLoader, FolderLoader
 from .transforms import eval_image
 
@@ -21,5 +21,5 @@ __all__ = [
     "DATASETS", "Data", "build_data", "DataError", "DataNotFound", "ArrayLoader", "FolderLoader", "ImageTree", "scan_tree",
     "decode_image", "safe_extract", "download_dataset", "RESOURCES", "cache_dir", "channel_stats", "SAMPLE_PATH",
     "IMAGENET_MEAN", "IMAGENET_STD", "DEFAULT_MAX_PIXELS", "ExpansionRefused", "check_finite", "IMAGE_SUFFIXES",
-    "open_image", "eval_image", "ImageOptions", "read_image", "fit_image", "match_channels",
+    "open_image", "eval_image", "ImageOptions", "read_image", "fit_image", "match_channels", "eval_view",
 ]

@@ -283,11 +283,8 @@ def build_data(name: str, root: str | os.PathLike | None = None, *, batch_size: 
                     spatial_dims=p.spatial_dims, in_channels=p.channels,
                     class_counts=_class_counts(p.train, p.num_classes))
     if name == "csv":
-        if balanced:
-            raise DataError("class-balanced sampling needs one class per image; a label file has several labels per "
-                            "image: leave out --balanced-sampler (--pos-weight auto weighs rare labels instead)")
         return _label_file_data(root, image_root, uncertain, group_column, image_options or ImageOptions(),
-                                batch_size=batch_size, eval_batch_size=eval_bs, seed=seed, workers=workers,
+                                balanced=balanced, batch_size=batch_size, eval_batch_size=eval_bs, seed=seed, workers=workers,
                                 skip_bad_images=skip_bad_images, image_size=image_size or 224, train_subset=train_subset,
                                 test_subset=test_subset, max_pixels=max_image_pixels)
     if base in ("imagenet", "folder"):
@@ -348,7 +345,7 @@ def _class_counts(loader: ArrayLoader | FolderLoader | VolumeLoader, num_classes
 
 
 def _label_file_data(root, image_root, uncertain: str, group_column: str | None, options: ImageOptions, *,
-                     batch_size: int, eval_batch_size: int, seed: int, workers: int, skip_bad_images: bool,
+                     balanced: bool, batch_size: int, eval_batch_size: int, seed: int, workers: int, skip_bad_images: bool,
                      image_size: int, train_subset: int | None, test_subset: int | None, max_pixels: int | None) -> Data:
     """The ``csv`` dataset: a label file's rows split into train / val / test (see :func:`build_data`)."""
     if root is None or str(root) == "sample":
@@ -373,7 +370,7 @@ def _label_file_data(root, image_root, uncertain: str, group_column: str | None,
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if options.channels == 3 else (GREY_MEAN, GREY_STD)
     common = dict(seed=seed, image_size=image_size, mean=mean, std=std, workers=workers, skip_bad_images=skip_bad_images,
                   max_pixels=max_pixels, image_options=options)
-    train = FolderLoader(tree, train_idx, batch_size, train=True, **common)
+    train = FolderLoader(tree, train_idx, batch_size, train=True, balanced=balanced, **common)  # refused: several labels
     val = FolderLoader(tree, parts["val"], eval_batch_size, train=False, **common) if len(parts["val"]) else None
     test = FolderLoader(tree, test_idx, eval_batch_size, train=False, **common)
     positives = np.nan_to_num(table.targets[train_idx], nan=0.0).sum(0)

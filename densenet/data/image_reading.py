@@ -21,8 +21,9 @@ from PIL import Image
 from .dicom import DICOM_SUFFIXES, is_dicom, read_dicom
 from .errors import DataError
 from .folder import DEFAULT_MAX_PIXELS, decode_image, open_image
+from .transforms import eval_image
 
-__all__ = ["FITS", "ImageOptions", "read_image", "fit_image", "match_channels"]
+__all__ = ["FITS", "ImageOptions", "read_image", "fit_image", "match_channels", "eval_view"]
 
 #: how an image that is not square becomes square: ``crop`` (the short side resized, the centre kept:
 #: the default, torchvision's) or ``pad`` (the long side resized, black bands added: nothing cut off)
@@ -103,3 +104,13 @@ def match_channels(a: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(a, 3, axis=axis)
     luma = np.array([0.299, 0.587, 0.114], np.float32).reshape((3, 1, 1))
     return (a * luma).sum(axis=axis, keepdims=True, dtype=np.float32)
+
+
+def eval_view(data: bytes, name: str, size: int, options: ImageOptions | None = None,
+              max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The evaluation view (:func:`.transforms.eval_image`) of the image in ``data``: uint8 (3, size, size)
+    read as image folders are (``options`` None), else float32 (C, size, size) read as a label-file
+    model reads it (full depth, DICOM, ``options.fit``, ``options.channels``)."""
+    if options is None:
+        return eval_image(decode_image(data, name, max_pixels), size)
+    return match_channels(eval_image(fit_image(read_image(data, name, options, max_pixels), options), size), options.channels)

@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from ..io.atomic import atomic_write_text
-from .archive import ARCHIVE_ERRORS, check_expansion
+from .archive import ARCHIVE_ERRORS
 from .errors import DataError, DataNotFound
-from .folder import IMAGE_SUFFIXES, decode_image
+from .folder import IMAGE_SUFFIXES, ImageTree, decode_image
 
 __all__ = ["CLASSES", "CELL", "SPLITS", "make_mosaics", "main"]
 
@@ -86,18 +86,10 @@ def _empty_masks(rng: np.random.Generator, counts: dict[str, int], empty: float)
     return masks
 
 
-def _read_cell(path: Path, z: zipfile.ZipFile, name: str) -> np.ndarray:
+def _read_cell(tree: ImageTree, name: str) -> np.ndarray:
     """The image ``name`` of the zip as (32, 32, 3) uint8 RGB; :class:`DataError` naming it otherwise."""
-    where = f"{path}:{name}"
-    try:
-        info = z.getinfo(name)
-        check_expansion(path, f"member {name!r}", info.file_size, info.compress_size)
-        data = z.read(info)
-    except DataError:
-        raise
-    except ARCHIVE_ERRORS as e:
-        raise DataError(f"{where}: cannot read ({type(e).__name__}: {e})") from None
-    im = decode_image(data, where)
+    where = tree.location(name)
+    im = decode_image(tree.read(name), where)
     if im.size != (CELL, CELL):
         raise DataError(f"{where}: a {im.width}x{im.height} image; a mosaic cell takes a {CELL}x{CELL} CIFAR-10 image")
     return np.asarray(im, dtype=np.uint8)
@@ -141,6 +133,7 @@ def make_mosaics(cifar_zip: str | os.PathLike, out: str | os.PathLike, *, train:
         raise DataError(f"{path}: cannot open the zip ({type(e).__name__}: {e})") from None
     with z:
         sources = _list_sources(path, z)
+        tree = ImageTree(path, "")  # reads the cells: the expansion check and read errors of image folders
         # cells[split]: (n, 4) index into sources[SOURCE[split]], -1 = empty; each source image used once
         cells: dict[str, np.ndarray] = {}
         for source in ("train", "test"):
@@ -172,7 +165,7 @@ def make_mosaics(cifar_zip: str | os.PathLike, out: str | os.PathLike, *, train:
                     if j < 0:
                         continue
                     r, c = divmod(k, 2)
-                    mosaic[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = _read_cell(path, z, members[j])
+                    mosaic[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = _read_cell(tree, members[j])
                     present[labels[j]] = True
                 rel = f"images/{split}/{i:06d}.png"
                 (out / rel).write_bytes(_png(mosaic))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.explain import ExplainError, explain, save_overlay
-from ..data import DataError, decode_image, eval_image, fit_image, match_channels, read_image
+from ..data import DataError, eval_view, match_channels
 from ..data.transforms import normalize
 from ..errors import ArgumentError
 from ..io.atomic import atomic_write_bytes
@@ -80,11 +80,7 @@ def explain_images(model: nn.Module, data: dict, paths: Iterable[str | os.PathLi
         batch, pixels, tensors = [], [], []
         for path in files[start : start + batch_size]:
             try:
-                if options is None:
-                    view = eval_image(decode_image(Path(path).read_bytes(), str(path)), size)  # uint8 (3, S, S)
-                else:  # float32 (C, S, S) on the 0-255 scale
-                    image = fit_image(read_image(Path(path).read_bytes(), str(path), options), options)
-                    view = match_channels(eval_image(image, size), options.channels)
+                view = eval_view(Path(path).read_bytes(), str(path), size, options)  # uint8 (3, S, S), or float32 (C, S, S)
             except (DataError, OSError) as e:
                 error = e if isinstance(e, DataError) else DataError(f"cannot read image {path}: {e.strerror or e}")
                 if on_error is None:

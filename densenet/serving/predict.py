@@ -10,17 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import (
-    IMAGE_SUFFIXES,
-    DataError,
-    ImageOptions,
-    check_finite,
-    decode_image,
-    eval_image,
-    fit_image,
-    match_channels,
-    read_image,
-)
+from ..data import IMAGE_SUFFIXES, DataError, ImageOptions, check_finite, eval_view
 from ..data.dicom import DICOM_SUFFIXES
 from ..data.folder import list_entries
 from ..data.transforms import normalize
@@ -76,12 +66,7 @@ def load_image(path: str | os.PathLike, image_size: int, mean: tuple, std: tuple
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror}") from None
-    if options is None:
-        view = eval_image(decode_image(data, str(path)), image_size)
-    else:
-        view = match_channels(eval_image(fit_image(read_image(data, str(path), options), options), image_size),
-                              options.channels)
-    x = normalize(view, tuple(mean), tuple(std))
+    x = normalize(eval_view(data, str(path), image_size, options), tuple(mean), tuple(std))
     check_finite(x, f"image {path} (after normalisation with mean {list(mean)}, std {list(std)})")
     return x
 
