@@ -78,9 +78,10 @@ def test_compiled_kernels_agree_with_the_eager_ones(dtype, monkeypatch):
         assert err < tol, (i, err)
 
 
-def test_training_through_compiled_kernels_matches_the_layer_by_layer_model(compiled):
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_training_through_compiled_kernels_matches_the_layer_by_layer_model(compiled, memory_efficient):
     torch.manual_seed(0)
-    fast = create_model("densenet_bc40_k12", num_classes=10).double()
+    fast = create_model("densenet_bc40_k12", num_classes=10, memory_efficient=memory_efficient).double()
     ref = create_model("densenet_bc40_k12", num_classes=10, fast=False).double()
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -91,6 +92,19 @@ def test_training_through_compiled_kernels_matches_the_layer_by_layer_model(comp
         assert torch.allclose(p.grad, q.grad, rtol=1e-8, atol=1e-10), name
     for (name, b), c in zip(fast.named_buffers(), ref.buffers()):
         assert torch.allclose(b.double(), c.double(), rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_recompute_repeats_the_training_forward_bit_for_bit(compiled, dtype):
+    z4 = _inputs(dtype)["z4"]
+    norm = torch.nn.BatchNorm2d(12).to(_inputs(dtype)["stat"])
+    weight, bias = norm.weight + 0.5, norm.bias - 0.2
+    r, mean, invstd = fused.bn_relu_train(z4, weight, bias, norm)
+    out = torch.full(r.shape, float("nan"), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    again = fused.bn_relu_recompute(fused.as_rows(z4), mean, invstd, weight, bias, fused.as_rows(out))
+    assert torch.equal(again, fused.as_rows(r)) and torch.equal(out, r)
+    fused.set_enabled(False)
+    assert fused.bn_relu_recompute(fused.as_rows(z4), mean, invstd, weight, bias, fused.as_rows(out)) is None
 
 
 def test_a_broken_toolchain_warns_once_and_runs_eagerly(monkeypatch):

@@ -40,7 +40,16 @@ from torch import Tensor, nn
 
 from .fused import as_nchw as _nchw
 from .fused import as_rows as _rows
-from .fused import bn_input_backward, bn_relu, bn_relu_backward, bn_relu_train, bn_relu_train_backward, store_maps
+from .fused import (
+    bn_input_backward,
+    bn_relu,
+    bn_relu_backward,
+    bn_relu_recompute,
+    bn_relu_train,
+    bn_relu_train_backward,
+    compiled_for,
+    store_maps,
+)
 from .fused import colsum as _colsum
 from .fused import normalise as _normalise
 from .fused import vec as _vec
@@ -310,7 +319,10 @@ def _block_forward(
                 z = _bn_relu_matmul_rows(b2[:, :c], bn1, w1, ws_z)
             elif spec.sync:
                 z = t @ w1.t()
-            if spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
+            if lean and not spec.sync and compiled_for(z):  # one fused pass; backward recomputes it alike
+                r, m2, s2 = bn_relu_train(_nchw(z, n, sp), p[3], p[4], norm2)
+                z4 = _nchw(z, n, sp)
+            elif spec.memory_efficient or spec.sync:  # BN2 by hand: into workspaces, or over all processes
                 r_rows = ws_r if spec.memory_efficient else torch.empty_like(z)
                 m2, v2 = _centred_moments(z, r_rows, spec.stat_dtype)
                 total = m
@@ -341,7 +353,7 @@ def _bottleneck_workspaces(like: Tensor, spec: _Block) -> tuple[Tensor | None, T
     return like.new_empty(spec.m, width), like.new_empty(spec.m, width)
 
 
-ROW_CHUNK_BYTES = 1 << 22  # size of each row chunk's temporaries in the memory-efficient backward
+ROW_CHUNK_BYTES = 1 << 24  # size of each row chunk's temporaries in the memory-efficient mode (16 MB: 4 MB took 1.2x longer)
 
 
 def _rows_per_chunk(t: Tensor, row_numel: int) -> int:
@@ -360,7 +372,7 @@ def _bn_relu_matmul_rows(prefix: Tensor, bn1: tuple[Tensor, Tensor], w1: Tensor,
 
 def _lean_bottleneck_backward(
     spec: _Block, b2: Tensor, offset: Tensor, invstd: Tensor, p: Sequence[Tensor], m2: Tensor, s2: Tensor,
-    c: int, g_o: Tensor, gw: Tensor, ws_z: Tensor, ws_r: Tensor,
+    c: int, g_o: Tensor, gw: Tensor, ws_z: Tensor, ws_r: Tensor, eps2: float,
 ) -> list[Tensor]:
     """Backward of one bottleneck layer in the memory-efficient mode, recomputing its forward.
 
@@ -374,10 +386,14 @@ def _lean_bottleneck_backward(
     rows = _rows_per_chunk(b2, c)
     z = _bn_relu_matmul_rows(prefix, bn1, w1, ws_z)
     sc2 = p[3] * s2
-    r = _affine_centred(z, m2, sc2, p[4], out=ws_r).relu_()
+    fused_r = None if spec.sync else bn_relu_recompute(z, m2, s2, p[3], p[4], ws_r)
+    r = _affine_centred(z, m2, sc2, p[4], out=ws_r).relu_() if fused_r is None else fused_r
     g_r, g_w2, _ = _conv_backward(spec, g_o, _nchw(r, n, sp), p[5], [True, True, False])
     sdt = spec.stat_dtype
-    if spec.sync:
+    if fused_r is not None:  # BN2-ReLU backward in one fused pass
+        g_z4, g_n2w, g_n2b = bn_relu_train_backward(g_r, _nchw(r, n, sp), _nchw(z, n, sp), m2, s2, p[3], eps2)
+        g_z = _rows(g_z4)
+    elif spec.sync:
         g_u = _aten.threshold_backward(g_r, _nchw(r, n, sp), 0)
         g_z, g_n2w, g_n2b = bn_backward(_rows(g_u), _affine_centred(z, m2, s2, torch.zeros_like(s2)), s2, p[3], spec.total,
                                         spec.group)
@@ -445,7 +461,7 @@ def _block_backward(
         g_o = _nchw(g_o.to(spec.dtype).contiguous(), n, sp)
         if lean:
             grads[per * i : per * (i + 1)] = _lean_bottleneck_backward(
-                spec, b2, offset, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r)
+                spec, b2, offset, invstd, p, *saved[i], c, g_o, gw, ws_z, ws_r, layer.norm2.eps)
             continue
         t = _bn1_relu(b2[:, :c], _bn1_affine(invstd[:c], offset[:c], p[0], p[1], b2.dtype), out=ws_t[: m * c].view(m, c))
         if spec.bottleneck:

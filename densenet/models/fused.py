@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 from .sync_bn import bn_backward, bn_factor, update_running
 
-__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train",
-           "bn_relu_train_backward", "colsum", "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
+__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_recompute",
+           "bn_relu_train", "bn_relu_train_backward", "colsum", "compiled_for", "enabled", "normalise", "set_enabled",
+           "status", "store_maps", "vec"]
 
 MIN_NUMEL = 1 << 18  # matrices smaller than this run eagerly: compiling would not pay
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
@@ -74,6 +75,11 @@ def set_enabled(on: bool | None) -> None:
 def _use_compiled(x: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in COMPILED_DTYPES and x.numel() >= MIN_NUMEL and enabled()
             and not torch.compiler.is_compiling() and not torch.jit.is_scripting())
+
+
+def compiled_for(x: Tensor) -> bool:
+    """Whether the compiled forms run for the matrix ``x`` (its dtype, size, device, the switch)."""
+    return _use_compiled(x)
 
 
 def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *args: Any) -> Any:
@@ -207,13 +213,34 @@ def _bn_relu_train_eager(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Modul
     return u.relu_(), mean, invstd
 
 
-def _bn_relu_train_fused(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bn_relu_apply(z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """relu(BN(z)) given the statistics, computed in the accumulation dtype: one expression shared by
+    the training forward and the memory-efficient mode's recompute, so that both round alike."""
     acc = _acc(z.dtype)
-    zf = z.to(acc)
-    var, mean = torch.var_mean(zf, dim=0, correction=0)
+    return torch.relu((z.to(acc) - mean.to(acc)) * (invstd.to(acc) * weight.to(acc)) + bias.to(acc)).to(z.dtype)
+
+
+def _bn_relu_train_fused(z: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    var, mean = torch.var_mean(z.to(_acc(z.dtype)), dim=0, correction=0)
     invstd = torch.rsqrt(var + eps)
-    r = torch.relu((zf - mean) * (invstd * weight.to(acc)) + bias.to(acc)).to(z.dtype)
+    r = _bn_relu_apply(z, mean, invstd, weight, bias)
     return r, mean.to(weight.dtype), invstd.to(weight.dtype), var.to(weight.dtype)
+
+
+def _bn_relu_recompute_fused(z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                             out: Tensor) -> Tensor:
+    return out.copy_(_bn_relu_apply(z, mean, invstd, weight, bias))
+
+
+def bn_relu_recompute(z: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor,
+                      out: Tensor) -> Tensor | None:
+    """The output of :func:`bn_relu_train` again, bit for bit, from its input ``z`` (M, C) and the
+    batch ``mean`` and ``invstd`` it returned, into ``out`` (M, C); None (nothing written) where
+    :func:`bn_relu_train` would not have run compiled for ``z``."""
+    if not _use_compiled(z):
+        return None
+    return _call("bn_relu_recompute", _bn_relu_recompute_fused, None, z, mean, invstd, weight.detach(),
+                 bias.detach(), out)
 
 
 def bn_relu_train(z: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
