@@ -63,8 +63,8 @@ BF16_SUFFIX = "_bf"
 def build(impl: str, name: str) -> torch.nn.Module:
     if impl.endswith(BF16_SUFFIX):
         return build(impl[: -len(BF16_SUFFIX)], name).to(memory_format=torch.channels_last)
-    if impl == "ours_unfused":  # the fast path without densenet.models.fused's compiled kernels
-        return build("ours", name)
+    if impl in ("ours_unfused", "ours_onestage"):  # the fast path without the fused kernels, or with their
+        return build("ours", name)                 # column sums in one stage (see one_stage)
     if impl == "tv":
         return torchvision_model(name)
     if impl == "tv_me":
@@ -107,6 +107,18 @@ def unfused(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def one_stage(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the fused kernels' column sums in one stage over all rows, as before 2026-12-06
+    (the kernels recompile once for it: Dynamo guards on ``fused.ROW_BLOCK``)."""
+    def run() -> None:
+        block, fused.ROW_BLOCK = fused.ROW_BLOCK, 1 << 62
+        try:
+            step()
+        finally:
+            fused.ROW_BLOCK = block
+    return run
+
+
 def train_steps(impls: list[str], name: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
     """One training step per configuration, every model starting from the first one's weights."""
     models = {impl: build(impl, name) for impl in impls}
@@ -114,7 +126,8 @@ def train_steps(impls: list[str], name: str, x: torch.Tensor, y: torch.Tensor) -
     for m in models.values():
         m.load_state_dict(state)
     fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
-    return {impl: unfused(fn) if impl.startswith("ours_unfused") else fn for impl, fn in fns.items()}
+    wrap = {"ours_unfused": unfused, "ours_onestage": one_stage}
+    return {impl: wrap.get(impl.removesuffix(BF16_SUFFIX), lambda f: f)(fn) for impl, fn in fns.items()}
 
 
 def data(name: str, size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,6 +107,17 @@ def test_the_recompute_repeats_the_training_forward_bit_for_bit(compiled, dtype)
     assert fused.bn_relu_recompute(fused.as_rows(z4), mean, invstd, weight, bias, fused.as_rows(out)) is None
 
 
+@pytest.mark.parametrize("rows", [600, 512, 100])  # blocks of 256 rows and a rest, blocks only, no block
+def test_compiled_statistics_keep_their_precision_far_from_zero(compiled, rows):
+    z = (torch.randn(rows, 12, dtype=torch.float64) * 0.01 + 1000.0).float()  # mean 1e5 standard deviations out
+    z4 = z.view(rows // 4, 4, 1, 12).permute(0, 3, 1, 2)
+    norm = torch.nn.BatchNorm2d(12)
+    _, mean, invstd = fused.bn_relu_train(z4, norm.weight, norm.bias, norm)
+    var = z.double().var(0, unbiased=False)
+    assert torch.allclose(mean.double(), z.double().mean(0), rtol=1e-7)
+    assert torch.allclose(invstd.double(), torch.rsqrt(var + norm.eps), rtol=1e-3)
+
+
 def test_a_broken_toolchain_warns_once_and_runs_eagerly(monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):
