@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import as_nchw as _nchw
-from .fused import as_rows as _rows
 from .fused import (
+    ROW_BLOCK,
     bn_input_backward,
     bn_relu,
     bn_relu_backward,
@@ -50,6 +49,8 @@ from .fused import (
     compiled_for,
     store_maps,
 )
+from .fused import as_nchw as _nchw
+from .fused import as_rows as _rows
 from .fused import colsum as _colsum
 from .fused import normalise as _normalise
 from .fused import vec as _vec
@@ -357,8 +358,10 @@ ROW_CHUNK_BYTES = 1 << 24  # size of each row chunk's temporaries in the memory-
 
 
 def _rows_per_chunk(t: Tensor, row_numel: int) -> int:
-    """How many rows of ``row_numel`` elements of ``t``'s dtype make one chunk of ROW_CHUNK_BYTES."""
-    return max(1, ROW_CHUNK_BYTES // (t.element_size() * row_numel))
+    """How many rows of ``row_numel`` elements of ``t``'s dtype make one chunk of ROW_CHUNK_BYTES: a
+    multiple of the fused kernels' row block where there are that many (their sums are fastest so)."""
+    rows = max(1, ROW_CHUNK_BYTES // (t.element_size() * row_numel))
+    return rows - rows % ROW_BLOCK if rows > ROW_BLOCK else rows
 
 
 def _bn_relu_matmul_rows(prefix: Tensor, bn1: tuple[Tensor, Tensor], w1: Tensor, out: Tensor) -> Tensor:
