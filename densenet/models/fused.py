@@ -82,6 +82,26 @@ def compiled_for(x: Tensor) -> bool:
     return _use_compiled(x)
 
 
+class _CompileSettings:
+    """Dynamo's settings for these kernels while one runs: no "duck sizing" (sizes that happen to be
+    equal on the first call, a layer's width and another's, must not become one symbol, or every
+    layer would compile its own kernel) and room for the variants that dtypes and sizes of 1 make.
+    Set and restored by hand: ``config.patch`` builds a class per call (about 50 us, a few ms a step)."""
+
+    SETTINGS = (("fx", "use_duck_shape", False), ("dynamo", "recompile_limit", 64),
+                ("dynamo", "accumulated_recompile_limit", 512))
+
+    def __enter__(self) -> None:
+        modules = {"fx": torch.fx.experimental._config, "dynamo": torch._dynamo.config}
+        self.saved = [(modules[m], key, getattr(modules[m], key)) for m, key, _ in self.SETTINGS]
+        for (module, key, _), (_, _, value) in zip(self.saved, self.SETTINGS):
+            setattr(module, key, value)
+
+    def __exit__(self, *exc: object) -> None:
+        for module, key, value in self.saved:
+            setattr(module, key, value)
+
+
 def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *args: Any) -> Any:
     """``fn(*args)`` compiled (once per process and dtype; dynamic shapes). If that fails, ``eager(*args)``
     (or None): a kernel that never compiled is turned off for the process, with one warning."""
@@ -90,16 +110,13 @@ def _call(name: str, fn: Callable[..., Any], eager: Callable[..., Any] | None, *
         # Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every
         # CPU-only machine: nothing a CPU user can act on
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        # every rounding to bfloat16 written here done, not skipped as a no-op (a map's centre is its
+        # mean rounded to the buffer's dtype); compiled in this process: a pool of compile workers
+        # would hold the CPU through the next steps
+        compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True,
+                                       options={"emulate_precision_casts": True, "compile_threads": 1})
     try:
-        # no "duck sizing": sizes that happen to be equal on the first call (a layer's width and
-        # another's) must not become one symbol, or every layer would compile its own kernel; and
-        # room for the variants dtypes and sizes of 1 make; and every rounding to bfloat16 written
-        # here done, not skipped as a no-op (a map's centre is its mean rounded to the buffer's dtype);
-        # compiled in this process: a pool of compile workers would hold the CPU through the next steps
-        with (torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False),
-              torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512),
-              torch._inductor.config.patch(emulate_precision_casts=True, compile_threads=1)):
+        with torch.no_grad(), _CompileSettings():
             out = compiled[name](*args)
         _state["ok"].add(name)
         return out
