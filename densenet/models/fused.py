@@ -35,7 +35,7 @@ __all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backwa
            "bn_relu_train", "bn_relu_train_backward", "colsum", "compiled_for", "enabled", "normalise", "set_enabled",
            "status", "store_maps", "vec"]
 
-MIN_NUMEL = 1 << 18  # matrices smaller than this run eagerly: compiling would not pay
+MIN_NUMEL = 1 << 14  # smaller matrices run eagerly (2^18 measured 3-4% slower on BC-40 and BC-100 steps, 2026-12-06)
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
 # (48.2 against 49.8 images/s on 2026-12-05, docs/speed.md says how to repeat it), so float32/64 keep the eager chain
 COMPILED_DTYPES = (torch.bfloat16, torch.float16)
