@@ -1,5 +1,7 @@
 """What data loading costs a CIFAR-10 training run: SGD steps fed by the real loader against the
-same steps fed by batches already in memory, alternating, in one run.
+same steps fed by batches already in memory, alternating, in one run; beside them, torchvision's
+float32 model fed by the in-memory batches (issue 23's reference: the epoch rate of `densenet train`
+with its defaults against torchvision's float32 step rate).
 
 Real: the shared CIFAR-10 JPEG copy through ``densenet.data.build_data("cifar10+")`` (decoded once
 into the cache, then per batch: shuffling, 4-pixel pad + random crop + flip, normalisation, in the
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_speed import torchvision_model  # noqa: E402  (this folder)
+
 from densenet import create_model  # noqa: E402
 from densenet.data import build_data  # noqa: E402
 from densenet.training.precision import resolve_amp  # noqa: E402
@@ -56,6 +60,9 @@ def main() -> None:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
+    tv = torchvision_model(args.model).train()
+    tv_opt = torch.optim.SGD(tv.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(images.contiguous(memory_format=fmt)), labels)
@@ -64,24 +71,33 @@ def main() -> None:
         opt.step()
         float(loss.detach())
 
+    def tv_step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(tv(images), labels)
+        tv_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tv_opt.step()
+        float(loss.detach())
+
     g = torch.Generator().manual_seed(0)
     synthetic = [(torch.randn(args.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch_size,), generator=g))
                  for _ in range(8)]
     real_batches = data.train.batches(0)  # one epoch of real batches, consumed block by block
     synthetic_cycle = itertools.cycle(synthetic)
 
-    def block(source) -> float:
+    def block(source, fn=step) -> float:
         t = time.perf_counter()
         for _ in range(args.steps):
-            step(*next(source))
+            fn(*next(source))
         return args.batch_size * args.steps / (time.perf_counter() - t)
 
-    block(synthetic_cycle)  # warm-up: allocations, oneDNN kernels
+    block(synthetic_cycle)  # warm-up: allocations, oneDNN kernels, the fused kernels' compilation
     block(real_batches)
-    rates: dict[str, list[float]] = {"synthetic": [], "real": []}
+    block(synthetic_cycle, tv_step)
+    rates: dict[str, list[float]] = {"synthetic": [], "real": [], "tv": []}
     for _ in range(args.repeats):
         rates["synthetic"].append(block(synthetic_cycle))
         rates["real"].append(block(real_batches))
+        rates["tv"].append(block(synthetic_cycle, tv_step))
     med = {k: statistics.median(v) for k, v in rates.items()}
     loss = 1 - med["real"] / med["synthetic"]
     precision = "bf16 autocast" if bf16 else "float32"
@@ -91,7 +107,9 @@ def main() -> None:
     print(f"  synthetic in-memory batches: {med['synthetic']:.1f} img/s   "
           f"(all: {', '.join(f'{r:.1f}' for r in rates['synthetic'])})")
     print(f"  real CIFAR-10 loader:        {med['real']:.1f} img/s   (all: {', '.join(f'{r:.1f}' for r in rates['real'])})")
-    print(f"  lost to data loading: {100 * loss:.1f}%")
+    print(f"  torchvision float32, in-memory: {med['tv']:.1f} img/s   (all: {', '.join(f'{r:.1f}' for r in rates['tv'])})")
+    print(f"  lost to data loading: {100 * loss:.1f}%; real loader against torchvision float32: "
+          f"{med['real'] / med['tv']:.2f}x")
 
 
 if __name__ == "__main__":

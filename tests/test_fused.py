@@ -118,6 +118,16 @@ def test_compiled_statistics_keep_their_precision_far_from_zero(compiled, rows):
     assert torch.allclose(invstd.double(), torch.rsqrt(var + norm.eps), rtol=1e-3)
 
 
+def test_the_compiled_transition_takes_even_channels_last_maps_only(compiled):
+    norm = torch.nn.BatchNorm2d(5)
+    even = torch.randn(2, 5, 6, 4).contiguous(memory_format=torch.channels_last)
+    out, mean, _ = fused.bn_relu_pool_train(even, norm.weight, norm.bias, norm)
+    assert out.shape == (2, 5, 3, 2) and torch.allclose(mean, even.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(norm.running_mean, 0.1 * mean)
+    for other in (torch.randn(2, 5, 7, 4).contiguous(memory_format=torch.channels_last), torch.randn(2, 5, 6, 4)):
+        assert fused.bn_relu_pool_train(other, norm.weight, norm.bias, norm) is None
+
+
 def test_a_broken_toolchain_warns_once_and_runs_eagerly(monkeypatch):
     def broken(fn, **kwargs):
         def call(*args):

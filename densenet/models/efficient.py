@@ -43,6 +43,8 @@ from .fused import (
     bn_input_backward,
     bn_relu,
     bn_relu_backward,
+    bn_relu_pool_train,
+    bn_relu_pool_train_backward,
     bn_relu_recompute,
     bn_relu_train,
     bn_relu_train_backward,
@@ -606,17 +608,26 @@ class _BNReLUPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, norm: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
-        f = bn_factor(norm)  # BN in x's dtype (statistics in float32), as the layer-by-layer form under autocast
-        y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f, norm.eps)
+        fused_out = bn_relu_pool_train(x, weight, bias, norm)  # one compiled kernel where it runs
+        if fused_out is not None:
+            out, mean, invstd = fused_out
+        else:
+            f = bn_factor(norm)  # BN in x's dtype (statistics in float32), as the layer-by-layer form under autocast
+            y, mean, invstd = _aten.native_batch_norm(x, weight, bias, norm.running_mean, norm.running_var, True, f,
+                                                      norm.eps)
+            out = _AVG_POOL_FN[x.dim() - 2](y.relu_(), 2)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = norm.eps
-        return _AVG_POOL_FN[x.dim() - 2](y.relu_(), 2)
+        ctx.fused = fused_out is not None
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         # two full-resolution temporaries (g, y), the rest in place: each fresh full-size tensor costs
         # its page faults, which on a VM take longer than the arithmetic
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        fused_grads = bn_relu_pool_train_backward(grad, x, weight, bias, mean, invstd) if ctx.fused else None
+        if fused_grads is not None:
+            return (*fused_grads, None)
         grad = grad.to(x.dtype)  # everything in x's dtype (bfloat16 under autocast), sums at least float32
         sdt = _stat_dtype(x.dtype)
         per_channel = (1, -1) + (1,) * (x.dim() - 2)

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from .sync_bn import bn_backward, bn_factor, update_running
 
-__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_recompute",
-           "bn_relu_train", "bn_relu_train_backward", "colsum", "compiled_for", "enabled", "normalise", "set_enabled",
-           "status", "store_maps", "vec"]
+__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_pool_train",
+           "bn_relu_pool_train_backward", "bn_relu_recompute", "bn_relu_train", "bn_relu_train_backward", "colsum",
+           "compiled_for", "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
 
 MIN_NUMEL = 1 << 14  # smaller matrices run eagerly (2^18 measured 3-4% slower on BC-40 and BC-100 steps, 2026-12-06)
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
@@ -376,3 +376,66 @@ def store_maps(rows: Tensor, out: Tensor, centred: bool, stat_dtype: torch.dtype
     if not _use_compiled(out):
         return None
     return _call("store_maps", _store_maps_fused, None, rows.detach(), out, centred, stat_dtype)
+
+
+def _pool_input_ok(x: Tensor) -> bool:
+    """A channels_last (N, C, H, W) tensor with even H and W: the 2x2 pool's layout here."""
+    return x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and _channels_last(x)
+
+
+def _bn_pre_relu(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """BN(x) before the ReLU in the accumulation dtype; forward and backward share it to mask alike."""
+    acc = _acc(x.dtype)
+    return (x.to(acc) - mean.to(acc)) * (invstd.to(acc) * weight.to(acc)) + bias.to(acc)
+
+
+def _bn_relu_pool_fused(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, h, w, c = x.shape  # (N, H, W, C)
+    mean, var = _mean_var(x.reshape(n * h * w, c).to(_acc(x.dtype)))
+    invstd = torch.rsqrt(var + eps)
+    y = torch.relu(_bn_pre_relu(x, mean, invstd, weight, bias))
+    out = y.view(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).to(x.dtype)
+    return out, mean.to(weight.dtype), invstd.to(weight.dtype), var.to(weight.dtype)
+
+
+def _bn_relu_pool_backward_fused(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                                 invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n, h, w, c = x.shape  # x (N, H, W, C), grad (N, H / 2, W / 2, C)
+    acc = _acc(x.dtype)
+    up = grad.to(acc).view(n, h // 2, 1, w // 2, 1, c).expand(n, h // 2, 2, w // 2, 2, c).reshape(n, h, w, c)
+    g = torch.where(_bn_pre_relu(x, mean, invstd, weight, bias) > 0, up * 0.25, 0.0)
+    xhat = (x.to(acc) - mean.to(acc)) * invstd.to(acc)
+    g_b = _sum_rows(g.reshape(-1, c))
+    g_w = _sum_rows((g * xhat).reshape(-1, c))
+    m = n * h * w
+    g_x = (g - g_b / m - xhat * (g_w / m)) * (invstd.to(acc) * weight.to(acc))
+    return g_x.to(x.dtype), g_w.to(weight.dtype), g_b.to(weight.dtype)
+
+
+def bn_relu_pool_train(x: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor, Tensor] | None:
+    """avg_pool2d(relu(BatchNorm(x)), 2) of a channels_last (N, C, H, W) tensor with even H and W, with
+    batch statistics (``norm``'s running ones updated): (output (N, C, H / 2, W / 2), batch mean,
+    1/sqrt(var + eps)), or None (nothing done) where the compiled form does not run."""
+    if not (_use_compiled(x) and _pool_input_ok(x)):
+        return None
+    out = _call("bn_relu_pool", _bn_relu_pool_fused, None, x.permute(0, 2, 3, 1), weight.detach(), bias.detach(),
+                float(norm.eps))
+    if out is None:
+        return None
+    y, mean, invstd, var = out
+    update_running(norm, mean, var, x.numel() // x.shape[1])
+    return y.permute(0, 3, 1, 2), mean, invstd
+
+
+def bn_relu_pool_train_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                                invstd: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Gradients of x, of the BN weight and of its bias for :func:`bn_relu_pool_train`, given the
+    gradient ``grad`` of its output; None where the compiled form does not run."""
+    if not (_use_compiled(x) and _pool_input_ok(x)):
+        return None
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    out = _call("bn_relu_pool_backward", _bn_relu_pool_backward_fused, None, grad.permute(0, 2, 3, 1),
+                x.permute(0, 2, 3, 1), weight.detach(), bias.detach(), mean, invstd)
+    if out is None:
+        return None
+    return out[0].permute(0, 3, 1, 2), out[1], out[2]
