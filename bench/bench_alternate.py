@@ -4,6 +4,7 @@ of one lever without the rest of the full bench: for example the fused CPU kerne
     python bench/bench_alternate.py ours_bf,ours_unfused_bf                 # the fused kernels alone
     python bench/bench_alternate.py tv,tv_bf,ours_bf,ours_unfused_bf --repeats 5
     python bench/bench_alternate.py ours_bf,ours_me_bf                      # memory-efficient against the default
+    python bench/bench_alternate.py tv,tv_bf,ours,ours_bf --processes       # a process per configuration
 
 Configurations: bench_speed's names (tv, tv_bf, ours, ours_bf, ours_unfused_bf, ours_me_bf, ...);
 BC-100 k=12, batch 64; images at the model's input size (32x32 for the CIFAR models, 224x224 for the
@@ -33,15 +34,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--processes", action="store_true", help="each configuration in its own process, taking turns")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     impls = args.impls.split(",")
     size = args.size or model_spec(args.model).input_size
-    x, y = b.data(args.model, size, args.batch)
-    fns = b.train_steps(impls, args.model, x, y)
-    sec = b.timed_alternating(fns, args.repeats, warmup=args.warmup)
+    if args.processes:
+        sec = b.timed_in_processes(impls, args.model, size, args.batch, args.repeats, args.warmup, args.threads)
+    else:
+        x, y = b.data(args.model, size, args.batch)
+        sec = b.timed_alternating(b.train_steps(impls, args.model, x, y), args.repeats, warmup=args.warmup)
     print(f"# {datetime.datetime.now().isoformat(timespec='minutes')}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.model} batch {args.batch}, {size}x{size}, median of {args.repeats} alternating steps; ours: {b.fused.status()}")
+          f"{args.model} batch {args.batch}, {size}x{size}, median of {args.repeats} alternating steps"
+          f"{' (a process each)' if args.processes else ''}; ours: {b.fused.status()}")
     for i, s in sec.items():
         print(f"  {i:16s} {args.batch / s:7.2f} img/s   {sec[impls[0]] / s:5.2f}x {impls[0]}")
 

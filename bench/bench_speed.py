@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import platform
 import resource
 import statistics
@@ -172,6 +173,50 @@ def timed_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _step_worker(conn, impl: str, name: str, size: int, batch: int, threads: int) -> None:
+    """One configuration's training step in its own process, run each time the parent asks."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, y = data(name, size, batch)
+    fn = train_steps([impl], name, x, y)[impl]
+    conn.send("ready")
+    while conn.recv() == "step":
+        t = time.perf_counter()
+        fn()
+        conn.send(time.perf_counter() - t)
+
+
+def timed_in_processes(impls: list[str], name: str, size: int, batch: int, repeats: int, warmup: int = 1,
+                       threads: int = 2) -> dict[str, float]:
+    """:func:`timed_alternating` of training steps with each configuration in its own process (its own
+    heap, allocator state and compiled kernels, as in a real training run), the processes taking
+    turns: one step at a time, the others waiting. In one process the configurations' memory
+    interferes: with six of them the fused kernels' gain vanished (docs/speed.md)."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = {}
+    try:
+        for impl in impls:  # one at a time: building and warming up use the whole CPU
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_step_worker, args=(child, impl, name, size, batch, threads), daemon=True)
+            proc.start()
+            workers[impl] = (proc, parent)
+            if parent.recv() != "ready":
+                raise RuntimeError(f"{impl}: the worker did not start")
+            for _ in range(warmup):
+                parent.send("step")
+                parent.recv()
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for _ in range(repeats):
+            for impl, (_, conn) in workers.items():
+                conn.send("step")
+                times[impl].append(conn.recv())
+    finally:
+        for proc, conn in workers.values():
+            conn.send("stop")
+            proc.join(timeout=30)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -212,6 +257,8 @@ def measure_memory(impl: str, case: str, batch: int, steps: int = 2) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--processes", action="store_true",
+                   help="train each configuration in its own process, the processes taking turns (see timed_in_processes)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--full", action="store_true", help="also BC-250 k=24 and DenseNet-121 training (slow: tens of minutes)")
     p.add_argument("--no-memory", action="store_true")
@@ -226,6 +273,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.processes and args.compile:
+        p.error("--compile runs in one process: leave out --processes")
     if args.memory_child:
         impl, case, batch, steps = args.memory_child
         memory_child(impl, case, int(batch), int(steps))
@@ -261,18 +310,21 @@ def main() -> None:
                         ("d121", 16, ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"], 3)]
     for case, batch, impls, repeats in train_cases:
         name, size, _ = CASES[case]
-        x, y = data(name, size, batch)
-        fns = train_steps(impls, name, x, y)
-        if args.compile and case == "bc100":
-            compiled = torch.compile(build("ours", name))
-            t = time.perf_counter()
-            fns["ours_compiled"] = train_step_fn(compiled, x, y)
-            fns["ours_compiled"]()
-            print(f"  torch.compile + first step: {time.perf_counter() - t:.0f} s")
-        sec = timed_alternating(fns, repeats, warmup=2)  # the second step too: compiled kernels settle in
+        if args.processes:
+            sec = timed_in_processes(impls, name, size, batch, repeats, warmup=2, threads=args.threads)
+        else:
+            x, y = data(name, size, batch)
+            fns = train_steps(impls, name, x, y)
+            if args.compile and case == "bc100":
+                compiled = torch.compile(build("ours", name))
+                t = time.perf_counter()
+                fns["ours_compiled"] = train_step_fn(compiled, x, y)
+                fns["ours_compiled"]()
+                print(f"  torch.compile + first step: {time.perf_counter() - t:.0f} s")
+            sec = timed_alternating(fns, repeats, warmup=2)  # the second step too: compiled kernels settle in
+            del fns
         report(f"train {name} {size}x{size} batch {batch}", {k: batch / s for k, s in sec.items()},
                3 * forward_gflop(name, size), "tv" if "tv" in impls else impls[0])
-        del fns
 
     # ---------------------------------------------------------------- inference throughput
     for case in ("bc100", "bc250", "d121") if not args.memory_only else ():
