@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .fused import (
     ROW_BLOCK,
+    add_per_channel,
     bn_input_backward,
     bn_relu,
     bn_relu_backward,
@@ -498,7 +499,7 @@ def _block_backward(
 def _block_output(spec: _Block, b2: Tensor, centre: Tensor | None) -> Tensor:
     """The block's output (N, C, *spatial) from its (M, C) buffer: the buffer itself, or in a centred
     buffer a new tensor with the centres added back (one pass; the buffer is kept for backward)."""
-    return _nchw(b2 if centre is None else b2 + centre, spec.n, spec.spatial)
+    return _nchw(b2 if centre is None else add_per_channel(b2, centre), spec.n, spec.spatial)
 
 
 class _DenseBlockFunction(torch.autograd.Function):

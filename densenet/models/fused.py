@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .sync_bn import bn_backward, bn_factor, update_running
 
-__all__ = ["as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_pool_train",
+__all__ = ["add_per_channel", "as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_pool_train",
            "bn_relu_pool_train_backward", "bn_relu_recompute", "bn_relu_train", "bn_relu_train_backward", "colsum",
            "compiled_for", "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
 
@@ -188,9 +188,35 @@ def colsum(rows: Tensor, dtype: torch.dtype) -> Tensor:
 def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None = None) -> Tensor:
     """x_hat = (rows - offset) * invstd per channel, in rows' dtype (``offset`` is small in a
     centred buffer, so folding it into one multiply-add loses nothing there)."""
+    if _use_compiled(rows):
+        out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
+        return _call("normalise", _normalise_fused, _normalise_eager, rows, offset, invstd, out)
+    return _normalise_eager(rows, offset, invstd, out)
+
+
+def _normalise_eager(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None) -> Tensor:
     if rows.dtype == offset.dtype:
         return torch.sub(rows, offset, out=out).mul_(invstd)
     return torch.addcmul(vec(-offset * invstd, rows), rows, vec(invstd, rows), out=out)
+
+
+def _normalise_fused(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tensor:
+    acc = _acc(rows.dtype)
+    return out.copy_((rows.to(acc) - offset.to(acc)) * invstd.to(acc))
+
+
+def _add_fused(rows: Tensor, v: Tensor) -> Tensor:
+    return (rows.to(_acc(rows.dtype)) + v.to(_acc(rows.dtype))).to(rows.dtype)
+
+
+def add_per_channel(rows: Tensor, v: Tensor) -> Tensor:
+    """rows + v, an (M, C) matrix plus a per-channel vector of its dtype, as a new contiguous matrix
+    (rounded once, as the eager sum)."""
+    if _use_compiled(rows):
+        out = _call("add_per_channel", _add_fused, None, rows, v)
+        if out is not None:
+            return out
+    return rows + v
 
 
 def _bn_relu_eager(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None) -> Tensor:
