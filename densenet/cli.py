@@ -59,6 +59,7 @@ from .serving import (
     resolve_class,
 )
 from .serving.export import SUFFIXES
+from .serving.inference import OnnxModel
 from .serving.predict import image_options
 from .serving.tta import TTA_MODES, check_tta
 from .training import TrainingStopped, evaluate, evaluate_tta, load_run_config, resolve_config, train
@@ -206,7 +207,16 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, info = trained_model(args, args.checkpoint)
+    if args.checkpoint and Path(args.checkpoint).suffix.lower() == ".onnx":  # float32 or int8, run by ONNX Runtime
+        if args.weights or args.ema != "auto":
+            raise ConfigError(f"{args.checkpoint} is an ONNX export, which holds one set of weights: drop "
+                              + ("--weights" if args.weights else f"--ema {args.ema}"))
+        run, data = load_predictor(args.checkpoint)
+        model, info = OnnxModel(run, data), {**data, "model": data.get("model") or Path(args.checkpoint).name}
+        if not info.get("dataset") and not args.dataset:
+            raise ConfigError(f"{args.checkpoint} does not record its dataset; give --dataset")
+    else:
+        model, info = trained_model(args, args.checkpoint)
     check_tta(args.tta, model.spatial_dims)
     device = resolve_device(args.device)
     model.to(device)
@@ -456,6 +466,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.int8:
+        return export_int8(args)
+    if args.calibration:
+        raise ConfigError("--calibration is for --int8: add --int8, or drop --calibration")
     if args.weights:
         model, info = trained_model(args, args.checkpoint)  # refuses --ema yes/no
         out = args.out or info["weights"] + SUFFIXES[args.format]
@@ -468,6 +482,45 @@ def cmd_export(args: argparse.Namespace) -> int:
                                    ema=ema_choice(args))
     files = ", ".join(map(str, result["files"]))
     print(f"wrote {files} ({args.format}; outputs within {result['max_abs_diff']:.1e} of PyTorch on a test batch)")
+    return 0
+
+
+def export_int8(args: argparse.Namespace) -> int:
+    """``densenet export --int8``: an int8 ONNX file calibrated on --calibration's images."""
+    from .serving.quantize import AGREEMENT_WARNING, calibration_arrays, quantize_model
+    if args.format != "onnx":
+        raise ConfigError(f"--int8 writes an ONNX model (QDQ, run by ONNX Runtime): use --format onnx, not {args.format}")
+    if not args.calibration:
+        raise ConfigError("--int8 needs calibration images: --calibration DATA (a folder or zip of images laid out as "
+                          "for training, a dataset archive, or 'sample' for the bundled CIFAR-10 sample)")
+    model, info = trained_model(args, args.checkpoint)
+    if model.spatial_dims != 2 or info.get("multilabel"):
+        raise ConfigError("--int8 quantizes single-label image classifiers; this model is not one")
+    size = args.image_size or info["image_size"]
+    dataset = args.calibration_dataset or str(info.get("dataset") or "folder").removesuffix("+")
+    root = None if args.calibration == "sample" else args.calibration
+    data = build_data(dataset, root, batch_size=64, eval_batch_size=64, workers=0, image_size=size)
+    if data.num_classes != model.num_classes:
+        raise DataError(f"the calibration data ({args.calibration}, read as {dataset}) has {data.num_classes} classes but "
+                        f"the model has {model.num_classes}; calibrate on the data the model was trained for")
+    x, y = calibration_arrays(data.train.batches(0), model, args.calibration_images, args.calibration)
+    if args.out:
+        out = Path(args.out)
+    elif args.weights:
+        out = Path(info["weights"] + ".int8.onnx")
+    else:
+        out = Path(args.checkpoint).with_name(Path(args.checkpoint).name.split(".")[0] + ".int8.onnx")
+    r = quantize_model(model, info, x, y, out, image_size=size, name=info.get("model"))
+    accuracy = (f"; top-1 accuracy there {100 * r['int8_accuracy']:.2f}% against {100 * r['float32_accuracy']:.2f}% "
+                "in float32" if "int8_accuracy" in r else "")
+    print(f"wrote {out} (int8, {r['int8_bytes'] / 1e6:.2f} MB against {r['float32_bytes'] / 1e6:.2f} MB in float32); "
+          f"on {r['calibration_images']} calibration images it agrees with float32 on "
+          f"{100 * r['agreement']:.1f}% of top-1 classes{accuracy}")
+    if r["agreement"] < AGREEMENT_WARNING:
+        print(f"densenet export: the int8 model agrees with float32 on only {100 * r['agreement']:.1f}% of the calibration "
+              f"images (below {100 * AGREEMENT_WARNING:.0f}%): it is not fit to serve. Calibrate on more images like "
+              "those served, or serve the float32 model.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -634,6 +687,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")
     p.add_argument("--image-size", type=_positive, help="input side in pixels (default: the training image size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--int8", action="store_true",
+                   help="an int8 model (static quantization, per-channel weights, QDQ for ONNX Runtime; --format onnx) "
+                        "calibrated on --calibration's images; written as CHECKPOINT.int8.onnx by default")
+    p.add_argument("--calibration", metavar="DATA", help="--int8's calibration images: a folder, zip or archive read as "
+                   "the model's training dataset (or --calibration-dataset), or 'sample'")
+    p.add_argument("--calibration-dataset", metavar="NAME", help="how to read --calibration (default: the model's training "
+                   "dataset without augmentation; 'folder' for <class>/<image> trees)")
+    p.add_argument("--calibration-images", type=_positive, default=512,
+                   help="images from --calibration's training split to calibrate on (default 512)")
     add_ema_flag(p)
     p.set_defaults(func=cmd_export)
 

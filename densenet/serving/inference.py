@@ -7,12 +7,15 @@
   quarter of the pixels: pooling and the convolution are linear and commute).
 - ``backend="onnx"``: the model exported to ONNX (layer-by-layer blocks, pool-first transitions) and
   run by ONNX Runtime.
+- ``backend="int8"``: that ONNX model statically quantized to int8 (QDQ, per-channel weights),
+  calibrated on ``calibration`` images (:mod:`densenet.serving.quantize`), run by ONNX Runtime.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from ..models import DenseNet
 from .export import export_onnx
 from .loading import ExportError
 
-__all__ = ["FastInference", "load_onnx", "prepare_for_inference"]
+__all__ = ["FastInference", "OnnxModel", "load_onnx", "prepare_for_inference"]
 
 
 class FastInference(nn.Module):
@@ -40,15 +43,41 @@ class FastInference(nn.Module):
         return self.model(x)
 
 
+class OnnxModel(nn.Module):
+    """An ONNX file run by ONNX Runtime as an eval-only module, for code that takes a model
+    (``densenet eval``): (N, C, S, S) normalised images -> (N, classes) logits on the CPU."""
+
+    def __init__(self, run: Callable[[Tensor], Tensor], data: dict) -> None:
+        super().__init__()
+        self.run, self.data = run, data
+        self.num_classes = len(data["class_names"])
+        self.spatial_dims = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x.cpu()).to(x.device)
+
+
 def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tensor | None = None,
-                          threads: int | None = None) -> Callable[[Tensor], Tensor]:
+                          threads: int | None = None, calibration: Tensor | None = None) -> Callable[[Tensor], Tensor]:
     """A callable (N, C, H, W) float tensor -> (N, num_classes) logits for serving ``model``.
 
-    ``example`` (any batch size) is needed for ``backend="onnx"``; ``threads`` sets ONNX Runtime's
-    intra-op threads (default: torch.get_num_threads()).
+    ``example`` (any batch size) is needed for ``backend="onnx"``; ``calibration`` (a few hundred
+    normalised images (N, C, S, S) like those served) for ``backend="int8"``; ``threads`` sets ONNX
+    Runtime's intra-op threads (default: torch.get_num_threads()).
     """
     if backend == "eager":
         return FastInference(model)
+    if backend == "int8":
+        if calibration is None:
+            raise ArgumentError("backend='int8' needs calibration images: calibration=(N, C, S, S) normalised tensor")
+        from .quantize import quantize_model  # onnxruntime's quantizer: imported only when asked for
+        x = calibration.detach().cpu().float()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "int8.onnx"
+            quantize_model(model, {"class_names": [str(i) for i in range(model.num_classes)], "mean": [], "std": []},
+                           x.numpy(), None, path, image_size=x.shape[-1], threads=threads)
+            run, _ = load_onnx(path, threads=threads)  # the session holds the model: the file may go
+        return run
     if backend == "onnx":
         if example is None:
             raise ArgumentError("backend='onnx' needs an example input")
@@ -64,7 +93,7 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
             return torch.from_numpy(out)
 
         return run
-    raise ArgumentError(f"backend must be 'eager' or 'onnx', got {backend!r}")
+    raise ArgumentError(f"backend must be 'eager', 'onnx' or 'int8', got {backend!r}")
 
 
 def _onnxruntime():  # noqa: ANN202 - the module

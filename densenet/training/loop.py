@@ -845,6 +845,9 @@ def prepare_run_dir(out: Path, *, resume: bool, force: bool) -> None:
 def load_run_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     """The configuration of the run in ``out``; ``overrides`` may change only how it runs."""
     path = out / "config.yaml"
+    if out.is_file() and out.suffix.lower() in (".onnx", ".pt2", ".safetensors"):
+        raise ConfigError(f"cannot resume: {out} is an export for serving (int8 and ONNX models carry no optimizer "
+                          "state or gradients); resume the run's folder (densenet train --resume RUN_DIR)")
     if not path.is_file():
         raise ConfigError(f"cannot resume: {out} holds no run ({path} is missing)")
     try:
