@@ -61,6 +61,7 @@ from .serving import (
 from .serving.export import SUFFIXES
 from .serving.inference import OnnxModel
 from .serving.predict import image_options
+from .serving.quantize import AGREEMENT_WARNING, calibration_arrays, quantize_model
 from .serving.tta import TTA_MODES, check_tta
 from .training import TrainingStopped, evaluate, evaluate_tta, load_run_config, resolve_config, train
 from .training.config import ConfigError, TrainConfig, field_help, field_types, type_name
@@ -487,7 +488,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_int8(args: argparse.Namespace) -> int:
     """``densenet export --int8``: an int8 ONNX file calibrated on --calibration's images."""
-    from .serving.quantize import AGREEMENT_WARNING, calibration_arrays, quantize_model
     if args.format != "onnx":
         raise ConfigError(f"--int8 writes an ONNX model (QDQ, run by ONNX Runtime): use --format onnx, not {args.format}")
     if not args.calibration:

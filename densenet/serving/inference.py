@@ -26,6 +26,7 @@ from ..errors import ArgumentError, MissingFile
 from ..models import DenseNet
 from .export import export_onnx
 from .loading import ExportError
+from .quantize import quantize_model
 
 __all__ = ["FastInference", "OnnxModel", "load_onnx", "prepare_for_inference"]
 
@@ -70,7 +71,6 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
     if backend == "int8":
         if calibration is None:
             raise ArgumentError("backend='int8' needs calibration images: calibration=(N, C, S, S) normalised tensor")
-        from .quantize import quantize_model  # onnxruntime's quantizer: imported only when asked for
         x = calibration.detach().cpu().float()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "int8.onnx"
