@@ -33,7 +33,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
-from densenet.models import fused  # noqa: E402
+from densenet.models import cpu_kernels, fused  # noqa: E402
 from densenet.serving.inference import prepare_for_inference  # noqa: E402
 
 CASES = {  # name: (model, image side, batch)
@@ -64,8 +64,8 @@ BF16_SUFFIX = "_bf"
 def build(impl: str, name: str) -> torch.nn.Module:
     if impl.endswith(BF16_SUFFIX):
         return build(impl[: -len(BF16_SUFFIX)], name).to(memory_format=torch.channels_last)
-    if impl in ("ours_unfused", "ours_onestage"):  # the fast path without the fused kernels, or with their
-        return build("ours", name)                 # column sums in one stage (see one_stage)
+    if impl in ("ours_unfused", "ours_onestage", "ours_inductor"):  # the fast path without the fused kernels,
+        return build("ours", name)  # with their column sums in one stage (one_stage), or without the hand kernels
     if impl == "tv":
         return torchvision_model(name)
     if impl == "tv_me":
@@ -108,6 +108,18 @@ def unfused(step: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def inductor_only(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the hand-written AVX-512 kernels off: every fused pass through Inductor's code
+    (the lever of densenet/models/cpu_kernels.py alone)."""
+    def run() -> None:
+        cpu_kernels.set_enabled(False)
+        try:
+            step()
+        finally:
+            cpu_kernels.set_enabled(None)
+    return run
+
+
 def one_stage(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the fused kernels' column sums in one stage over all rows, as before 2026-12-06
     (the kernels recompile once for it: Dynamo guards on ``fused.ROW_BLOCK``)."""
@@ -127,7 +139,7 @@ def train_steps(impls: list[str], name: str, x: torch.Tensor, y: torch.Tensor) -
     for m in models.values():
         m.load_state_dict(state)
     fns = {impl: train_step_fn(m, x, y, impl.endswith(BF16_SUFFIX)) for impl, m in models.items()}
-    wrap = {"ours_unfused": unfused, "ours_onestage": one_stage}
+    wrap = {"ours_unfused": unfused, "ours_onestage": one_stage, "ours_inductor": inductor_only}
     return {impl: wrap.get(impl.removesuffix(BF16_SUFFIX), lambda f: f)(fn) for impl, fn in fns.items()}
 
 
@@ -301,12 +313,12 @@ def main() -> None:
         results[title] = per_s
 
     # ---------------------------------------------------------------- training throughput
-    bc100 = ["tv", "tv_bf", "ours", "ours_bf", "ours_unfused_bf", "ours_me_bf"]
+    bc100 = ["tv", "tv_bf", "ours", "ours_bf", "ours_unfused_bf", "ours_inductor_bf", "ours_me_bf"]
     if args.levers:
         bc100 += ["tv_me", "ours_me", "ours_ref", "ours_ref_cl", "ours_ref_bf"]
     train_cases = [("bc100", 64, bc100, args.repeats)] if not (args.memory_only or args.no_train) else []
     if args.full:
-        train_cases += [("bc40", 64, ["tv", "tv_bf", "ours", "ours_bf"], args.repeats),
+        train_cases += [("bc40", 64, ["tv", "tv_bf", "ours", "ours_bf", "ours_inductor_bf"], args.repeats),
                         ("d121", 16, ["tv", "tv_bf", "ours", "ours_bf", "ours_me_bf"], 3)]
     for case, batch, impls, repeats in train_cases:
         name, size, _ = CASES[case]

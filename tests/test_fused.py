@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from densenet import create_model
-from densenet.models import fused
+from densenet.models import cpu_kernels, fused
 
 pytestmark = pytest.mark.skipif(not fused._compiler_found(), reason="no C++ compiler: the fused kernels are off")
 
@@ -138,6 +138,7 @@ def test_a_broken_toolchain_warns_once_and_runs_eagerly(monkeypatch):
     monkeypatch.setitem(fused._state, "compiled", {})
     monkeypatch.setitem(fused._state, "ok", set())
     monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu_kernels, "_enabled", lambda: False)  # Inductor's path (cpu_kernels has its own test)
     fused.set_enabled(True)
     x = _inputs(torch.bfloat16)
     try:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from . import cpu_kernels
 from .sync_bn import bn_backward, bn_factor, update_running
 
 __all__ = ["add_per_channel", "as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_pool_train",
@@ -233,6 +234,8 @@ def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = Non
     ``scale`` and ``shift`` in rows' dtype; into ``out`` (M, C) when given. One pass when fused."""
     if _use_compiled(rows):
         out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
+        if cpu_kernels.bn_relu(rows, scale, shift, out) is not None:
+            return out
         return _call("bn_relu", _bn_relu_fused, _bn_relu_eager, rows, scale, shift, out)
     return _bn_relu_eager(rows, scale, shift, out)
 
@@ -269,6 +272,9 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
     vectors. ``xhat`` is the normalised prefix, or None to compute it from ``prefix``, ``offset``
     (the batch mean of the stored values) and ``invstd``. May overwrite ``g_t`` and ``t``."""
     if _use_compiled(g_t):
+        sums = cpu_kernels.bn_relu_backward(g_t, t, xhat, prefix, offset, invstd, gw, weight, stat_dtype)
+        if sums is not None:
+            return sums
         # detached: the compiler takes a Parameter's shape as fixed, which would compile once per layer
         return _call("bn_relu_backward", _bn_relu_backward_fused, _bn_relu_backward_eager,
                      g_t, t, xhat, prefix, offset, invstd, gw, weight.detach(), stat_dtype)
@@ -379,6 +385,9 @@ def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, 
     process only), ``gy`` being the gradient of its normalised output x_hat, plus ``direct`` (the
     gradient reaching the input by other paths); (M, C) matrices, returned contiguous in gy's dtype."""
     if _use_compiled(gy):
+        out = cpu_kernels.bn_input_backward(gy, xhat, invstd, direct, total)
+        if out is not None:
+            return out
         return _call("bn_input_backward", _bn_input_backward_fused, _bn_input_backward_eager, gy, xhat, invstd,
                      direct, total)
     return _bn_input_backward_eager(gy, xhat, invstd, direct, total)
