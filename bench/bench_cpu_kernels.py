@@ -59,6 +59,8 @@ def _cases(m: int, c: int, width: int) -> dict[str, tuple[Callable[[], object], 
     cases = {
         "bn_relu": (lambda: fused._bn_relu_eager(x, scale, shift, out.clone()),
                     lambda: fused.bn_relu(x, scale, shift, out)),
+        "normalise": (lambda: fused._normalise_eager(x, offset, invstd, out.clone()),
+                      lambda: fused.normalise(x, offset, invstd, out)),
         "bn_relu_backward": (lambda: relu_backward(fused._bn_relu_backward_eager),
                              lambda: relu_backward(fused.bn_relu_backward)),
         "bn_input_backward": (lambda: fused._bn_input_backward_eager(x, xh, invstd, d, m),

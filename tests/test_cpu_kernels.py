@@ -38,6 +38,14 @@ def test_bn_relu_rounds_once_like_pytorch(hand, c):
     assert torch.equal(out, expected)
 
 
+def test_normalise_rounds_once_like_pytorch(hand):
+    x = _strided(300, 33, 8)
+    offset, invstd = torch.randn(33) * 0.1, torch.rand(33) + 0.5
+    out = torch.empty(300, 33, dtype=torch.bfloat16)
+    assert cpu_kernels.normalise(x, offset, invstd, out) is out
+    assert torch.equal(out, ((x.float() - offset) * invstd).bfloat16())
+
+
 @pytest.mark.parametrize("with_xhat", [False, True])
 @pytest.mark.parametrize("c", [12, 33])
 def test_bn_relu_backward_against_pytorch(hand, c, with_xhat):

@@ -9,6 +9,7 @@ costs about 25 us. The kernels here do the same arithmetic (float32 inside, one 
 nearest even) with the processor's bfloat16 conversion, at about 1 us per call:
 
 - :func:`bn_relu`: relu(x * scale + shift) of a (possibly strided) (M, C) bfloat16 matrix;
+- :func:`normalise`: (x - offset) * invstd, the memory-efficient mode's recomputed x_hat;
 - :func:`bn_relu_backward`: the backward of a layer's BN1-ReLU over its prefix (the BN's parameter
   gradients and the accumulated gradient of the normalised maps), in one pass;
 - :func:`bn_input_backward`: the BatchNorm input gradient of a layer's new maps, narrow strided
@@ -28,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "set_enabled"]
+__all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "normalise", "set_enabled"]
 
 _PRELUDE = r"""
 #include <immintrin.h>
@@ -59,6 +60,21 @@ extern "C" TARGET void kernel(const uint16_t* x, const float* scale, const float
             __m512 v = _mm512_add_ps(_mm512_mul_ps(load_bf16(xr + j, k), _mm512_maskz_loadu_ps(k, scale + j)),
                                      _mm512_maskz_loadu_ps(k, shift + j));
             store_bf16(o + j, _mm512_max_ps(v, zero), k);
+        }
+    }
+}
+"""
+
+_NORMALISE = _PRELUDE + r"""
+extern "C" TARGET void kernel(const uint16_t* x, const float* offset, const float* invstd, uint16_t* out,
+                              int64_t m, int64_t c, int64_t ldx, int64_t ldo) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < c; j += 16) {
+            __mmask16 k = tail_mask(c - j);
+            __m512 v = _mm512_mul_ps(_mm512_sub_ps(load_bf16(x + i * ldx + j, k), _mm512_maskz_loadu_ps(k, offset + j)),
+                                     _mm512_maskz_loadu_ps(k, invstd + j));
+            store_bf16(out + i * ldo + j, v, k);
         }
     }
 }
@@ -157,6 +173,8 @@ extern "C" TARGET void kernel(const uint16_t* gt, const uint16_t* t, const uint1
 _SIGNATURES = {
     "bn_relu_backward": (_BN_RELU_BACKWARD, ["const uint16_t*", "const uint16_t*", "const uint16_t*", "const float*",
                                              "const float*", "uint16_t*", "const float*", "float*"] + ["int64_t"] * 7),
+    "normalise": (_NORMALISE, ["const uint16_t*", "const float*", "const float*", "uint16_t*",
+                               "int64_t", "int64_t", "int64_t", "int64_t"]),
     "bn_relu": (_BN_RELU, ["const uint16_t*", "const float*", "const float*", "uint16_t*",
                            "int64_t", "int64_t", "int64_t", "int64_t"]),
     "bn_input_backward": (_BN_INPUT_BACKWARD, ["const uint16_t*", "const uint16_t*", "const float*", "const uint16_t*",
@@ -211,6 +229,19 @@ def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor |
     if k is None:
         return None
     k(rows, scale.float().contiguous(), shift.float().contiguous(), out, rows.shape[0], rows.shape[1],
+      rows.stride(0), out.stride(0))
+    return out
+
+
+def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tensor | None:
+    """(rows - offset) * invstd of a bfloat16 (M, C) matrix into the (M, C) matrix ``out``; None (nothing
+    written) where the kernel does not run."""
+    if not (available(rows, out) and out.shape == rows.shape):
+        return None
+    k = _kernel("normalise")
+    if k is None:
+        return None
+    k(rows, offset.float().contiguous(), invstd.float().contiguous(), out, rows.shape[0], rows.shape[1],
       rows.stride(0), out.stride(0))
     return out
 

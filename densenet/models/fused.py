@@ -191,6 +191,8 @@ def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None =
     centred buffer, so folding it into one multiply-add loses nothing there)."""
     if _use_compiled(rows):
         out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
+        if cpu_kernels.normalise(rows, offset, invstd, out) is not None:
+            return out
         return _call("normalise", _normalise_fused, _normalise_eager, rows, offset, invstd, out)
     return _normalise_eager(rows, offset, invstd, out)
 
