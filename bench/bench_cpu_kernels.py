@@ -56,6 +56,12 @@ def _cases(m: int, c: int, width: int) -> dict[str, tuple[Callable[[], object], 
         gw = d.clone()  # the accumulated gradient is updated in place: a fresh copy per call
         return torch.cat([gw.flatten().float(), *backward(g_t.clone(), t_out.clone(), None, x, offset, invstd, gw,
                                                           weight, torch.float32)])
+
+    def train_backward_args() -> tuple[torch.Tensor, ...]:  # (N, C, H, W) channels_last, as BN2 gets them
+        side = int((m // 64) ** 0.5)
+        z4 = g_t.view(64, side, side, c).permute(0, 3, 1, 2)
+        return z4, t_out.view(64, side, side, c).permute(0, 3, 1, 2), z4, offset, invstd, weight
+
     cases = {
         "bn_relu": (lambda: fused._bn_relu_eager(x, scale, shift, out.clone()),
                     lambda: fused.bn_relu(x, scale, shift, out)),
@@ -63,10 +69,18 @@ def _cases(m: int, c: int, width: int) -> dict[str, tuple[Callable[[], object], 
                       lambda: fused.normalise(x, offset, invstd, out)),
         "bn_relu_backward": (lambda: relu_backward(fused._bn_relu_backward_eager),
                              lambda: relu_backward(fused.bn_relu_backward)),
+        "bn_relu_train_backward": (lambda: fused._bn_relu_train_backward_eager(*train_backward_args(), 1e-5),
+                                   lambda: fused.bn_relu_train_backward(*train_backward_args(), 1e-5)),
         "bn_input_backward": (lambda: fused._bn_input_backward_eager(x, xh, invstd, d, m),
                               lambda: fused.bn_input_backward(x, xh, invstd, d, m)),
     }
     return cases
+
+
+def _flat(out: object) -> torch.Tensor:
+    """A kernel's output, or its outputs one after the other, as one float32 vector."""
+    outs = out if isinstance(out, tuple) else (out,)
+    return torch.cat([t.float().flatten() for t in outs])
 
 
 def main() -> None:
@@ -86,8 +100,8 @@ def main() -> None:
         for name, (eager, fast) in cases.items():
             t = _median_us({"eager": eager, "inductor": _with(False, fast), "hand": _with(True, fast)},
                            args.repeats, args.inner)
-            ref = eager().float()
-            diff = (_with(True, fast)().float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
+            ref = _flat(eager())
+            diff = (_flat(_with(True, fast)()) - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
             print(f"| {name} | {m} x {c} ({width}) | {t['eager']:.0f} | {t['inductor']:.0f} | {t['hand']:.0f} | "
                   f"**{t['inductor'] / t['hand']:.2f}x** | {diff:.1e} |")
 

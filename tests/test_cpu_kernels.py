@@ -75,6 +75,21 @@ def test_bn_input_backward_against_pytorch(hand):
     assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
 
 
+def test_bn_relu_train_backward_against_pytorch(hand):
+    m, c = 999, 20
+    g_r, r, z = (_strided(m, c, s).contiguous() for s in (9, 10, 11))  # (M, C) rows of channels_last maps
+    mean, invstd, weight = torch.randn(c) * 0.1, torch.rand(c) + 0.5, torch.randn(c)
+    g_z, g_w, g_b = cpu_kernels.bn_relu_train_backward(g_r, r, z, mean, invstd, weight)
+    g_u = torch.where(r > 0, g_r.double(), 0.0)
+    zhat = (z.double() - mean.double()) * invstd.double()
+    exact_b, exact_w = g_u.sum(0), (g_u * zhat).sum(0)
+    torch.testing.assert_close(g_b, exact_b.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_w, exact_w.float(), rtol=1e-5, atol=1e-4)
+    exact = (g_u - exact_b / m - zhat * exact_w / m) * (invstd.double() * weight.double())
+    assert g_z.shape == (m, c) and g_z.dtype == torch.bfloat16
+    assert ((g_z.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
+
+
 def test_they_decline_what_they_do_not_handle(hand):
     x = torch.randn(64, 12)
     out = torch.empty_like(x)

@@ -12,6 +12,7 @@ nearest even) with the processor's bfloat16 conversion, at about 1 us per call:
 - :func:`normalise`: (x - offset) * invstd, the memory-efficient mode's recomputed x_hat;
 - :func:`bn_relu_backward`: the backward of a layer's BN1-ReLU over its prefix (the BN's parameter
   gradients and the accumulated gradient of the normalised maps), in one pass;
+- :func:`bn_relu_train_backward`: the backward of a layer's BN2-ReLU (batch statistics), two passes;
 - :func:`bn_input_backward`: the BatchNorm input gradient of a layer's new maps, narrow strided
   (M, k) slices of the block's buffers (the worst case for Inductor: 0.7 GB/s).
 
@@ -29,7 +30,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "normalise", "set_enabled"]
+__all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train_backward", "normalise",
+           "set_enabled"]
 
 _PRELUDE = r"""
 #include <immintrin.h>
@@ -170,7 +172,65 @@ extern "C" TARGET void kernel(const uint16_t* gt, const uint16_t* t, const uint1
 }
 """
 
+_BN_RELU_TRAIN_BACKWARD = _PRELUDE + r"""
+// r = relu(BN(z)) with batch statistics: g_u = g_r where r > 0, zhat = (z - mean) * invstd,
+// sums[0] = sum(g_u), sums[1] = sum(g_u * zhat), g_z = (g_u - sums[0] / m - zhat * sums[1] / m) * (invstd * weight)
+extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint16_t* z, const float* mean,
+                              const float* invstd, const float* weight, uint16_t* gz, float* sums, int64_t m, int64_t c) {
+    const int64_t cp = (c + 15) / 16 * 16;
+    const int nt = omp_get_max_threads();
+    std::vector<float> part((size_t)nt * 2 * cp, 0.0f);
+    std::vector<float> coef(3 * cp, 0.0f);  // sum(g_u) / m, sum(g_u * zhat) / m, invstd * weight
+    const __m512 zero = _mm512_setzero_ps();
+    #pragma omp parallel num_threads(nt)
+    {
+        float* s = part.data() + (size_t)omp_get_thread_num() * 2 * cp;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < c; j += 16) {
+                __mmask16 k = tail_mask(c - j);
+                __mmask16 pos = _mm512_cmp_ps_mask(load_bf16(r + i * c + j, k), zero, _CMP_GT_OQ);
+                __m512 g = _mm512_maskz_mov_ps(pos, load_bf16(gr + i * c + j, k));
+                __m512 zh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(z + i * c + j, k), _mm512_maskz_loadu_ps(k, mean + j)),
+                                          _mm512_maskz_loadu_ps(k, invstd + j));
+                _mm512_storeu_ps(s + j, _mm512_add_ps(_mm512_loadu_ps(s + j), g));
+                _mm512_storeu_ps(s + cp + j, _mm512_add_ps(_mm512_loadu_ps(s + cp + j), _mm512_mul_ps(g, zh)));
+            }
+        }
+        #pragma omp barrier
+        #pragma omp single
+        {
+            for (int64_t j = 0; j < c; ++j) {  // the threads' partial sums in a fixed order: deterministic
+                float sg = 0.0f, sgz = 0.0f;
+                for (int u = 0; u < nt; ++u) { sg += part[(size_t)u * 2 * cp + j]; sgz += part[(size_t)u * 2 * cp + cp + j]; }
+                sums[j] = sg;
+                sums[c + j] = sgz;
+                coef[j] = sg / (float)m;
+                coef[cp + j] = sgz / (float)m;
+                coef[2 * cp + j] = invstd[j] * weight[j];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < c; j += 16) {
+                __mmask16 k = tail_mask(c - j);
+                __mmask16 pos = _mm512_cmp_ps_mask(load_bf16(r + i * c + j, k), zero, _CMP_GT_OQ);
+                __m512 g = _mm512_maskz_mov_ps(pos, load_bf16(gr + i * c + j, k));
+                __m512 zh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(z + i * c + j, k), _mm512_maskz_loadu_ps(k, mean + j)),
+                                          _mm512_maskz_loadu_ps(k, invstd + j));
+                __m512 d = _mm512_sub_ps(_mm512_sub_ps(g, _mm512_loadu_ps(coef.data() + j)),
+                                         _mm512_mul_ps(zh, _mm512_loadu_ps(coef.data() + cp + j)));
+                store_bf16(gz + i * c + j, _mm512_mul_ps(d, _mm512_loadu_ps(coef.data() + 2 * cp + j)), k);
+            }
+        }
+    }
+}
+"""
+
 _SIGNATURES = {
+    "bn_relu_train_backward": (_BN_RELU_TRAIN_BACKWARD, ["const uint16_t*", "const uint16_t*", "const uint16_t*",
+                                                         "const float*", "const float*", "const float*", "uint16_t*",
+                                                         "float*", "int64_t", "int64_t"]),
     "bn_relu_backward": (_BN_RELU_BACKWARD, ["const uint16_t*", "const uint16_t*", "const uint16_t*", "const float*",
                                              "const float*", "uint16_t*", "const float*", "float*"] + ["int64_t"] * 7),
     "normalise": (_NORMALISE, ["const uint16_t*", "const float*", "const float*", "uint16_t*",
@@ -276,3 +336,20 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
       weight.detach().to(torch.bfloat16).float().contiguous(), sums, m, c, g_t.stride(0), t.stride(0), x.stride(0),
       gw.stride(0), int(xhat is not None))
     return sums[0].to(stat_dtype), sums[1].to(stat_dtype)
+
+
+def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+                           weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """As :func:`.fused.bn_relu_train_backward` on contiguous bfloat16 (M, C) matrices: (gradient of z as a
+    new (M, C) matrix, of the BN weight, of its bias, the last two in ``weight``'s dtype), or None."""
+    if not (available(g_r, r, z) and g_r.shape == r.shape == z.shape and all(t.is_contiguous() for t in (g_r, r, z))):
+        return None
+    k = _kernel("bn_relu_train_backward")
+    if k is None:
+        return None
+    m, c = z.shape
+    g_z = torch.empty(m, c, dtype=z.dtype)
+    sums = torch.empty(2, c, dtype=torch.float32)
+    k(g_r, r, z, mean.float().contiguous(), invstd.float().contiguous(), weight.detach().float().contiguous(), g_z, sums,
+      m, c)
+    return g_z, sums[1].to(weight.dtype), sums[0].to(weight.dtype)
