@@ -97,27 +97,26 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16
     return step
 
 
-def unfused(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with the fused CPU kernels turned off while it runs (the lever alone)."""
+def _switched_off(set_enabled: Callable[[bool | None], None], step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with a kernel family switched off while it runs, back to its default after."""
     def run() -> None:
-        fused.set_enabled(False)
+        set_enabled(False)
         try:
             step()
         finally:
-            fused.set_enabled(None)
+            set_enabled(None)
     return run
+
+
+def unfused(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the fused CPU kernels turned off while it runs (the lever alone)."""
+    return _switched_off(fused.set_enabled, step)
 
 
 def inductor_only(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` with the hand-written AVX-512 kernels off: every fused pass through Inductor's code
     (the lever of densenet/models/cpu_kernels.py alone)."""
-    def run() -> None:
-        cpu_kernels.set_enabled(False)
-        try:
-            step()
-        finally:
-            cpu_kernels.set_enabled(None)
-    return run
+    return _switched_off(cpu_kernels.set_enabled, step)
 
 
 def one_stage(step: Callable[[], None]) -> Callable[[], None]:

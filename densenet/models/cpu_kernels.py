@@ -46,6 +46,16 @@ TARGET static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 k) {
     _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
 }
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+// per channel j < c, the nt threads' partial sums (blocks of 2 * cp floats: one sum, then another)
+// added in a fixed order, so that the result is deterministic for a thread count: into a[j] and b[j]
+static inline void add_partials(const std::vector<float>& part, int nt, int64_t c, int64_t cp, float* a, float* b) {
+    for (int64_t j = 0; j < c; ++j) {
+        float sa = 0.0f, sb = 0.0f;
+        for (int u = 0; u < nt; ++u) { sa += part[(size_t)u * 2 * cp + j]; sb += part[(size_t)u * 2 * cp + cp + j]; }
+        a[j] = sa;
+        b[j] = sb;
+    }
+}
 """
 
 _BN_RELU = _PRELUDE + r"""
@@ -108,11 +118,10 @@ extern "C" TARGET void kernel(const uint16_t* g, const uint16_t* xh, const float
         #pragma omp barrier
         #pragma omp single
         {
-            for (int64_t j = 0; j < c; ++j) {  // the threads' partial sums in a fixed order: deterministic
-                float sg = 0.0f, sgx = 0.0f;
-                for (int u = 0; u < nt; ++u) { sg += part[(size_t)u * 2 * cp + j]; sgx += part[(size_t)u * 2 * cp + cp + j]; }
-                coef[j] = (float)(sg / (double)total);
-                coef[cp + j] = (float)(sgx / (double)total);
+            add_partials(part, nt, c, cp, coef.data(), coef.data() + cp);
+            for (int64_t j = 0; j < c; ++j) {
+                coef[j] = (float)(coef[j] / (double)total);
+                coef[cp + j] = (float)(coef[cp + j] / (double)total);
             }
         }
         #pragma omp for schedule(static)
@@ -163,12 +172,7 @@ extern "C" TARGET void kernel(const uint16_t* gt, const uint16_t* t, const uint1
             }
         }
     }
-    for (int64_t j = 0; j < c; ++j) {  // the threads' partial sums in a fixed order: deterministic
-        float sg = 0.0f, sgx = 0.0f;
-        for (int u = 0; u < nt; ++u) { sg += part[(size_t)u * 2 * cp + j]; sgx += part[(size_t)u * 2 * cp + cp + j]; }
-        sums[j] = sg;
-        sums[c + j] = sgx;
-    }
+    add_partials(part, nt, c, cp, sums, sums + c);
 }
 """
 
@@ -200,13 +204,10 @@ extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint1
         #pragma omp barrier
         #pragma omp single
         {
-            for (int64_t j = 0; j < c; ++j) {  // the threads' partial sums in a fixed order: deterministic
-                float sg = 0.0f, sgz = 0.0f;
-                for (int u = 0; u < nt; ++u) { sg += part[(size_t)u * 2 * cp + j]; sgz += part[(size_t)u * 2 * cp + cp + j]; }
-                sums[j] = sg;
-                sums[c + j] = sgz;
-                coef[j] = sg / (float)m;
-                coef[cp + j] = sgz / (float)m;
+            add_partials(part, nt, c, cp, sums, sums + c);
+            for (int64_t j = 0; j < c; ++j) {
+                coef[j] = sums[j] / (float)m;
+                coef[cp + j] = sums[c + j] / (float)m;
                 coef[2 * cp + j] = invstd[j] * weight[j];
             }
         }
@@ -268,6 +269,7 @@ def _kernel(name: str) -> Callable[..., None] | None:
     kernels = _state["kernels"]
     if name not in kernels:
         try:
+            # imported on first use, not with the package: Inductor's import takes seconds
             from torch._inductor.codecache import CppPythonBindingsCodeCache
             source, argtypes = _SIGNATURES[name]
             kernels[name] = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
@@ -280,12 +282,17 @@ def _kernel(name: str) -> Callable[..., None] | None:
     return kernels[name]
 
 
+def _ready(name: str, *ts: Tensor) -> Callable[..., None] | None:
+    """The kernel ``name`` if it runs for these matrices (:func:`available`, all of one shape), else None."""
+    if not (available(*ts) and all(t.shape == ts[0].shape for t in ts)):
+        return None
+    return _kernel(name)
+
+
 def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor | None:
     """relu(rows * scale + shift) of a bfloat16 (M, C) matrix into the (M, C) matrix ``out``, per-channel
     ``scale`` and ``shift`` (any float dtype); None (nothing written) where the kernel does not run."""
-    if not (available(rows, out) and out.shape == rows.shape):
-        return None
-    k = _kernel("bn_relu")
+    k = _ready("bn_relu", rows, out)
     if k is None:
         return None
     k(rows, scale.float().contiguous(), shift.float().contiguous(), out, rows.shape[0], rows.shape[1],
@@ -296,9 +303,7 @@ def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor |
 def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tensor | None:
     """(rows - offset) * invstd of a bfloat16 (M, C) matrix into the (M, C) matrix ``out``; None (nothing
     written) where the kernel does not run."""
-    if not (available(rows, out) and out.shape == rows.shape):
-        return None
-    k = _kernel("normalise")
+    k = _ready("normalise", rows, out)
     if k is None:
         return None
     k(rows, offset.float().contiguous(), invstd.float().contiguous(), out, rows.shape[0], rows.shape[1],
@@ -309,9 +314,7 @@ def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tens
 def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, total: int) -> Tensor | None:
     """As :func:`.fused.bn_input_backward` for bfloat16 (M, C) matrices: a new contiguous (M, C) matrix,
     or None where the kernel does not run."""
-    if not (available(gy, xhat, direct) and gy.shape == xhat.shape == direct.shape):
-        return None
-    k = _kernel("bn_input_backward")
+    k = _ready("bn_input_backward", gy, xhat, direct)
     if k is None:
         return None
     out = torch.empty(gy.shape, dtype=gy.dtype)
@@ -325,9 +328,7 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
     """As :func:`.fused.bn_relu_backward` for bfloat16 (M, C) matrices (``gw`` updated in place, the BN's
     ``weight`` rounded to bfloat16 first as there); None (nothing written) where the kernel does not run."""
     x = prefix if xhat is None else xhat
-    if not (available(g_t, t, x, gw) and g_t.shape == t.shape == x.shape == gw.shape):
-        return None
-    k = _kernel("bn_relu_backward")
+    k = _ready("bn_relu_backward", g_t, t, x, gw)
     if k is None:
         return None
     m, c = g_t.shape
@@ -342,9 +343,7 @@ def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invs
                            weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """As :func:`.fused.bn_relu_train_backward` on contiguous bfloat16 (M, C) matrices: (gradient of z as a
     new (M, C) matrix, of the BN weight, of its bias, the last two in ``weight``'s dtype), or None."""
-    if not (available(g_r, r, z) and g_r.shape == r.shape == z.shape and all(t.is_contiguous() for t in (g_r, r, z))):
-        return None
-    k = _kernel("bn_relu_train_backward")
+    k = _ready("bn_relu_train_backward", g_r, r, z) if all(t.is_contiguous() for t in (g_r, r, z)) else None
     if k is None:
         return None
     m, c = z.shape

@@ -357,10 +357,11 @@ def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invs
     """Backward of r = relu(BatchNorm(z)) with batch statistics, (N, C, *spatial) tensors: returns
     the gradients of z (shaped like z), of the BN weight and of its bias, given the gradient ``g_r`` of r."""
     if _use_compiled(z) and all(_channels_last(t) for t in (g_r, r, z)):
-        out = cpu_kernels.bn_relu_train_backward(as_rows(g_r), as_rows(r), as_rows(z), mean, invstd, weight)
+        rows = (as_rows(g_r), as_rows(r), as_rows(z))
+        out = cpu_kernels.bn_relu_train_backward(*rows, mean, invstd, weight)
         if out is None:
-            out = _call("bn_relu_train_backward", _bn_relu_train_backward_fused, None,
-                        as_rows(g_r), as_rows(r), as_rows(z), mean, invstd, weight.detach(), eps)
+            out = _call("bn_relu_train_backward", _bn_relu_train_backward_fused, None, *rows, mean, invstd,
+                        weight.detach(), eps)
         if out is not None:
             return as_nchw(out[0], z.shape[0], z.shape[2:]), out[1], out[2]
     return _bn_relu_train_backward_eager(g_r, r, z, mean, invstd, weight, eps)
