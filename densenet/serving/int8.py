@@ -1,0 +1,385 @@
+"""int8 DenseNets on PyTorch's oneDNN int8 convolutions, with each map quantized once when it is stored.
+
+A dense block keeps one uint8 buffer (N, C_out, H, W), channels_last. Every map in it is stored once,
+as it comes out of its convolution, before any BN: the block input and each layer's new maps are
+segments with their own scale and zero point (from the calibration images' ranges). A layer's
+BN1-ReLU over the whole prefix is then not a float pass: with a = gamma / sqrt(var + eps) and
+b = beta - mean * a per channel, and x = s * (q - z) the stored value,
+
+    ReLU(a x + b) = A * clamp(q) + B,   A = a s,   B = b - A z,
+
+where clamp is max(q, t) for a > 0 and min(q, t) for a < 0, t = -b / a in q units. So BN1-ReLU is a
+per-channel clamp of uint8 (one byte read and written per value), A is folded into the next 1x1
+convolution's weights (quantized per output channel after folding) and B into its bias; BN2 is folded
+into the same convolution, whose ReLU and requantization oneDNN fuses; the 3x3 convolution writes
+the layer's new maps in its segment's scale. A transition's 1x1 convolution and 2x2 average are one
+2x2 stride-2 convolution (weights W/4 per tap); the head's BN-ReLU, global average and classifier
+are one float linear map of the clamped maps' means. A 3x3 convolution straight on a prefix (no
+bottleneck) pads with q = 0, where the folded shift B is missing: it runs with a float output to
+which the bias of the taps inside the image is added per position, then is quantized.
+
+``quantize_densenet(model, calibration)`` calibrates and builds an :class:`Int8DenseNet`;
+``save_int8`` / ``load_int8`` write and read it as one safetensors file (int8 weights, scales, the
+plan as JSON metadata). Shapes: images (N, C, H, W) float, normalised as the float model's; logits
+(N, classes) float32.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ArgumentError, MissingFile
+from ..io.atomic import atomic_write_bytes
+from ..models import DenseNet
+from .loading import ExportError
+
+__all__ = ["FORMAT", "Int8DenseNet", "int8_available", "is_int8_file", "load_int8", "quantize_densenet", "save_int8"]
+
+FORMAT = "densenet-int8"
+VERSION = 1
+_CL = torch.channels_last
+
+
+def int8_available() -> bool:
+    """True where PyTorch has its oneDNN int8 convolutions (an x86 build with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _bn(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval BN as y = a x + b per channel: (a, b), float64."""
+    a = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    return a, norm.bias.detach().double() - norm.running_mean.double() * a
+
+
+def _qparams(low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """uint8 scales and zero points (float64, per entry) that cover [low, high] and 0."""
+    low, high = low.double().clamp(max=0), high.double().clamp(min=0)
+    scale = ((high - low) / 255).clamp(min=1e-6)
+    return scale, (-low / scale).round().clamp(0, 255)
+
+
+def _fold_bn_relu(a: Tensor, b: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BN-ReLU over stored maps x = scale (q - zero), per channel (C,) each, as A clamp(q) + B:
+    returns A, B (float64) and the clamp's bounds lo, hi (uint8)."""
+    A, B = a * scale, b - a * scale * zero
+    lo, hi = torch.zeros_like(a), torch.full_like(a, 255.0)
+    t = torch.where(a != 0, -b / torch.where(a != 0, a, 1.0) / scale + zero, torch.zeros_like(a))
+    up, down = a > 0, a < 0
+    lo = torch.where(up, t.round().clamp(0, 255), lo)
+    hi = torch.where(down, t.round().clamp(0, 255), hi)
+    dead = (up & (t > 255)) | (down & (t < 0))  # ReLU gives 0 on every storable value
+    flat = a == 0  # ReLU(b), whatever x
+    A = torch.where(dead | flat, torch.zeros_like(A), A)
+    B = torch.where(dead, torch.zeros_like(B), torch.where(flat, b.clamp(min=0), B))
+    return A, B, lo.to(torch.uint8), hi.to(torch.uint8)
+
+
+class _Range:
+    """Running per-channel min and max of the (N, C, H, W) float tensors seen under each name."""
+
+    def __init__(self) -> None:
+        self.low: dict[str, Tensor] = {}
+        self.high: dict[str, Tensor] = {}
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add_mean(self, name: str, x: Tensor) -> None:
+        """Also keep the running per-channel mean of ``x`` under ``name`` (:meth:`mean`)."""
+        total = x.detach().double().sum((0, 2, 3)).cpu()
+        self.sums[name] = self.sums.get(name, 0) + total
+        self.counts[name] = self.counts.get(name, 0) + x.numel() // x.shape[1]
+
+    def mean(self, name: str) -> Tensor:
+        return self.sums[name] / self.counts[name]
+
+    def __call__(self, name: str, x: Tensor) -> Tensor:
+        lo, hi = x.detach().amin((0, 2, 3)).double().cpu(), x.detach().amax((0, 2, 3)).double().cpu()
+        self.low[name] = torch.minimum(lo, self.low.get(name, lo))
+        self.high[name] = torch.maximum(hi, self.high.get(name, hi))
+        return x
+
+    def qparams(self, name: str, per_channel: bool = True) -> tuple[Tensor, Tensor]:
+        """Scales and zero points (C,) (one of each with ``per_channel=False``)."""
+        if per_channel:
+            return _qparams(self.low[name], self.high[name])
+        return _qparams(self.low[name].min(), self.high[name].max())
+
+
+def _blocks(model: DenseNet) -> list[tuple[nn.Module, nn.Module | None]]:
+    """[(dense block, the transition after it or None)] in order."""
+    mods = model.features._modules
+    return [(mods[f"denseblock{i + 1}"], mods.get(f"transition{i + 1}")) for i in range(len(model.block_config))]
+
+
+@torch.no_grad()
+def _observe(model: DenseNet, x: Tensor, see: _Range) -> None:
+    """The float model's eval forward, layer by layer, showing ``see`` every tensor int8 stores."""
+    f = model.features
+    see("input", x)
+    if model.stem == "cifar":
+        y = see("stem", f.conv0(x))
+    else:
+        y = f.pool0(see("stem", f.relu0(f.norm0(f.conv0(x)))))
+    for b, (block, transition) in enumerate(_blocks(model)):
+        maps = [y]
+        for l, layer in enumerate(block.values()):
+            h = layer.relu1(layer.norm1(torch.cat(maps, 1)))
+            see.add_mean(f"block{b}.layer{l}.input", h)
+            if layer.bottleneck:
+                h = see(f"block{b}.layer{l}.mid", layer.relu2(layer.norm2(layer.conv1(h))))
+                maps.append(see(f"block{b}.layer{l}.new", layer.conv2(h)))
+            else:
+                maps.append(see(f"block{b}.layer{l}.new", layer.conv1(h)))
+        y = torch.cat(maps, 1)
+        if transition is not None:
+            pooled = see(f"transition{b}.pooled", transition.pool(transition.relu(transition.norm(y))))
+            y = see(f"transition{b}", transition.conv(pooled))
+
+
+def _check_model(model: DenseNet) -> None:
+    if not isinstance(model, DenseNet) or model.spatial_dims != 2:
+        raise ExportError("int8 quantization takes 2-D DenseNet image classifiers; this model is not one")
+    if model.num_classes <= 0 or model.global_pool.pool_type != "avg":
+        raise ExportError("int8 quantization needs a classifier after global average pooling "
+                          f"(num_classes > 0, global_pool 'avg'); this model has num_classes={model.num_classes}, "
+                          f"global_pool={model.global_pool.pool_type!r}")
+    if not int8_available():
+        raise ExportError("int8 inference needs PyTorch's oneDNN int8 convolutions (an x86 build of torch with mkldnn); "
+                          "this torch has none: use --format onnx --int8 (ONNX Runtime) instead")
+
+
+def _weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: (int8 weight, float32 scales (O,))."""
+    scale = (w.abs().amax(dim=tuple(range(1, w.dim()))) / 127).clamp(min=1e-12)
+    q = (w / scale.view(-1, *[1] * (w.dim() - 1))).round().clamp(-127, 127)
+    return q.to(torch.int8), scale.float()
+
+
+class _Builder:
+    """Collects the int8 model's tensors and plan while the float model is folded."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Tensor] = {}
+        self.convs: dict[str, dict[str, Any]] = {}
+
+    def conv(self, name: str, w: Tensor, bias: Tensor | None, out: tuple[Tensor, Tensor], *, stride: int,
+             padding: int, x: tuple[float, int] = (1.0, 0), relu: bool = False, float_out: bool = False,
+             x_mean: Tensor | None = None) -> None:
+        """An int8 convolution of weights ``w`` (O, C, kh, kw) and ``bias`` (O,) (real units) whose output
+        is stored with per-channel scales and zero points ``out`` ((O,) each): both are folded into the
+        weights and bias, so that oneDNN requantizes with scale 1 and zero point 0. ``x``: the input's
+        scale and zero point (1, 0 where the input's scales are folded into ``w``). ``x_mean``: the
+        input's per-channel mean (C,) in real units on the calibration images, to correct the bias for
+        the mean error of the rounded weights."""
+        scale, zero = out
+        w = w / scale.view(-1, 1, 1, 1)
+        bias = (torch.zeros(len(w), dtype=torch.float64) if bias is None else bias) / scale + zero
+        q, s = _weight_int8(w)
+        if x_mean is not None:
+            error = (q.double() * s.double().view(-1, 1, 1, 1) - w).sum((2, 3))
+            bias = bias - error @ x_mean
+        self.tensors[f"{name}.weight"], self.tensors[f"{name}.w_scale"] = q.contiguous(), s
+        self.tensors[f"{name}.bias"] = bias.float().contiguous()
+        self.convs[name] = {"stride": stride, "padding": padding, "x_scale": float(x[0]), "x_zero_point": int(x[1]),
+                            "relu": relu, "float_out": float_out}
+
+
+@torch.no_grad()
+def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], batch: int = 64) -> "Int8DenseNet":
+    """An :class:`Int8DenseNet` of ``model`` (eval BN statistics), calibrated on ``calibration``:
+    normalised images (N, C, H, W) float, or an iterable of such batches."""
+    _check_model(model)
+    model = model.eval()
+    batches = calibration.split(batch) if isinstance(calibration, Tensor) else calibration
+    see = _Range()
+    device = next(model.parameters()).device
+    for x in batches:
+        _observe(model, x.to(device).float(), see)
+    if "input" not in see.low:
+        raise ArgumentError("int8 calibration got no images")
+    f, build = model.features, _Builder()
+    x_in = [float(v) for v in see.qparams("input", per_channel=False)]
+    plan: dict[str, Any] = {"input": x_in, "stem_kind": model.stem, "blocks": []}
+    # stem: conv0 (CIFAR) or conv0-BN-ReLU (ImageNet: BN folded, ReLU fused; max pool on uint8 after it)
+    w = f.conv0.weight.detach().double()
+    storage = [_block_storage(see, b, block, transition, f.norm5) for b, (block, transition) in enumerate(_blocks(model))]
+    stored = tuple(t[: model.stem_channels] for t in storage[0])
+    if model.stem == "cifar":
+        build.conv("stem", w, None, stored, stride=1, padding=1, x=x_in)
+    else:
+        a, b = _bn(f.norm0)
+        build.conv("stem", w * a.view(-1, 1, 1, 1), b, stored, stride=2, padding=3, x=x_in, relu=True)
+    for bi, (block, transition) in enumerate(_blocks(model)):
+        layers = list(block.values())
+        plan["blocks"].append({"in_channels": block.in_channels, "out_channels": block.out_channels,
+                               "growth_rate": layers[0].growth_rate if layers else 0,
+                               "bottleneck": bool(layers[0].bottleneck) if layers else True, "layers": len(layers),
+                               "transition": transition is not None})
+        for li, layer in enumerate(layers):
+            name = f"block{bi}.layer{li}"
+            A, B = _stored(build, name, layer.norm1, stored)
+            new = tuple(t[layer.in_channels : layer.in_channels + layer.growth_rate] for t in storage[bi])
+            w1 = layer.conv1.weight.detach().double()
+            if layer.bottleneck:  # BN1-ReLU clamp, 1x1 conv + BN2 + ReLU, 3x3 conv on the middle maps
+                a2, b2 = _bn(layer.norm2)
+                mid = see.qparams(f"{name}.mid")
+                w1 = w1[:, :, 0, 0]
+                h_mean = see.mean(f"{name}.input")  # = A clamp(q) + B on average: the clamp's mean in q units
+                q_mean = torch.where(A != 0, (h_mean - B) / torch.where(A != 0, A, 1.0), torch.zeros_like(A))
+                build.conv(f"{name}.conv1", (a2.view(-1, 1) * w1 * A.view(1, -1))[:, :, None, None],
+                           a2 * (w1 @ B) + b2, mid, stride=1, padding=0, relu=True, x_mean=q_mean)
+                w2 = layer.conv2.weight.detach().double() * mid[0].view(1, -1, 1, 1)
+                build.conv(f"{name}.conv2", w2, None, new, stride=1, padding=1)
+            else:  # a 3x3 convolution on the prefix: the shift's bias per tap, added where the tap is inside
+                build.conv(f"{name}.conv1", w1 * A.view(1, -1, 1, 1), None, new, stride=1, padding=1, float_out=True)
+                taps = torch.einsum("ocij,c->oij", w1, B) / new[0].view(-1, 1, 1)
+                build.tensors[f"{name}.conv1.tap_bias"] = taps.float().contiguous()
+            stored = tuple(torch.cat([s, n]) for s, n in zip(stored, new))
+        if transition is not None:  # BN-ReLU clamp, 2x2 average in float, requantized, 1x1 conv
+            name = f"transition{bi}"
+            A, B = _stored(build, name, transition.norm, stored)
+            build.tensors[f"{name}.A"] = A.float().view(1, -1, 1, 1)
+            build.tensors[f"{name}.B"] = B.float().view(1, -1, 1, 1)
+            pooled = [float(v) for v in see.qparams(f"{name}.pooled", per_channel=False)]
+            stored = tuple(t[: transition.out_channels] for t in storage[bi + 1])
+            build.conv(name, transition.conv.weight.detach().double(), None, stored, stride=1, padding=0, x=pooled)
+    A, B = _stored(build, "head", f.norm5, stored)
+    wc = model.classifier.weight.detach().double()
+    build.tensors["head.weight"] = (wc * A.view(1, -1)).float().contiguous()
+    build.tensors["head.bias"] = (wc @ B + model.classifier.bias.detach().double()).float().contiguous()
+    plan["convs"] = build.convs
+    plan["in_channels"], plan["num_classes"] = model.in_channels, model.num_classes
+    return Int8DenseNet(plan, build.tensors)
+
+
+def _block_storage(see: _Range, bi: int, block: nn.Module, transition: nn.Module | None, norm5: nn.Module
+                   ) -> tuple[Tensor, Tensor]:
+    """Per-channel scales and zero points (C_out,) of block ``bi``'s stored maps."""
+    first = "stem" if bi == 0 else f"transition{bi - 1}"
+    names = [first] + [f"block{bi}.layer{l}.new" for l in range(len(block))]
+    low, high = torch.cat([see.low[n] for n in names]), torch.cat([see.high[n] for n in names])
+    scale, zero = _qparams(low, high)
+    return _qparams(low, high)
+
+
+def _stored(build: _Builder, name: str, norm: nn.BatchNorm2d, stored: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """BN-ReLU of the stored maps (per-channel scales and zero points ``stored``) as a clamp: its bounds go
+    into the model as ``name.lo`` / ``name.hi``; returns A, B (C,) float64 to fold into what follows."""
+    a, b = _bn(norm)
+    A, B, lo, hi = _fold_bn_relu(a, b, *stored)
+    build.tensors[f"{name}.lo"], build.tensors[f"{name}.hi"] = lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
+    return A, B
+
+
+class Int8DenseNet(nn.Module):
+    """An int8 DenseNet for CPU inference: (N, C, H, W) normalised float images -> (N, classes) float32
+    logits. Built by :func:`quantize_densenet` or :func:`load_int8`; holds no gradients."""
+
+    def __init__(self, plan: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        super().__init__()
+        if not int8_available():
+            raise ExportError("int8 inference needs PyTorch's oneDNN int8 convolutions (an x86 build of torch with mkldnn)")
+        self.plan, self.tensors = plan, tensors
+        self.num_classes = plan["num_classes"]
+        self.in_channels = plan["in_channels"]
+        self.spatial_dims = 2
+        self._packed: dict[str, Tensor] = {}
+        self._tap_bias: dict[tuple[str, int, int], Tensor] = {}
+        for name, c in plan["convs"].items():
+            p = [c["padding"]] * 2
+            self._packed[name] = torch.ops.onednn.qconv_prepack(
+                tensors[f"{name}.weight"], tensors[f"{name}.w_scale"], c["x_scale"], c["x_zero_point"],
+                [c["stride"]] * 2, p, [1, 1], 1, None)
+
+    def _conv(self, name: str, x: Tensor) -> Tensor:
+        """oneDNN's int8 convolution: uint8 (N, C, H, W) -> uint8 (N, O, H', W') (requantized with
+        scale 1 and zero point 0: the stored scales are folded into the weights and bias)."""
+        c = self.plan["convs"][name]
+        stride, padding = [c["stride"]] * 2, [c["padding"]] * 2
+        relu = c["relu"]
+        out = torch.ops.onednn.qconv2d_pointwise(
+            x, c["x_scale"], c["x_zero_point"], self._packed[name], self.tensors[f"{name}.w_scale"],
+            self._zeros(name), self.tensors[f"{name}.bias"], stride, padding, [1, 1], 1, 1.0, 0,
+            torch.float32 if c["float_out"] else None, "relu" if relu else "none", [None] if relu else [], "")
+        if c["float_out"]:  # add the folded shift of the taps inside the image, then store as uint8
+            out = torch.clamp(torch.round(out + self._bias_map(name, out.shape[-2], out.shape[-1])), 0, 255)
+            out = out.to(torch.uint8)
+        return out
+
+    def _zeros(self, name: str) -> Tensor:
+        key = f"{name}.w_zero"
+        if key not in self.tensors:
+            self.tensors[key] = torch.zeros(len(self.tensors[f"{name}.w_scale"]), dtype=torch.long)
+        return self.tensors[key]
+
+    def _bias_map(self, name: str, h: int, w: int) -> Tensor:
+        """(1, O, h, w): the sum of the tap biases whose 3x3 tap falls inside an h x w image."""
+        key = (name, h, w)
+        if key not in self._tap_bias:
+            ones = torch.ones(1, 1, h, w, dtype=torch.float32)
+            self._tap_bias[key] = F.conv2d(ones, self.tensors[f"{name}.tap_bias"].unsqueeze(1), padding=1)
+        return self._tap_bias[key]
+
+    def _clamp(self, name: str, x: Tensor) -> Tensor:
+        return torch.clamp(x, self.tensors[f"{name}.lo"], self.tensors[f"{name}.hi"])
+
+    def _transition(self, name: str, buf: Tensor) -> Tensor:
+        """BN-ReLU (clamp, then A q + B) and the 2x2 average in float, requantized for the 1x1 convolution."""
+        pooled = F.avg_pool2d(self._clamp(name, buf).float(), 2) * self.tensors[f"{name}.A"] + self.tensors[f"{name}.B"]
+        c = self.plan["convs"][name]
+        return self._conv(name, _quantize(pooled, c["x_scale"], c["x_zero_point"]))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ArgumentError(f"the int8 model takes (N, {self.in_channels}, H, W) images, got {list(x.shape)}")
+        plan = self.plan
+        q = _quantize(x.float().contiguous(memory_format=_CL), *plan["input"])
+        y = self._conv("stem", q)
+        if plan["stem_kind"] != "cifar":
+            y = _max_pool_3x3_s2(y)
+        for bi, block in enumerate(plan["blocks"]):
+            n, _, h, w = y.shape
+            buf = torch.empty(n, block["out_channels"], h, w, dtype=torch.uint8, memory_format=_CL)
+            c, k = block["in_channels"], block["growth_rate"]
+            buf[:, :c] = y
+            for li in range(block["layers"]):
+                name = f"block{bi}.layer{li}"
+                h_ = self._clamp(name, buf[:, :c])
+                if block["bottleneck"]:
+                    new = self._conv(f"{name}.conv2", self._conv(f"{name}.conv1", h_))
+                else:
+                    new = self._conv(f"{name}.conv1", h_)
+                buf[:, c : c + k] = new
+                c += k
+            if block["transition"]:
+                y = self._transition(f"transition{bi}", buf)
+        pooled = self._clamp("head", buf).float().mean((2, 3))
+        return F.linear(pooled, self.tensors["head.weight"], self.tensors["head.bias"])
+
+
+def _max_pool_3x3_s2(x: Tensor) -> Tensor:
+    """3x3 stride-2 max pooling, padding 1, of non-negative uint8 maps (N, C, H, W) channels_last, as the
+    maximum of nine strided views (torch 2.14's uint8 max pooling fails on channels_last and is slow
+    on NCHW; zero padding is right because every value is >= 0)."""
+    h, w = (x.shape[-2] - 1) // 2 + 1, (x.shape[-1] - 1) // 2 + 1
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = padded[:, :, 0 : 2 * h : 2, 0 : 2 * w : 2].contiguous(memory_format=_CL)
+    for i in range(3):
+        for j in range(3):
+            if i or j:
+                torch.maximum(out, padded[:, :, i : i + 2 * h : 2, j : j + 2 * w : 2], out=out)
+    return out
+
+
+def _quantize(x: Tensor, scale: float, zero: int) -> Tensor:
+    """float -> uint8, round to nearest, saturated; keeps channels_last."""
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, 255).to(torch.uint8)
