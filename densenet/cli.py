@@ -60,6 +60,7 @@ from .serving import (
 )
 from .serving.export import SUFFIXES
 from .serving.inference import OnnxModel
+from .serving.int8 import is_int8_file, write_int8
 from .serving.predict import image_options
 from .serving.quantize import AGREEMENT_WARNING, calibration_arrays, quantize_model
 from .serving.tta import TTA_MODES, check_tta
@@ -208,12 +209,14 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.checkpoint and Path(args.checkpoint).suffix.lower() == ".onnx":  # float32 or int8, run by ONNX Runtime
+    onnx = bool(args.checkpoint) and Path(args.checkpoint).suffix.lower() == ".onnx"  # run by ONNX Runtime
+    if onnx or (args.checkpoint and is_int8_file(args.checkpoint)):
         if args.weights or args.ema != "auto":
-            raise ConfigError(f"{args.checkpoint} is an ONNX export, which holds one set of weights: drop "
-                              + ("--weights" if args.weights else f"--ema {args.ema}"))
+            raise ConfigError(f"{args.checkpoint} is {'an ONNX export' if onnx else 'an int8 model'}, which holds one set "
+                              "of weights: drop " + ("--weights" if args.weights else f"--ema {args.ema}"))
         run, data = load_predictor(args.checkpoint)
-        model, info = OnnxModel(run, data), {**data, "model": data.get("model") or Path(args.checkpoint).name}
+        model = OnnxModel(run, data) if onnx else run
+        info = {**data, "model": data.get("model") or Path(args.checkpoint).name}
         if not info.get("dataset") and not args.dataset:
             raise ConfigError(f"{args.checkpoint} does not record its dataset; give --dataset")
     else:
@@ -431,6 +434,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             kind = "an ONNX export" if source.suffix.lower() == ".onnx" else "a torch.export program"
             raise ExplainError(f"{source} is {kind}: explanations need gradients through the PyTorch model; "
                                "give its checkpoint (checkpoint.pt) or the trained weights by name")
+        if is_int8_file(source):
+            raise ExplainError(f"{source} is an int8 model, which has no gradients: explanations need them through the "
+                               "float model; give its checkpoint (checkpoint.pt) or the trained weights by name")
         model, info = load_predictor(source, args.image_size)
     else:
         try:
@@ -471,6 +477,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return export_int8(args)
     if args.calibration:
         raise ConfigError("--calibration is for --int8: add --int8, or drop --calibration")
+    if args.format is None:
+        raise ConfigError(f"give --format ({', '.join(FORMATS)}), or --int8 for an int8 model")
     if args.weights:
         model, info = trained_model(args, args.checkpoint)  # refuses --ema yes/no
         out = args.out or info["weights"] + SUFFIXES[args.format]
@@ -487,9 +495,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def export_int8(args: argparse.Namespace) -> int:
-    """``densenet export --int8``: an int8 ONNX file calibrated on --calibration's images."""
-    if args.format != "onnx":
-        raise ConfigError(f"--int8 writes an ONNX model (QDQ, run by ONNX Runtime): use --format onnx, not {args.format}")
+    """``densenet export --int8``: an int8 model calibrated on --calibration's images, for PyTorch's int8
+    convolutions (``.int8.safetensors``, the default) or, with ``--format onnx``, ONNX Runtime (QDQ)."""
+    if args.format not in (None, "onnx"):
+        raise ConfigError(f"--int8 writes an int8 model for PyTorch (the default: drop --format) or, with --format onnx, "
+                          f"for ONNX Runtime; not --format {args.format}")
     if not args.calibration:
         raise ConfigError("--int8 needs calibration images: --calibration DATA (a folder or zip of images laid out as "
                           "for training, a dataset archive, or 'sample' for the bundled CIFAR-10 sample)")
@@ -504,13 +514,20 @@ def export_int8(args: argparse.Namespace) -> int:
         raise DataError(f"the calibration data ({args.calibration}, read as {dataset}) has {data.num_classes} classes but "
                         f"the model has {model.num_classes}; calibrate on the data the model was trained for")
     x, y = calibration_arrays(data.train.batches(0), model, args.calibration_images, args.calibration)
+    suffix = ".int8.onnx" if args.format == "onnx" else ".int8.safetensors"
     if args.out:
         out = Path(args.out)
     elif args.weights:
-        out = Path(info["weights"] + ".int8.onnx")
+        out = Path(info["weights"] + suffix)
     else:
-        out = Path(args.checkpoint).with_name(Path(args.checkpoint).name.split(".")[0] + ".int8.onnx")
-    r = quantize_model(model, info, x, y, out, image_size=size, name=info.get("model"))
+        out = Path(args.checkpoint).with_name(Path(args.checkpoint).name.split(".")[0] + suffix)
+    if args.format == "onnx":
+        r = quantize_model(model, info, x, y, out, image_size=size, name=info.get("model"))
+    else:
+        if out.suffix.lower() != ".safetensors":
+            raise ConfigError(f"an int8 model for PyTorch is a .safetensors file: --out {out} should end in .int8.safetensors "
+                              "(or add --format onnx for an ONNX Runtime model)")
+        r = write_int8(model.cpu(), {**info, "image_size": size}, torch.from_numpy(x), torch.from_numpy(y), out)
     accuracy = (f"; top-1 accuracy there {100 * r['int8_accuracy']:.2f}% against {100 * r['float32_accuracy']:.2f}% "
                 "in float32" if "int8_accuracy" in r else "")
     print(f"wrote {out} (int8, {r['int8_bytes'] / 1e6:.2f} MB against {r['float32_bytes'] / 1e6:.2f} MB in float32); "
@@ -681,15 +698,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(torch 2.14) and kept while torch supports it.")
     p.add_argument("checkpoint", nargs="?", help="densenet train's checkpoint (or use --weights)")
     add_weights_flags(p)
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="onnx (ONNX Runtime), export (torch.export program, .pt2), torchscript, safetensors (+ JSON)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="onnx (ONNX Runtime), export (torch.export program, .pt2), torchscript, safetensors (+ JSON); "
+                        "required without --int8")
     p.add_argument("--out", help="output file (default: beside the checkpoint, checkpoint.onnx / checkpoint.pt2 / "
                                  "checkpoint.torchscript.pt / checkpoint.safetensors + checkpoint.json)")
     p.add_argument("--image-size", type=_positive, help="input side in pixels (default: the training image size)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--int8", action="store_true",
-                   help="an int8 model (static quantization, per-channel weights, QDQ for ONNX Runtime; --format onnx) "
-                        "calibrated on --calibration's images; written as CHECKPOINT.int8.onnx by default")
+                   help="an int8 model calibrated on --calibration's images: for PyTorch's int8 convolutions "
+                        "(CHECKPOINT.int8.safetensors; the fastest on x86 CPUs) or, with --format onnx, for ONNX Runtime "
+                        "(QDQ, CHECKPOINT.int8.onnx); eval and predict take either file")
     p.add_argument("--calibration", metavar="DATA", help="--int8's calibration images: a folder, zip or archive read as "
                    "the model's training dataset (or --calibration-dataset), or 'sample'")
     p.add_argument("--calibration-dataset", metavar="NAME", help="how to read --calibration (default: the model's training "

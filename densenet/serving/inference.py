@@ -7,8 +7,10 @@
   quarter of the pixels: pooling and the convolution are linear and commute).
 - ``backend="onnx"``: the model exported to ONNX (layer-by-layer blocks, pool-first transitions) and
   run by ONNX Runtime.
-- ``backend="int8"``: that ONNX model statically quantized to int8 (QDQ, per-channel weights),
-  calibrated on ``calibration`` images (:mod:`densenet.serving.quantize`), run by ONNX Runtime.
+- ``backend="int8"``: int8 on PyTorch's oneDNN int8 convolutions, each map quantized once when it is
+  stored, calibrated on ``calibration`` images (:mod:`densenet.serving.int8`): the fastest on x86 CPUs.
+- ``backend="int8-onnx"``: the ONNX model statically quantized to int8 by ONNX Runtime's quantizer
+  (QDQ, per-channel weights; :mod:`densenet.serving.quantize`), run by ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError, MissingFile
 from ..models import DenseNet
 from .export import export_onnx
+from .int8 import quantize_densenet
 from .loading import ExportError
 from .quantize import quantize_model
 
@@ -63,14 +66,16 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
     """A callable (N, C, H, W) float tensor -> (N, num_classes) logits for serving ``model``.
 
     ``example`` (any batch size) is needed for ``backend="onnx"``; ``calibration`` (a few hundred
-    normalised images (N, C, S, S) like those served) for ``backend="int8"``; ``threads`` sets ONNX
-    Runtime's intra-op threads (default: torch.get_num_threads()).
+    normalised images (N, C, S, S) like those served) for ``backend="int8"`` and ``"int8-onnx"``;
+    ``threads`` sets ONNX Runtime's intra-op threads (default: torch.get_num_threads()).
     """
     if backend == "eager":
         return FastInference(model)
+    if backend in ("int8", "int8-onnx") and calibration is None:
+        raise ArgumentError(f"backend={backend!r} needs calibration images: calibration=(N, C, S, S) normalised tensor")
     if backend == "int8":
-        if calibration is None:
-            raise ArgumentError("backend='int8' needs calibration images: calibration=(N, C, S, S) normalised tensor")
+        return quantize_densenet(model, calibration.detach().float())
+    if backend == "int8-onnx":
         x = calibration.detach().cpu().float()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "int8.onnx"
@@ -93,7 +98,7 @@ def prepare_for_inference(model: DenseNet, backend: str = "eager", example: Tens
             return torch.from_numpy(out)
 
         return run
-    raise ArgumentError(f"backend must be 'eager', 'onnx' or 'int8', got {backend!r}")
+    raise ArgumentError(f"backend must be 'eager', 'onnx', 'int8' or 'int8-onnx', got {backend!r}")
 
 
 def _onnxruntime():  # noqa: ANN202 - the module

@@ -26,7 +26,6 @@ plan as JSON metadata). Shapes: images (N, C, H, W) float, normalised as the flo
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, MissingFile
@@ -41,7 +43,10 @@ from ..io.atomic import atomic_write_bytes
 from ..models import DenseNet
 from .loading import ExportError
 
-__all__ = ["FORMAT", "Int8DenseNet", "int8_available", "is_int8_file", "load_int8", "quantize_densenet", "save_int8"]
+__all__ = ["AGREEMENT_WARNING", "FORMAT", "Int8DenseNet", "int8_available", "is_int8_file", "load_int8",
+           "quantize_densenet", "save_int8", "write_int8"]
+
+AGREEMENT_WARNING = 0.9  # top-1 agreement with float32 on the calibration images below which a file is called broken
 
 FORMAT = "densenet-int8"
 VERSION = 1
@@ -210,7 +215,7 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
     plan: dict[str, Any] = {"input": x_in, "stem_kind": model.stem, "blocks": []}
     # stem: conv0 (CIFAR) or conv0-BN-ReLU (ImageNet: BN folded, ReLU fused; max pool on uint8 after it)
     w = f.conv0.weight.detach().double()
-    storage = [_block_storage(see, b, block, transition, f.norm5) for b, (block, transition) in enumerate(_blocks(model))]
+    storage = [_block_storage(see, b, len(block)) for b, (block, _) in enumerate(_blocks(model))]
     stored = tuple(t[: model.stem_channels] for t in storage[0])
     if model.stem == "cifar":
         build.conv("stem", w, None, stored, stride=1, padding=1, x=x_in)
@@ -260,14 +265,10 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
     return Int8DenseNet(plan, build.tensors)
 
 
-def _block_storage(see: _Range, bi: int, block: nn.Module, transition: nn.Module | None, norm5: nn.Module
-                   ) -> tuple[Tensor, Tensor]:
-    """Per-channel scales and zero points (C_out,) of block ``bi``'s stored maps."""
-    first = "stem" if bi == 0 else f"transition{bi - 1}"
-    names = [first] + [f"block{bi}.layer{l}.new" for l in range(len(block))]
-    low, high = torch.cat([see.low[n] for n in names]), torch.cat([see.high[n] for n in names])
-    scale, zero = _qparams(low, high)
-    return _qparams(low, high)
+def _block_storage(see: _Range, bi: int, layers: int) -> tuple[Tensor, Tensor]:
+    """Per-channel scales and zero points (C_out,) of block ``bi``'s stored maps, from their ranges."""
+    names = ["stem" if bi == 0 else f"transition{bi - 1}"] + [f"block{bi}.layer{i}.new" for i in range(layers)]
+    return _qparams(torch.cat([see.low[n] for n in names]), torch.cat([see.high[n] for n in names]))
 
 
 def _stored(build: _Builder, name: str, norm: nn.BatchNorm2d, stored: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -291,6 +292,7 @@ class Int8DenseNet(nn.Module):
         self.num_classes = plan["num_classes"]
         self.in_channels = plan["in_channels"]
         self.spatial_dims = 2
+        self.data: dict[str, Any] = {}  # the data description (class names, mean, std, image size), when known
         self._packed: dict[str, Tensor] = {}
         self._tap_bias: dict[tuple[str, int, int], Tensor] = {}
         for name, c in plan["convs"].items():
@@ -341,6 +343,8 @@ class Int8DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ArgumentError(f"the int8 model takes (N, {self.in_channels}, H, W) images, got {list(x.shape)}")
+        if x.device.type != "cpu":  # oneDNN's int8 kernels run on the CPU
+            return self.forward(x.cpu()).to(x.device)
         plan = self.plan
         q = _quantize(x.float().contiguous(memory_format=_CL), *plan["input"])
         y = self._conv("stem", q)
@@ -383,3 +387,74 @@ def _max_pool_3x3_s2(x: Tensor) -> Tensor:
 def _quantize(x: Tensor, scale: float, zero: int) -> Tensor:
     """float -> uint8, round to nearest, saturated; keeps channels_last."""
     return torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, 255).to(torch.uint8)
+
+
+def save_int8(model: Int8DenseNet, path: str | os.PathLike, data: dict[str, Any] | None = None) -> int:
+    """Write ``model`` (and its data description) as one safetensors file, atomically; returns its size
+    in bytes. The plan and ``data`` are JSON in the file's metadata."""
+    tensors = {k: v.contiguous() for k, v in model.tensors.items() if not k.endswith(".w_zero")}
+    meta = {"format": FORMAT, "version": str(VERSION), "plan": json.dumps(model.plan),
+            "data": json.dumps(data if data is not None else model.data)}
+    blob = safetensors_bytes(tensors, metadata=meta)
+    atomic_write_bytes(path, blob)
+    return len(blob)
+
+
+def _metadata(path: Path) -> dict[str, str] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def is_int8_file(path: str | os.PathLike) -> bool:
+    """True for a file :func:`save_int8` wrote (a .safetensors file whose metadata says so)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    meta = _metadata(path)
+    return bool(meta) and meta.get("format") == FORMAT
+
+
+def load_int8(path: str | os.PathLike, image_size: int | None = None) -> tuple[Int8DenseNet, dict[str, Any]]:
+    """The int8 model of a file :func:`save_int8` wrote, and its data description. ``image_size``
+    overrides the recorded size (the convolutions take any size the float model takes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"no int8 model file at {path}")
+    meta = _metadata(path)
+    if not meta or meta.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an int8 DenseNet file (format {FORMAT!r}); write one with "
+                          "`densenet export CHECKPOINT --int8 --calibration DATA`")
+    if int(meta.get("version", 0)) > VERSION:
+        raise ExportError(f"{path} is an int8 file of version {meta['version']}; this densenet reads up to "
+                          f"{VERSION}: upgrade densenet")
+    model = Int8DenseNet(json.loads(meta["plan"]), load_file(str(path)))
+    data = json.loads(meta.get("data") or "{}")
+    if image_size is not None:
+        data = {**data, "image_size": image_size}
+    model.data = data
+    return model, data
+
+
+@torch.no_grad()
+def write_int8(model: DenseNet, data: dict[str, Any], calibration: Tensor, labels: Tensor | None,
+               path: str | os.PathLike, batch: int = 64) -> dict[str, Any]:
+    """Quantize ``model`` on ``calibration`` (N, C, S, S) normalised images and write it to ``path``
+    (:func:`save_int8`) with ``data`` plus ``precision: int8`` and the calibration's figures. Returns
+    those figures: images, top-1 agreement with float32 there, both accuracies with ``labels`` (N,)
+    (fractions), the file sizes in bytes (int8 and float32 weights)."""
+    int8 = quantize_densenet(model, calibration, batch)
+    model = model.eval()
+    expected = torch.cat([model(x).argmax(1).cpu() for x in calibration.split(batch)])
+    got = torch.cat([int8(x).argmax(1) for x in calibration.split(batch)])
+    report: dict[str, Any] = {"calibration_images": len(calibration),
+                              "agreement": float((expected == got).float().mean()),
+                              "float32_bytes": 4 * sum(p.numel() for p in model.parameters())}
+    if labels is not None:
+        report.update(float32_accuracy=float((expected == labels).float().mean()),
+                      int8_accuracy=float((got == labels).float().mean()))
+    info = {**data, "precision": "int8", "calibration": report}
+    size = save_int8(int8, path, info)
+    return {**report, "files": [Path(path)], "int8_bytes": size}

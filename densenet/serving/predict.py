@@ -16,6 +16,7 @@ from ..data.folder import list_entries
 from ..data.transforms import normalize
 from ..errors import ArgumentError, MissingFile
 from .inference import load_onnx
+from .int8 import is_int8_file, load_int8
 from .loading import model_from_checkpoint, model_from_exported_program, model_from_safetensors
 from .tta import check_tta, flip_average
 
@@ -75,7 +76,8 @@ def load_predictor(path: str | os.PathLike, image_size: int | None = None, ema: 
                    ) -> tuple[Callable[[Tensor], Tensor], dict]:
     """A callable (N, 3, H, W) normalised images -> (N, classes) logits and its data description, from
     a ``densenet train`` checkpoint, an ONNX export (``.onnx``, run by ONNX Runtime on the CPU), a
-    torch.export program (``.pt2``) or a safetensors export (``.safetensors`` with its ``.json``).
+    torch.export program (``.pt2``), a safetensors export (``.safetensors`` with its ``.json``) or an
+    int8 model (``.int8.safetensors``, :mod:`densenet.serving.int8`).
     ``image_size`` overrides the recorded size (an ONNX file or a program must have been exported for it).
     ``ema``: for a checkpoint, its weight average (True), its raw weights (False) or the one its run
     serves (None, see :func:`model_from_checkpoint`); an export holds one set of weights, so only None
@@ -89,6 +91,8 @@ def load_predictor(path: str | os.PathLike, image_size: int | None = None, ema: 
                             "export, which holds one set of weights (the ones chosen when it was exported): drop --ema")
     if path.suffix.lower() == ".onnx":
         return load_onnx(path, image_size)
+    if is_int8_file(path):
+        return load_int8(path, image_size)
     if path.suffix.lower() == ".pt2":
         return model_from_exported_program(path, image_size)
     if path.suffix.lower() == ".safetensors":
