@@ -69,8 +69,9 @@ def main() -> None:
     save_int8(ours_int8, ours_file)
     x = torch.randn(args.batch, 3, side, side)
     fast = prepare_for_inference(ours)
-    runs = {"tv_fp32": tv, "ours_fp32": fast, "ort_fp32": load_onnx(f32, threads=args.threads)[0],
-            "ort_int8": load_onnx(int8, threads=args.threads)[0], "ours_int8": ours_int8}
+    # ONNX Runtime's threads must not spin after a call: they would take the cores from the next configuration
+    runs = {"tv_fp32": tv, "ours_fp32": fast, "ort_fp32": load_onnx(f32, threads=args.threads, spin=False)[0],
+            "ort_int8": load_onnx(int8, threads=args.threads, spin=False)[0], "ours_int8": ours_int8}
     times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.no_grad():
         for fn in runs.values():

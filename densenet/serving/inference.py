@@ -110,12 +110,14 @@ def _onnxruntime():  # noqa: ANN202 - the module
     return onnxruntime
 
 
-def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: int | None = None
-              ) -> tuple[Callable[[Tensor], Tensor], dict]:
+def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: int | None = None,
+              spin: bool = True) -> tuple[Callable[[Tensor], Tensor], dict]:
     """An ONNX file written by ``densenet export`` as a callable (N, 3, H, W) float tensor -> (N, classes)
     logits run by ONNX Runtime on the CPU, and its data description (class names, mean, std, image size).
 
     The image size is the one the graph's input shape fixes; ``image_size`` must agree with it.
+    ``spin=False`` stops ONNX Runtime's threads from spinning after each call (they would take the
+    cores from whatever runs next in the process, e.g. another model in a benchmark).
     """
     ort = _onnxruntime()
     path = Path(path)
@@ -124,6 +126,8 @@ def load_onnx(path: str | os.PathLike, image_size: int | None = None, threads: i
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
