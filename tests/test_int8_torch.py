@@ -93,3 +93,11 @@ def test_refusals_name_the_problem(tmp_path):
         load_int8(other)
     with pytest.raises(DenseNetError, match="no int8 model file"):
         load_int8(tmp_path / "missing.int8.safetensors")
+
+
+def test_quantizing_leaves_the_float_model_alone():
+    model = create_model("densenet_bc40_k12", num_classes=10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_densenet(model, torch.randn(8, 3, 32, 32))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -29,6 +29,7 @@ the calibration images. Shapes: images (N, C, H, W) float, normalised as the flo
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable
@@ -206,12 +207,11 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
     """An :class:`Int8DenseNet` of ``model`` (eval BN statistics), calibrated on ``calibration``:
     normalised images (N, C, H, W) float, or an iterable of such batches."""
     _check_model(model)
-    model = model.eval()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
     batches = calibration.split(batch) if isinstance(calibration, Tensor) else calibration
     see = _Range()
-    device = next(model.parameters()).device
     for x in batches:
-        _observe(model, x.to(device).float(), see)
+        _observe(model, x.cpu().float(), see)
     if "input" not in see.low:
         raise ArgumentError("int8 calibration got no images")
     f, build = model.features, _Builder()
@@ -456,8 +456,8 @@ def write_int8(model: DenseNet, data: dict[str, Any], calibration: Tensor, label
     those figures: images, top-1 agreement with float32 there, both accuracies with ``labels`` (N,)
     (fractions), the file sizes in bytes (int8 and float32 weights)."""
     int8 = quantize_densenet(model, calibration, batch)
-    model = model.eval()
-    expected = torch.cat([model(x).argmax(1).cpu() for x in calibration.split(batch)])
+    model = copy.deepcopy(model).cpu().eval()
+    expected = torch.cat([model(x).argmax(1) for x in calibration.split(batch)])
     got = torch.cat([int8(x).argmax(1) for x in calibration.split(batch)])
     report: dict[str, Any] = {"calibration_images": len(calibration),
                               "agreement": float((expected == got).float().mean()),
