@@ -179,13 +179,21 @@ extern "C" TARGET void kernel(const uint16_t* gt, const uint16_t* t, const uint1
 _BN_RELU_TRAIN_BACKWARD = _PRELUDE + r"""
 // r = relu(BN(z)) with batch statistics: g_u = g_r where r > 0, zhat = (z - mean) * invstd,
 // sums[0] = sum(g_u), sums[1] = sum(g_u * zhat), g_z = (g_u - sums[0] / m - zhat * sums[1] / m) * (invstd * weight)
+// g = g_r where r > 0 (else 0) and zh = zhat at element e of the rows, channels j..j+15 (mask k)
+TARGET static inline void grad_and_zhat(const uint16_t* gr, const uint16_t* r, const uint16_t* z, const float* mean,
+                                        const float* invstd, int64_t e, int64_t j, __mmask16 k, __m512& g, __m512& zh) {
+    __mmask16 pos = _mm512_cmp_ps_mask(load_bf16(r + e, k), _mm512_setzero_ps(), _CMP_GT_OQ);
+    g = _mm512_maskz_mov_ps(pos, load_bf16(gr + e, k));
+    zh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(z + e, k), _mm512_maskz_loadu_ps(k, mean + j)),
+                       _mm512_maskz_loadu_ps(k, invstd + j));
+}
+
 extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint16_t* z, const float* mean,
                               const float* invstd, const float* weight, uint16_t* gz, float* sums, int64_t m, int64_t c) {
     const int64_t cp = (c + 15) / 16 * 16;
     const int nt = omp_get_max_threads();
     std::vector<float> part((size_t)nt * 2 * cp, 0.0f);
     std::vector<float> coef(3 * cp, 0.0f);  // sum(g_u) / m, sum(g_u * zhat) / m, invstd * weight
-    const __m512 zero = _mm512_setzero_ps();
     #pragma omp parallel num_threads(nt)
     {
         float* s = part.data() + (size_t)omp_get_thread_num() * 2 * cp;
@@ -193,10 +201,8 @@ extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint1
         for (int64_t i = 0; i < m; ++i) {
             for (int64_t j = 0; j < c; j += 16) {
                 __mmask16 k = tail_mask(c - j);
-                __mmask16 pos = _mm512_cmp_ps_mask(load_bf16(r + i * c + j, k), zero, _CMP_GT_OQ);
-                __m512 g = _mm512_maskz_mov_ps(pos, load_bf16(gr + i * c + j, k));
-                __m512 zh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(z + i * c + j, k), _mm512_maskz_loadu_ps(k, mean + j)),
-                                          _mm512_maskz_loadu_ps(k, invstd + j));
+                __m512 g, zh;
+                grad_and_zhat(gr, r, z, mean, invstd, i * c + j, j, k, g, zh);
                 _mm512_storeu_ps(s + j, _mm512_add_ps(_mm512_loadu_ps(s + j), g));
                 _mm512_storeu_ps(s + cp + j, _mm512_add_ps(_mm512_loadu_ps(s + cp + j), _mm512_mul_ps(g, zh)));
             }
@@ -215,10 +221,8 @@ extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint1
         for (int64_t i = 0; i < m; ++i) {
             for (int64_t j = 0; j < c; j += 16) {
                 __mmask16 k = tail_mask(c - j);
-                __mmask16 pos = _mm512_cmp_ps_mask(load_bf16(r + i * c + j, k), zero, _CMP_GT_OQ);
-                __m512 g = _mm512_maskz_mov_ps(pos, load_bf16(gr + i * c + j, k));
-                __m512 zh = _mm512_mul_ps(_mm512_sub_ps(load_bf16(z + i * c + j, k), _mm512_maskz_loadu_ps(k, mean + j)),
-                                          _mm512_maskz_loadu_ps(k, invstd + j));
+                __m512 g, zh;
+                grad_and_zhat(gr, r, z, mean, invstd, i * c + j, j, k, g, zh);
                 __m512 d = _mm512_sub_ps(_mm512_sub_ps(g, _mm512_loadu_ps(coef.data() + j)),
                                          _mm512_mul_ps(zh, _mm512_loadu_ps(coef.data() + cp + j)));
                 store_bf16(gz + i * c + j, _mm512_mul_ps(d, _mm512_loadu_ps(coef.data() + 2 * cp + j)), k);

@@ -63,6 +63,12 @@ def int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
+def _require_int8() -> None:
+    if not int8_available():
+        raise ExportError("int8 inference needs PyTorch's oneDNN int8 convolutions (an x86 build of torch with mkldnn); "
+                          "this torch has none: use --format onnx --int8 (ONNX Runtime) instead")
+
+
 def _bn(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval BN as y = a x + b per channel: (a, b), float64."""
     a = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
@@ -161,9 +167,7 @@ def _check_model(model: DenseNet) -> None:
         raise ExportError("int8 quantization needs a classifier after global average pooling "
                           f"(num_classes > 0, global_pool 'avg'); this model has num_classes={model.num_classes}, "
                           f"global_pool={model.global_pool.pool_type!r}")
-    if not int8_available():
-        raise ExportError("int8 inference needs PyTorch's oneDNN int8 convolutions (an x86 build of torch with mkldnn); "
-                          "this torch has none: use --format onnx --int8 (ONNX Runtime) instead")
+    _require_int8()
 
 
 def _weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -294,14 +298,14 @@ class Int8DenseNet(nn.Module):
 
     def __init__(self, plan: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         super().__init__()
-        if not int8_available():
-            raise ExportError("int8 inference needs PyTorch's oneDNN int8 convolutions (an x86 build of torch with mkldnn)")
+        _require_int8()
         self.plan, self.tensors = plan, tensors
         self.num_classes = plan["num_classes"]
         self.in_channels = plan["in_channels"]
         self.spatial_dims = 2
         self.data: dict[str, Any] = {}  # the data description (class names, mean, std, image size), when known
         self._packed: dict[str, Tensor] = {}
+        self._w_zero: dict[str, Tensor] = {}  # the weights' zero points: 0 (symmetric int8)
         self._tap_bias: dict[tuple[str, int, int], Tensor] = {}
         head = tensors["head.weight"].float() * tensors["head.w_scale"].view(-1, 1) * tensors["head.A"].view(1, -1)
         self._head = head.contiguous()  # float32 (classes, C): the classifier with BN's scale per channel
@@ -310,6 +314,7 @@ class Int8DenseNet(nn.Module):
             self._packed[name] = torch.ops.onednn.qconv_prepack(
                 tensors[f"{name}.weight"], tensors[f"{name}.w_scale"], c["x_scale"], c["x_zero_point"],
                 [c["stride"]] * 2, p, [1, 1], 1, None)
+            self._w_zero[name] = torch.zeros(len(tensors[f"{name}.w_scale"]), dtype=torch.long)
 
     def _conv(self, name: str, x: Tensor) -> Tensor:
         """oneDNN's int8 convolution: uint8 (N, C, H, W) -> uint8 (N, O, H', W') (requantized with
@@ -319,18 +324,11 @@ class Int8DenseNet(nn.Module):
         relu = c["relu"]
         out = torch.ops.onednn.qconv2d_pointwise(
             x, c["x_scale"], c["x_zero_point"], self._packed[name], self.tensors[f"{name}.w_scale"],
-            self._zeros(name), self.tensors[f"{name}.bias"], stride, padding, [1, 1], 1, 1.0, 0,
+            self._w_zero[name], self.tensors[f"{name}.bias"], stride, padding, [1, 1], 1, 1.0, 0,
             torch.float32 if c["float_out"] else None, "relu" if relu else "none", [None] if relu else [], "")
         if c["float_out"]:  # add the folded shift of the taps inside the image, then store as uint8
-            out = torch.clamp(torch.round(out + self._bias_map(name, out.shape[-2], out.shape[-1])), 0, 255)
-            out = out.to(torch.uint8)
+            out = _quantize(out + self._bias_map(name, out.shape[-2], out.shape[-1]), 1.0, 0)
         return out
-
-    def _zeros(self, name: str) -> Tensor:
-        key = f"{name}.w_zero"
-        if key not in self.tensors:
-            self.tensors[key] = torch.zeros(len(self.tensors[f"{name}.w_scale"]), dtype=torch.long)
-        return self.tensors[key]
 
     def _bias_map(self, name: str, h: int, w: int) -> Tensor:
         """(1, O, h, w): the sum of the tap biases whose 3x3 tap falls inside an h x w image."""
@@ -402,7 +400,7 @@ def _quantize(x: Tensor, scale: float, zero: int) -> Tensor:
 def save_int8(model: Int8DenseNet, path: str | os.PathLike, data: dict[str, Any] | None = None) -> int:
     """Write ``model`` (and its data description) as one safetensors file, atomically; returns its size
     in bytes. The plan and ``data`` are JSON in the file's metadata."""
-    tensors = {k: v.contiguous() for k, v in model.tensors.items() if not k.endswith(".w_zero")}
+    tensors = {k: v.contiguous() for k, v in model.tensors.items()}
     meta = {"format": FORMAT, "version": str(VERSION), "plan": json.dumps(model.plan),
             "data": json.dumps(data if data is not None else model.data)}
     blob = safetensors_bytes(tensors, metadata=meta)
