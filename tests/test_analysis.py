@@ -132,6 +132,13 @@ def test_table_of_trained_runs_beside_the_paper(runs, tmp_path, capsys):
     extra = [write_run(tmp_path / f"bc100-{i}", "densenet_bc100_k12", "cifar10+", e) for i, e in enumerate((4.5, 5.0))]
     extra.append(write_run(tmp_path / "bc100-c100", "densenet_bc100_k12", "cifar100+", 23.0))
     extra.append(write_run(tmp_path / "d121", "densenet121", "imagenet", 25.5, 8.0, epochs=90))
+    budget = write_run(tmp_path / "d40-budget", "densenet40_k12", "cifar10+", 6.0, epochs=30)
+    with (budget / "config.yaml").open("a") as f:
+        f.write("recipe: budget\n")
+    report = json.loads((budget / "report.json").read_text())
+    report.update(hardware="AMD EPYC 9R14, 2 cores", train_seconds=7200.0, weights="average")
+    (budget / "report.json").write_text(json.dumps(report))
+    extra.append(budget)
     md, table_csv = tmp_path / "t.md", tmp_path / "t.csv"
     argv = ["table", *map(str, runs), *map(str, extra), "--markdown", str(md), "--csv", str(table_csv)]
     assert main(argv) == 0
@@ -143,6 +150,9 @@ def test_table_of_trained_runs_beside_the_paper(runs, tmp_path, capsys):
     assert tiny[:4] == ["densenet_bc16_k8", "16", "8", "20,266"]
     assert tiny[5] == f"{reports[0]['test_error']:.2f} / -"  # C10+; no paper number for this model
     assert "bundled CIFAR-10 sample, 4 of 300 epochs, 128 training images" in tiny[-1]
+    assert reports[0]["hardware"].endswith(" cores") and f"h on {reports[0]['hardware']}" in tiny[-1]
+    assert ("C10+ d40-budget (6.00): data archive.tar.gz, 30 of 300 epochs, recipe budget, weight average, "
+            "2.0 h on AMD EPYC 9R14, 2 cores") in lines["densenet40_k12"]
     bc100 = [c.strip() for c in lines["densenet_bc100_k12"].split("|")[1:-1]]
     assert bc100[3] == "0.77M" and bc100[4] == "- / 5.92"
     assert bc100[5] == "4.75 (mean of 2) / 4.51" and bc100[7] == "23.00 / 22.27"

@@ -200,7 +200,7 @@ def packaged(tmp_path_factory) -> tuple[Path, Path]:
     assert main(["train", "--model", "densenet_bc16_k8", "--epochs", "1", "--train-subset", "128", "--batch-size", "32",
                  "--threads", "1", "--quiet", "--out", str(run)]) == 0
     root = Path(__file__).resolve().parents[1]
-    for extra in ([], ["--half"]):
+    for extra in ([], ["--half", "--tta", "flip"]):
         p = subprocess.run([sys.executable, str(root / "tools" / "package_weights.py"), str(run), "--tag", "sample",
                             "--data", "sample", "--note", "a test", "--out", str(assets), *extra],
                            capture_output=True, text=True, cwd=root)
@@ -221,6 +221,8 @@ def test_a_finished_run_becomes_weights_by_name(packaged, monkeypatch):
     (entry,) = json.loads((assets / "index.json").read_text())  # the second packaging replaced the first
     assert entry["file_name"] == "densenet_bc16_k8-sample.safetensors" and entry["accuracy"]["images"] == 200
     assert "tools/package_weights.py" in entry["measured"] and "densenet train --model densenet_bc16_k8" in entry["recipe"]
+    assert {"top1_flip", "top5_flip"} <= set(entry["accuracy"]) and "--tta flip" in entry["measured"]
+    assert entry["extra"]["epochs"] == 1 and entry["extra"]["weights"] == "raw" and entry["extra"]["hours"]["training"] > 0
     assert hashlib.sha256((assets / entry["file_name"]).read_bytes()).hexdigest() == entry["sha256"]
     monkeypatch.setattr(pretrained, "BUNDLED_DIR", assets)
     w = get_weights("densenet_bc16_k8", "sample")

@@ -3,14 +3,17 @@
     python tools/package_weights.py docs/runs/cifar10-bc40-k12-cpu --tag cifar10 \
         --data ../shared/data/cifar10-jpeg.zip --note "CIFAR-10 JPEG q75 copy (not the original PNG-exact test set)"
 
-Measures the run's model on the dataset's whole test set (as ``densenet eval`` does), then writes
-``<model>-<tag>.safetensors`` (float16 storage with ``--half`` when that leaves every test
-prediction unchanged) and its entry in ``index.json``: SHA-256, size, accuracy with the command,
-machine and date, and the recipe (the run's ``config.yaml``). ``densenet.list_weights()`` reads it.
+Measures the run's model on the dataset's whole test set (as ``densenet eval`` does; with ``--tta
+flip`` also flip-averaged, beside the single-crop figure), then writes ``<model>-<tag>.safetensors``
+(float16 storage with ``--half`` when that leaves every test prediction unchanged) and its entry in
+``index.json``: SHA-256, size, accuracy with the command, machine and date, the recipe (the run's
+``config.yaml``), and in ``extra`` the epochs, which weights (raw or the run's average) and the
+run's hours from its ``metrics.csv``. ``densenet.list_weights()`` reads it.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import platform
@@ -27,16 +30,36 @@ from densenet.data import build_data
 from densenet.io.atomic import atomic_write_bytes, atomic_write_text
 from densenet.models.pretrained import BUNDLED_DIR
 from densenet.serving import model_from_checkpoint
-from densenet.training import evaluate
+from densenet.training import evaluate, evaluate_tta
 
 
-def measure(model: torch.nn.Module, data) -> tuple[dict[str, float], torch.Tensor]:
-    """Top-1 / top-5 accuracy (%) on the whole test set, and the top-1 predictions."""
-    counts = evaluate(model, data.test.batches(0), torch.device("cpu"))
+def measure(model: torch.nn.Module, data, tta: str | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1 / top-5 accuracy (%) on the whole test set (and ``top1_<tta>``, ``top5_<tta>`` with test-time
+    augmentation), and the single-crop top-1 predictions."""
+    device = torch.device("cpu")
+    if tta:
+        counts, averaged = evaluate_tta(model, data.test.batches(0), device, tta)
+    else:
+        counts, averaged = evaluate(model, data.test.batches(0), device), None
     with torch.no_grad():
         preds = torch.cat([model(x).argmax(1) for x, _ in data.test.batches(0)])
-    return {"top1": round(100 - counts.top1_error, 2), "top5": round(100 - counts.top5_error, 2),
-            "images": counts.images}, preds
+    accuracy = {"top1": round(100 - counts.top1_error, 2), "top5": round(100 - counts.top5_error, 2),
+                "images": counts.images}
+    if averaged is not None:
+        accuracy.update({f"top1_{tta}": round(100 - averaged.top1_error, 2),
+                         f"top5_{tta}": round(100 - averaged.top5_error, 2)})
+    return accuracy, preds
+
+
+def run_hours(run: Path) -> dict[str, float]:
+    """Wall-clock hours of the run's training steps and of its per-epoch evaluations, summed over the
+    epochs of its ``metrics.csv`` (empty without one)."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return {}
+    rows = list(csv.DictReader(path.open()))
+    total = {key: sum(float(r[key] or 0) for r in rows) / 3600 for key in ("seconds", "eval_seconds") if key in rows[0]}
+    return {{"seconds": "training", "eval_seconds": "evaluation"}[k]: round(v, 4) for k, v in total.items()}
 
 
 def main() -> None:
@@ -46,28 +69,34 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the dataset the run trained on (its test split is measured)")
     p.add_argument("--note", default="", help="what a user should know (e.g. the data copy used)")
     p.add_argument("--half", action="store_true", help="store float16 if no test prediction changes")
+    p.add_argument("--ema", choices=("auto", "yes", "no"), default="auto",
+                   help="which weights of the checkpoint: auto (the run's choice, as densenet eval), yes (the weight "
+                        "average), no (the raw weights)")
+    p.add_argument("--tta", choices=("flip",), help="also measure flip-averaged accuracy (top1_flip, top5_flip)")
     p.add_argument("--out", type=Path, default=BUNDLED_DIR, help="folder of the weights and index.json")
     args = p.parse_args()
 
-    model, info = model_from_checkpoint(args.run / "checkpoint.pt")
+    model, info = model_from_checkpoint(args.run / "checkpoint.pt", ema={"auto": None, "yes": True, "no": False}[args.ema])
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     data = build_data(info["dataset"], args.data, batch_size=256, eval_batch_size=256, workers=0)
-    accuracy, preds = measure(model, data)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    accuracy, preds = measure(model, data, args.tta)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # not views: --half reloads the model
     if args.half:
         half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
-        half_accuracy, half_preds = measure(model, data)
+        half_accuracy, half_preds = measure(model, data, args.tta)
         if torch.equal(half_preds, preds):
-            state = half
+            state, accuracy = half, half_accuracy  # the figures of the stored weights (top-5 may move)
         else:
             print(f"float16 changes {int((half_preds != preds).sum())} predictions: stored as float32")
     blob = safetensors_bytes(state, metadata={"model": config["model"], "tag": args.tag})
     file_name = f"{config['model']}-{args.tag}.safetensors"
     command = (f"python tools/package_weights.py {args.run} --tag {args.tag} --data {args.data}"
-               + (" --half" if args.half else ""))
+               + (" --half" if args.half else "") + (f" --ema {args.ema}" if args.ema != "auto" else "")
+               + (f" --tta {args.tta}" if args.tta else ""))
     recipe = "densenet train " + " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in config.items()
-                                          if k in ("model", "dataset", "epochs", "batch_size", "lr", "seed"))
+                                          if k in ("model", "dataset", "epochs", "recipe", "batch_size", "lr", "seed")
+                                          and v is not None)
     entry = {
         "model": config["model"], "tag": args.tag, "dataset": info["dataset"], "class_names": list(info["class_names"]),
         "input_size": int(info["image_size"]), "mean": list(info["mean"]), "std": list(info["std"]),
@@ -76,6 +105,8 @@ def main() -> None:
         "recipe": f"{recipe} (full configuration: {args.run}/config.yaml)", "file_name": file_name,
         "sha256": hashlib.sha256(blob).hexdigest(), "file_size": len(blob), "license": "MIT",
         "source": f"trained by this project: {args.run}", "url": None, "notes": args.note,
+        "extra": {"epochs": config["epochs"], "weights": "average" if info.get("ema") else "raw",
+                  "hours": run_hours(args.run)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / file_name, blob)
@@ -83,8 +114,9 @@ def main() -> None:
     index = json.loads(index_path.read_text()) if index_path.is_file() else []
     index = [e for e in index if (e["model"], e["tag"]) != (entry["model"], entry["tag"])] + [entry]
     atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
+    flip = f" ({args.tta}-averaged: top-1 {accuracy[f'top1_{args.tta}']}%)" if args.tta else ""
     print(f"wrote {args.out / file_name} ({len(blob):,} bytes): top-1 {accuracy['top1']}%, top-5 {accuracy['top5']}% "
-          f"on {accuracy['images']:,} test images")
+          f"on {accuracy['images']:,} test images{flip}")
 
 
 if __name__ == "__main__":

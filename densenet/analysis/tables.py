@@ -82,6 +82,14 @@ class Run:
         for key, what in (("train_subset", "training"), ("test_subset", "test")):
             if self.config.get(key):
                 notes.append(f"{self.config[key]} {what} images")
+        if self.config.get("recipe") not in (None, "paper"):
+            notes.append(f"recipe {self.config['recipe']}")
+        if self.report.get("weights") == "average":
+            notes.append("weight average")
+        hardware = self.report.get("hardware") or self.report.get("device")
+        if hardware:
+            hours = self.report.get("train_seconds")
+            notes.append(f"{hours / 3600:.1f} h on {hardware}" if hours else f"on {hardware}")
         return notes
 
 
@@ -192,7 +200,7 @@ def _notes(runs: Sequence[Run]) -> str:
     parts = []
     for r in runs:
         deviations = r.deviations()
-        parts.append(f"{DATASET_LABELS.get(r.dataset, r.dataset)} {r.path.name}"
+        parts.append(f"{DATASET_LABELS.get(r.dataset, r.dataset)} {r.path.name} ({float(r.report['test_error']):.2f})"
                      + (f": {', '.join(deviations)}" if deviations else ""))
     return "; ".join(parts)
 

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -918,6 +919,18 @@ def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def hardware_name(device: str) -> str:
+    """What ran the training, in words: the GPU's name, or the CPU's model name and core count."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def make_report(config: TrainConfig, history: list[dict], num_params: int, device: str) -> dict[str, Any]:
     """report.json: the final epoch's test error (the paper's convention) of the served weights (the
     weight average with ``ema_eval``, the raw weights' beside it; else the raw weights, the average's
@@ -929,7 +942,8 @@ def make_report(config: TrainConfig, history: list[dict], num_params: int, devic
         "test_error": last[f"{served}test_error"], "test_top5_error": last[f"{served}test_top5_error"],
         "test_accuracy": 100.0 - last[f"{served}test_error"], "final_train_loss": last["train_loss"],
         "train_seconds": round(sum(r["seconds"] for r in history), 1), "device": device,
-        "torch": torch.__version__, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware_name(device), "torch": torch.__version__,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if config.ema_decay is not None and f"{other}test_error" in last:
         report.update({"weights": "average" if config.ema_eval else "raw", "ema_decay": config.ema_decay,
