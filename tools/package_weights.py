@@ -33,16 +33,19 @@ from densenet.serving import model_from_checkpoint
 from densenet.training import evaluate, evaluate_tta
 
 
-def measure(model: torch.nn.Module, data, tta: str | None = None) -> tuple[dict[str, float], torch.Tensor]:
+def measure(model: torch.nn.Module, data, tta: str | None = None,
+            predictions: bool = True) -> tuple[dict[str, float], torch.Tensor | None]:
     """Top-1 / top-5 accuracy (%) on the whole test set (and ``top1_<tta>``, ``top5_<tta>`` with test-time
-    augmentation), and the single-crop top-1 predictions."""
+    augmentation), and the single-crop top-1 predictions (None unless ``predictions``: another pass)."""
     device = torch.device("cpu")
     if tta:
         counts, averaged = evaluate_tta(model, data.test.batches(0), device, tta)
     else:
         counts, averaged = evaluate(model, data.test.batches(0), device), None
-    with torch.no_grad():
-        preds = torch.cat([model(x).argmax(1) for x, _ in data.test.batches(0)])
+    preds = None
+    if predictions:
+        with torch.no_grad():
+            preds = torch.cat([model(x).argmax(1) for x, _ in data.test.batches(0)])
     accuracy = {"top1": round(100 - counts.top1_error, 2), "top5": round(100 - counts.top5_error, 2),
                 "images": counts.images}
     if averaged is not None:
@@ -79,7 +82,7 @@ def main() -> None:
     model, info = model_from_checkpoint(args.run / "checkpoint.pt", ema={"auto": None, "yes": True, "no": False}[args.ema])
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     data = build_data(info["dataset"], args.data, batch_size=256, eval_batch_size=256, workers=0)
-    accuracy, preds = measure(model, data, args.tta)
+    accuracy, preds = measure(model, data, args.tta, predictions=args.half)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # not views: --half reloads the model
     if args.half:
         half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
