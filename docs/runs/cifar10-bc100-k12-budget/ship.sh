@@ -5,8 +5,8 @@
 #    densenet/assets/weights (float32), measuring single-crop and flip-averaged accuracy on the 10,000
 #    test images;
 # 2. measure the shipped file by `densenet eval --weights`, single crop and flip-averaged (eval.log);
-# 3. issue 26's follow-up: the int8 file of the shipped weights and its accuracy (int8.log);
-# 4. the run beside the paper's Table 2 row (table.md).
+# 3. the run beside the paper's Table 2 row (table.md);
+# 4. issue 26's follow-up: the int8 file of the shipped weights and its accuracy (int8.log).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 data=../shared/data/cifar10-jpeg.zip
@@ -23,11 +23,11 @@ python tools/package_weights.py "$here" --tag cifar10 --data "$data" --tta flip 
     | tee "$here/package.log"
 densenet eval --model densenet_bc100_k12 --weights cifar10 --dataset cifar10 --data "$data" --tta flip \
     --out /tmp/eval-bc100-shipped > "$here/eval.log"
+densenet table "$here" docs/runs/cifar10-bc40-k12-cpu docs/runs/study-bc40-budget --markdown "$here/table.md" > /dev/null
+rm "$here/checkpoint.pt"
 {
     echo "\$ densenet export --model densenet_bc100_k12 --weights cifar10 --int8 --calibration $data --out /tmp/bc100.int8.safetensors"
     densenet export --model densenet_bc100_k12 --weights cifar10 --int8 --calibration "$data" --out /tmp/bc100.int8.safetensors
     echo "\$ densenet eval /tmp/bc100.int8.safetensors --dataset cifar10 --data $data"
     densenet eval /tmp/bc100.int8.safetensors --dataset cifar10 --data "$data" --out /tmp/eval-bc100-int8
 } > "$here/int8.log"
-densenet table "$here" docs/runs/cifar10-bc40-k12-cpu docs/runs/study-bc40-budget --markdown "$here/table.md" > /dev/null
-rm "$here/checkpoint.pt"
