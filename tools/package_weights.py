@@ -13,7 +13,6 @@ run's hours from its ``metrics.csv``. ``densenet.list_weights()`` reads it.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import platform
@@ -23,13 +22,15 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save as safetensors_bytes
 
+from densenet.analysis import Run, load_run
+from densenet.cli import add_ema_flag, ema_choice
 from densenet.data import build_data
 from densenet.io.atomic import atomic_write_bytes, atomic_write_text
 from densenet.models.pretrained import BUNDLED_DIR
 from densenet.serving import model_from_checkpoint
+from densenet.serving.tta import TTA_MODES
 from densenet.training import evaluate, evaluate_tta
 
 
@@ -54,15 +55,11 @@ def measure(model: torch.nn.Module, data, tta: str | None = None,
     return accuracy, preds
 
 
-def run_hours(run: Path) -> dict[str, float]:
+def run_hours(run: Run) -> dict[str, float]:
     """Wall-clock hours of the run's training steps and of its per-epoch evaluations, summed over the
-    epochs of its ``metrics.csv`` (empty without one)."""
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return {}
-    rows = list(csv.DictReader(path.open()))
-    total = {key: sum(float(r[key] or 0) for r in rows) / 3600 for key in ("seconds", "eval_seconds") if key in rows[0]}
-    return {{"seconds": "training", "eval_seconds": "evaluation"}[k]: round(v, 4) for k, v in total.items()}
+    epochs of its ``metrics.csv``."""
+    return {name: round(sum(r.get(key) or 0 for r in run.metrics) / 3600, 4)
+            for key, name in (("seconds", "training"), ("eval_seconds", "evaluation"))}
 
 
 def main() -> None:
@@ -72,15 +69,14 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the dataset the run trained on (its test split is measured)")
     p.add_argument("--note", default="", help="what a user should know (e.g. the data copy used)")
     p.add_argument("--half", action="store_true", help="store float16 if no test prediction changes")
-    p.add_argument("--ema", choices=("auto", "yes", "no"), default="auto",
-                   help="which weights of the checkpoint: auto (the run's choice, as densenet eval), yes (the weight "
-                        "average), no (the raw weights)")
-    p.add_argument("--tta", choices=("flip",), help="also measure flip-averaged accuracy (top1_flip, top5_flip)")
+    add_ema_flag(p)
+    p.add_argument("--tta", choices=TTA_MODES, help="also measure flip-averaged accuracy (top1_flip, top5_flip)")
     p.add_argument("--out", type=Path, default=BUNDLED_DIR, help="folder of the weights and index.json")
     args = p.parse_args()
 
-    model, info = model_from_checkpoint(args.run / "checkpoint.pt", ema={"auto": None, "yes": True, "no": False}[args.ema])
-    config = yaml.safe_load((args.run / "config.yaml").read_text())
+    model, info = model_from_checkpoint(args.run / "checkpoint.pt", ema=ema_choice(args))
+    run = load_run(args.run)
+    config = run.config
     data = build_data(info["dataset"], args.data, batch_size=256, eval_batch_size=256, workers=0)
     accuracy, preds = measure(model, data, args.tta, predictions=args.half)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # not views: --half reloads the model
@@ -109,7 +105,7 @@ def main() -> None:
         "sha256": hashlib.sha256(blob).hexdigest(), "file_size": len(blob), "license": "MIT",
         "source": f"trained by this project: {args.run}", "url": None, "notes": args.note,
         "extra": {"epochs": config["epochs"], "weights": "average" if info.get("ema") else "raw",
-                  "hours": run_hours(args.run)},
+                  "hours": run_hours(run)},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / file_name, blob)
