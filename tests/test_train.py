@@ -16,6 +16,7 @@ from PIL import Image
 
 from densenet.cli import main
 from densenet.io.checkpoint import load_checkpoint
+from densenet.training.loop import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "densenet_bc16_k8", "--dataset", "cifar10+", "--batch-size", "32", "--train-subset", "256",
@@ -109,6 +110,29 @@ def test_reading_metrics_every_few_steps_changes_nothing(sample_run, tmp_path):
     assert [[float(r[k]) for k in keys] for r in a] == [[float(r[k]) for k in keys] for r in b]
 
 
+def test_evaluating_every_few_epochs_skips_only_the_evaluations(sample_run, tmp_path, capsys):
+    """--eval-every 2 over 3 epochs: epoch 2 and the last are evaluated, epoch 1 leaves its evaluation
+    columns empty; the weights, the training columns and the final report are those of evaluating
+    every epoch, and the curves are still drawn."""
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--epochs", "3", "--out", str(out), "--val-size", "64", "--eval-every", "2"]) == 0
+    log = capsys.readouterr().out
+    assert_bit_identical(weights(out), weights(sample_run))
+    a, b = (list(csv.DictReader((run / "metrics.csv").open())) for run in (out, sample_run))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    assert [r["test_error"] != "" for r in a] == [False, True, True]
+    assert a[0]["val_error"] == a[0]["eval_seconds"] == a[0]["test_macro_f1"] == ""
+    assert [r["test_error"] for r in a[1:]] == [r["test_error"] for r in b[1:]]
+    epoch1 = next(line for line in log.splitlines() if line.startswith("epoch 1/3:"))
+    assert "test error" not in epoch1 and "test error" in next(line for line in log.splitlines() if line.startswith("epoch 2/3:"))
+    report, reference = (json.loads((run / "report.json").read_text()) for run in (out, sample_run))
+    assert report["test_error"] == reference["test_error"] and report["best_val_error"] == min(
+        float(r["val_error"]) for r in a[1:])
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG"
+    assert load_run_config(out, {"eval_every": 1}).eval_every == 1  # how often it evaluates may change on resume
+
+
 def test_training_learns_on_the_sample(sample_run):
     rows = list(csv.DictReader((sample_run / "metrics.csv").open()))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
@@ -171,6 +195,8 @@ def test_resume_refuses_missing_corrupted_or_changed(sample_run, tmp_path, capsy
         (["--model", "densenet12"], "did you mean 'densenet121'"),
         (["--dataset", "svhn", "--data", "/nonexistent/svhn"], "/nonexistent/svhn"),
         (["--epochs", "0"], "epochs must be at least 1"),
+        (["--eval-every", "0"], "eval_every (--eval-every) must be at least 1 epoch"),
+        (["--schedule", "plateau", "--val-size", "64", "--eval-every", "2"], "use --eval-every 1 with --schedule plateau"),
         (["--dataset", "cifar10", "--data", "{tmp}/cifar-10-binary.tar.gz"],
          "neither a tar archive (the official cifar10 release) nor a zip"),
         (["--dataset", "cifar100", "--data", "{tmp}"], "Expected one of: cifar-100-binary.tar.gz"),

@@ -36,7 +36,8 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
     """Write a PNG with training loss (left) and error in % (right) against epoch for each run.
 
     ``runs``: (label, rows) pairs; each row is a metrics dict with ``epoch``, ``train_loss``,
-    ``train_error``, ``test_error`` and optionally ``val_error`` and ``lr``. Epochs where the
+    ``train_error``, ``test_error`` and optionally ``val_error`` and ``lr`` (errors may be missing from
+    epochs that were not evaluated: ``--eval-every``). Epochs where the
     learning rate drops are marked with dotted lines (the paper's Figure 4 style).
     """
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -48,11 +49,15 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
         epochs = [r["epoch"] for r in rows]
         prefix = "" if single else f"{label}: "
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=f"{prefix}training loss")
-        ax_err.plot(epochs, [r["test_error"] for r in rows], color=color, label=f"{prefix}test error")
+        tested = [r for r in rows if r.get("test_error") not in (None, "")]  # --eval-every skips epochs
+        ax_err.plot([r["epoch"] for r in tested], [r["test_error"] for r in tested], color=color,
+                    marker="." if len(tested) < len(rows) else None, label=f"{prefix}test error")
         if single:
             ax_err.plot(epochs, [r["train_error"] for r in rows], color=color, ls="--", alpha=0.6, label="training error")
-        if any(r.get("val_error") not in (None, "") for r in rows):
-            ax_err.plot(epochs, [r.get("val_error") for r in rows], color=color, ls=":", label=f"{prefix}validation error")
+        validated = [r for r in rows if r.get("val_error") not in (None, "")]
+        if validated:
+            ax_err.plot([r["epoch"] for r in validated], [r["val_error"] for r in validated], color=color, ls=":",
+                        label=f"{prefix}validation error")
         for epoch in lr_drops(rows):
             for ax in (ax_loss, ax_err):
                 ax.axvline(epoch - 0.5, color=color, ls=":", lw=0.8, alpha=0.7)

@@ -164,6 +164,9 @@ class TrainConfig:
     threads: int | None = _opt(None, "CPU threads")
     workers: int = _opt(2, "data-loading worker processes (image folders)")
     checkpoint_every: int = _opt(200, "steps between mid-epoch checkpoints (0: epoch ends only)")
+    eval_every: int = _opt(1, "epochs between evaluations of the validation and test splits; the last epoch is "
+                              "always evaluated, the others leave those columns of metrics.csv empty (saves time "
+                              "in long CPU runs; the plateau schedule needs 1)")
     sync_every: int | None = _opt(None, "steps between reading the running loss and accuracy back from the device "
                                         "(signals and a diverging loss are acted on then); default 1 on a CPU, 50 on "
                                         "a GPU, where each read makes the host wait for the GPU")
@@ -194,7 +197,7 @@ def field_help(name: str) -> str:
 
 # Keys that may differ when a run is resumed: they change how it runs, not what it computes.
 RUNTIME_KEYS = frozenset({"out", "data", "image_root", "skip_bad",
-                          "download", "device", "threads", "workers", "quiet", "checkpoint_every", "sync_every",
+                          "download", "device", "threads", "workers", "quiet", "checkpoint_every", "eval_every", "sync_every",
                           "channels_last", "dist_backend", "dist_timeout", "memory_check"})
 
 #: what a run on the bundled 1,000-image sample changes in the recipe when not given: a demo that
@@ -333,6 +336,10 @@ def validate(config: TrainConfig) -> None:
         (config.train_subset is None or config.train_subset >= 1, "train_subset must be positive"),
         (config.test_subset is None or config.test_subset >= 1, "test_subset must be positive"),
         (config.checkpoint_every >= 0, "checkpoint_every must be non-negative (0: only at epoch ends)"),
+        (config.eval_every >= 1, f"eval_every (--eval-every) must be at least 1 epoch, got {config.eval_every}"),
+        (config.eval_every == 1 or config.schedule != "plateau",
+         f"eval_every (--eval-every) {config.eval_every} leaves epochs without a validation loss, which the plateau "
+         "schedule reads after every epoch: use --eval-every 1 with --schedule plateau"),
         (config.sync_every is None or config.sync_every >= 1, "sync_every must be at least 1"),
         (config.workers >= 0, "workers must be non-negative"),
         (config.threads is None or config.threads >= 1, "threads must be positive"),

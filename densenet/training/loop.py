@@ -330,9 +330,10 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
         with stop_on_signals() as stop:
             for epoch in range(state.epoch, config.epochs):
                 row = train_one_epoch(run, state, epoch, stop, clock)
-                t0 = time.perf_counter()
-                columns, test = evaluate_epoch(run, state)
-                row.update(columns, eval_seconds=round(time.perf_counter() - t0, 3))
+                if evaluation_due(config, epoch):
+                    t0 = time.perf_counter()
+                    columns, test = evaluate_epoch(run, state)
+                    row.update(columns, eval_seconds=round(time.perf_counter() - t0, 3))
                 state.history.append(row)
                 state.epoch, state.step, state.partial = epoch + 1, 0, {}
                 save_snapshot(run, state)
@@ -340,7 +341,7 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
                     write_epoch_logs(run.out, writer, config, state.history)
                 run.log(f"epoch {epoch + 1}/{config.epochs}: loss {row['train_loss']:.4f}, train error "
                         f"{row['train_error']:.2f}%, " + (f"val error {row['val_error']:.2f}%, " if "val_error" in row else "")
-                        + f"test error {row['test_error']:.2f}%, "
+                        + (f"test error {row['test_error']:.2f}%, " if "test_error" in row else "")
                         + (f"test mean AUROC {row['test_mean_auroc']:.4f}, " if row.get("test_mean_auroc") is not None else "")
                         + (f"average's test error {row['ema_test_error']:.2f}%, " if "ema_test_error" in row else "")
                         + f"lr {row['lr']:g}, {row['images_per_s']:.1f} img/s")
@@ -368,6 +369,11 @@ def run_epochs(run: Run, state: State) -> dict[str, Any]:
                if "test_macro_f1" in report else "")
             + (f", mean AUROC {report['test_mean_auroc']:.4f}" if "test_mean_auroc" in report else "") + f"; run in {run.out}")
     return report
+
+
+def evaluation_due(config: TrainConfig, epoch: int) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with an evaluation: every ``eval_every``-th epoch and the last."""
+    return (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
 
 
 def evaluate_epoch(run: Run, state: State) -> tuple[dict[str, Any], EvalCounts | EvalScores]:
@@ -953,6 +959,6 @@ def make_report(config: TrainConfig, history: list[dict], num_params: int, devic
     if vals:
         best, epoch = min(vals)
         report.update(best_val_error=best, best_val_epoch=epoch, final_val_error=vals[-1][0])
-    if not all(math.isfinite(r[f"{served}test_error"]) for r in history):
+    if not all(math.isfinite(r[f"{served}test_error"]) for r in history if f"{served}test_error" in r):
         report["warning"] = "some test errors are not finite (empty test set?)"
     return report
