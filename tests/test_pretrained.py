@@ -186,6 +186,11 @@ def test_weights_command_lists_the_registry(capsys):
     assert main(["weights"]) == 0
     out = capsys.readouterr().out
     assert "densenet121.imagenet" in out and "74.43" in out and "download.pytorch.org" in out
+    flipped = [w for w in list_weights() if "top1_flip" in w.accuracy]
+    assert flipped  # the shipped BC-100 entry has its flip-averaged accuracy beside the single crop
+    for w in flipped:
+        cells = [c.strip() for c in next(line for line in out.splitlines() if f"| {w.name} " in line).split("|")]
+        assert cells[5:8] == [f"{w.accuracy['top1']:.2f}", f"{w.accuracy['top5']:.2f}", f"{w.accuracy['top1_flip']:.2f}"]
 
 
 @pytest.fixture(scope="module")
