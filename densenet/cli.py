@@ -201,8 +201,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
         top1, top5, flip = (w.accuracy.get(k) for k in ("top1", "top5", "top1_flip"))
         size = f"{w.file_size / 2**20:.1f} MB" if w.file_size else "?"
         rows.append([w.name, w.dataset, w.num_classes, f"{w.input_size}x{w.input_size}",
-                     "" if top1 is None else f"{top1:.2f}", "" if top5 is None else f"{top5:.2f}",
-                     "" if flip is None else f"{flip:.2f}", size, "in the package" if w.url is None else w.url])
+                     *("" if v is None else f"{v:.2f}" for v in (top1, top5, flip)), size,
+                     "in the package" if w.url is None else w.url])
     print(markdown_table(["weights", "dataset", "classes", "input", "top-1 %", "top-5 %", "top-1 % flip-averaged", "file",
                           "from"], rows))
     print("\nLoad with create_model(MODEL, weights=TAG), or --model MODEL --weights TAG on eval, predict, export, train.")

@@ -32,6 +32,12 @@ def lr_drops(rows: Sequence[dict]) -> list[int]:
     return drops
 
 
+def _evaluated(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of the rows that hold ``key``: epochs skipped by ``--eval-every`` have no errors."""
+    kept = [r for r in rows if r.get(key) not in (None, "")]
+    return [r["epoch"] for r in kept], [r[key] for r in kept]
+
+
 def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]], title: str = "") -> None:
     """Write a PNG with training loss (left) and error in % (right) against epoch for each run.
 
@@ -49,15 +55,13 @@ def plot_curves(path: str | os.PathLike, runs: Sequence[tuple[str, list[dict]]],
         epochs = [r["epoch"] for r in rows]
         prefix = "" if single else f"{label}: "
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=color, label=f"{prefix}training loss")
-        tested = [r for r in rows if r.get("test_error") not in (None, "")]  # --eval-every skips epochs
-        ax_err.plot([r["epoch"] for r in tested], [r["test_error"] for r in tested], color=color,
-                    marker="." if len(tested) < len(rows) else None, label=f"{prefix}test error")
+        tested = _evaluated(rows, "test_error")
+        ax_err.plot(*tested, color=color, marker="." if len(tested[0]) < len(rows) else None, label=f"{prefix}test error")
         if single:
             ax_err.plot(epochs, [r["train_error"] for r in rows], color=color, ls="--", alpha=0.6, label="training error")
-        validated = [r for r in rows if r.get("val_error") not in (None, "")]
-        if validated:
-            ax_err.plot([r["epoch"] for r in validated], [r["val_error"] for r in validated], color=color, ls=":",
-                        label=f"{prefix}validation error")
+        validated = _evaluated(rows, "val_error")
+        if validated[0]:
+            ax_err.plot(*validated, color=color, ls=":", label=f"{prefix}validation error")
         for epoch in lr_drops(rows):
             for ax in (ax_loss, ax_err):
                 ax.axvline(epoch - 0.5, color=color, ls=":", lw=0.8, alpha=0.7)
