@@ -6,6 +6,10 @@ import csv
 import sys
 from pathlib import Path
 
+from densenet.analysis import markdown_table
+
+HEADER = ["epoch", "lr", "train loss", "train error", "test error", "average's test error", "minutes", "images/s"]
+
 
 def percent(value: str) -> str:
     return f"{float(value):.2f}%" if value else "-"
@@ -13,15 +17,11 @@ def percent(value: str) -> str:
 
 def main() -> None:
     run = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
-    print("| epoch | lr | train loss | train error | test error | average's test error | minutes | images/s |")
-    print("|---|---|---|---|---|---|---|---|")
     with open(run / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            print(
-                f"| {row['epoch']} | {float(row['lr']):.4f} | {float(row['train_loss']):.3f} | {percent(row['train_error'])} "
-                f"| {percent(row['test_error'])} | {percent(row['ema_test_error'])} "
-                f"| {float(row['seconds']) / 60:.1f} | {float(row['images_per_s']):.1f} |"
-            )
+        rows = [[r["epoch"], f"{float(r['lr']):.4f}", f"{float(r['train_loss']):.3f}", percent(r["train_error"]),
+                 percent(r["test_error"]), percent(r["ema_test_error"]), f"{float(r['seconds']) / 60:.1f}",
+                 f"{float(r['images_per_s']):.1f}"] for r in csv.DictReader(f)]
+    print(markdown_table(HEADER, rows))
 
 
 if __name__ == "__main__":
