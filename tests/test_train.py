@@ -271,6 +271,28 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
     assert_bit_identical(weights(reference), weights(out))
 
 
+@pytest.mark.slow
+def test_resume_may_change_the_precision_and_says_so(tmp_path):
+    """A bfloat16 run moved to a machine without bfloat16 instructions goes on in float32 (--amp off on
+    resume): the resume says the steps are no longer bit-identical, config.yaml keeps the new precision,
+    and the run finishes its epochs; the recipe keys still may not change."""
+    out = tmp_path / "moved"
+    args = [*TINY, "--epochs", "2", "--checkpoint-every", "3", "--amp", "bf16"]
+    proc = subprocess.Popen([sys.executable, "-m", "densenet", "train", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kill_when(proc, out / "checkpoint.pt", signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["amp"] == "bf16"
+    resumed = run_cli("train", "--resume", str(out), "--quiet", "--amp", "off")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the precision changes on resume, from amp bf16 to off" in resumed.stderr
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["amp"] == "off"
+    assert "amp: 'off'" in (out / "config.yaml").read_text() or "amp: off" in (out / "config.yaml").read_text()
+    assert len(list(csv.DictReader((out / "metrics.csv").open()))) == 2
+    unchanged = run_cli("train", "--resume", str(out), "--quiet", "--amp", "off")  # the same precision: no note
+    assert unchanged.returncode == 0 and "precision changes" not in unchanged.stderr
+
+
 def write_folder_dataset(root: Path, classes=("cats", "dogs", "owls"), per_split=(12, 4)) -> None:
     g = torch.Generator().manual_seed(0)
     for split, n in zip(("train", "val"), per_split):

@@ -195,10 +195,12 @@ def field_help(name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
-# Keys that may differ when a run is resumed: they change how it runs, not what it computes.
+# Keys that may differ when a run is resumed: they change how it runs, not what it computes. ``amp``
+# changes only the rounding (a run moved to a machine without bfloat16 instructions, or to a GPU): the
+# resume says so, since the steps after it are no longer bit-identical to a run left in one precision.
 RUNTIME_KEYS = frozenset({"out", "data", "image_root", "skip_bad",
                           "download", "device", "threads", "workers", "quiet", "checkpoint_every", "eval_every", "sync_every",
-                          "channels_last", "dist_backend", "dist_timeout", "memory_check"})
+                          "channels_last", "dist_backend", "dist_timeout", "memory_check", "amp"})
 
 #: what a run on the bundled 1,000-image sample changes in the recipe when not given: a demo that
 #: finishes in about a minute on a CPU (DenseNet-BC L=40 k=12, 8 epochs) instead of 300 epochs of BC-100

@@ -194,6 +194,9 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
         on_main(dd, lambda: claim_run_dir(out, resume, held))
         on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
         checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
+        started_amp = ((checkpoint or {}).get("config") or {}).get("amp", config.amp)
+        if started_amp != config.amp:
+            on_main(dd, lambda: record_precision_change(out, started_amp, config.amp))
         if config.image_size is None and config.dataset in FOLDER_DATASETS:
             # a run of an earlier version kept None in config.yaml: the size it trained at is in its checkpoint
             image_size = (checkpoint or {}).get("data", {}).get("image_size") or native_image_size(config)
@@ -282,7 +285,7 @@ def restore_checkpoint(run: Run, state: State, checkpoint: dict) -> None:
     check_same_recipe(run, checkpoint.get("config") or {})
     state.model.load_state_dict(checkpoint["model"])
     state.optimizer.load_state_dict(checkpoint["optimizer"])
-    if "scaler" in checkpoint and state.scaler.is_enabled():
+    if checkpoint.get("scaler") and state.scaler.is_enabled():  # empty: saved by a run without a scaler
         state.scaler.load_state_dict(checkpoint["scaler"])
     if state.ema is not None:
         if "ema" not in checkpoint:
@@ -878,6 +881,14 @@ def load_run_config(out: Path, overrides: dict[str, Any]) -> TrainConfig:
     config = TrainConfig(**values)
     validate(config)
     return config
+
+
+def record_precision_change(out: Path, before: str, after: str) -> None:
+    """A resume in another precision (``--amp``): say so, and keep the new one in config.yaml for later resumes."""
+    print(f"note: the precision changes on resume, from amp {before} to {after}: the steps from here round "
+          "differently, so the run is no longer bit-identical to one trained in a single precision", file=sys.stderr)
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    atomic_write_text(out / "config.yaml", yaml.safe_dump({**values, "amp": after}, sort_keys=False))
 
 
 def load_checkpoint_for_resume(out: Path) -> dict:

@@ -60,5 +60,6 @@ def check_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None,
         raise ConfigError(f"--amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use --amp fp16")
     if device.type == "cpu" and not cpu_bf16_instructions():
         warnings.warn("--amp bf16: this processor has no bfloat16 instructions (AVX512_BF16 or AMX), so bfloat16 "
-                      "runs emulated and trains slower than float32; --amp off trains in float32", stacklevel=2)
+                      "runs emulated and trains slower than float32; --amp off trains in float32 (also when resuming: "
+                      "densenet train --resume RUN_DIR --amp off)", stacklevel=2)
     return torch.bfloat16, False

@@ -8,7 +8,10 @@
 # lowest priority, across sessions; the run folder lives outside the work tree.
 # Resume: from the machine's copy if it is there, else from the checkpoint committed in this folder
 # (each session commits its latest checkpoint.pt, config.yaml and metrics.csv here). --eval-every is a
-# runtime key, not kept in config.yaml: every resume passes it again.
+# runtime key, not kept in config.yaml: every resume passes it again. --amp auto on resume: bf16 autocast
+# where the CPU has bfloat16 instructions, float32 elsewhere (the session of 2026-12-07 14:52 got a Zen 3
+# EPYC without them: 17.3 s per step in emulated bf16 against 2.1-2.6 s in float32), so the precision may
+# change between sessions; each change is printed to the log and kept in config.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 data=../shared/data/cifar10-jpeg.zip
@@ -19,7 +22,7 @@ if [ ! -f "$run/checkpoint.pt" ] && [ -f "$here/checkpoint.pt" ]; then
     if [ -f "$here/metrics.csv" ]; then cp "$here/metrics.csv" "$run/"; fi
 fi
 if [ -f "$run/checkpoint.pt" ]; then
-    nice -n 19 densenet train --resume "$run" --eval-every 5 --quiet
+    nice -n 19 densenet train --resume "$run" --amp auto --eval-every 5 --quiet
 else
     nice -n 19 densenet train --model densenet_bc100_k12 --dataset cifar10+ --data "$data" --epochs 50 --recipe budget \
         --seed 0 --eval-every 5 --quiet --out "$run"
