@@ -5,6 +5,7 @@ of one lever without the rest of the full bench: for example the fused CPU kerne
     python bench/bench_alternate.py tv,tv_bf,ours_bf,ours_unfused_bf --repeats 5
     python bench/bench_alternate.py ours_bf,ours_me_bf                      # memory-efficient against the default
     python bench/bench_alternate.py tv,tv_bf,ours,ours_bf --processes       # a process per configuration
+    python bench/bench_alternate.py tv,ours,ours_unfused --fused-float32    # the fused kernels in float32
 
 Configurations: bench_speed's names (tv, tv_bf, ours, ours_bf, ours_unfused_bf, ours_me_bf, ...);
 BC-100 k=12, batch 64; images at the model's input size (32x32 for the CIFAR models, 224x224 for the
@@ -35,8 +36,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--processes", action="store_true", help="each configuration in its own process, taking turns")
+    p.add_argument("--fused-float32", action="store_true",
+                   help="also compile the fused kernels for float32 (by default they serve bf16/fp16 only)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fused_float32:
+        b.fused.COMPILED_DTYPES = (torch.float32, *b.fused.COMPILED_DTYPES)
     impls = args.impls.split(",")
     size = args.size or model_spec(args.model).input_size
     if args.processes:
