@@ -275,7 +275,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(tmp_path):
 def test_resume_may_change_the_precision_and_says_so(tmp_path):
     """A bfloat16 run moved to a machine without bfloat16 instructions goes on in float32 (--amp off on
     resume): the resume says the steps are no longer bit-identical, config.yaml keeps the new precision,
-    and the run finishes its epochs; the recipe keys still may not change."""
+    and the run finishes its epochs; resuming again in that precision says nothing."""
     out = tmp_path / "moved"
     args = [*TINY, "--epochs", "2", "--checkpoint-every", "3", "--amp", "bf16"]
     proc = subprocess.Popen([sys.executable, "-m", "densenet", "train", *args, "--out", str(out)], cwd=ROOT,

@@ -194,9 +194,6 @@ def _train_in_run_dir(config: TrainConfig, dd: Dist, device_name: str, *, resume
         on_main(dd, lambda: claim_run_dir(out, resume, held))
         on_main(dd, lambda: prepare_run_dir(out, resume=resume, force=force))
         checkpoint = on_main(dd, lambda: load_checkpoint_for_resume(out)) if resume else None
-        started_amp = ((checkpoint or {}).get("config") or {}).get("amp", config.amp)
-        if started_amp != config.amp:
-            on_main(dd, lambda: record_precision_change(out, started_amp, config.amp))
         if config.image_size is None and config.dataset in FOLDER_DATASETS:
             # a run of an earlier version kept None in config.yaml: the size it trained at is in its checkpoint
             image_size = (checkpoint or {}).get("data", {}).get("image_size") or native_image_size(config)
@@ -267,6 +264,9 @@ def build_state(run: Run, use_scaler: bool, checkpoint: dict | None) -> State:
                   WeightAverage(model, config.ema_decay) if config.ema_decay else None)
     if checkpoint is not None:
         restore_checkpoint(run, state, checkpoint)
+        started_amp = (checkpoint.get("config") or {}).get("amp", config.amp)
+        if started_amp != config.amp:  # only once the resume is accepted: a refused one touches nothing
+            on_main(dd, lambda: record_precision_change(run.out, started_amp, config.amp))
     else:
         on_main(dd, lambda: atomic_write_text(run.out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)))
         if dd.enabled:
