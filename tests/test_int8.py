@@ -12,7 +12,6 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from int8_cpu import XFAIL_WITHOUT_VNNI
 from PIL import Image
 
 from densenet import create_model
@@ -122,7 +121,6 @@ def torch_int8_file(tmp_path_factory) -> Path:
     return out
 
 
-@XFAIL_WITHOUT_VNNI
 def test_export_int8_writes_a_pytorch_int8_file_a_third_of_float32_that_eval_and_predict_take(torch_int8_file, tmp_path,
                                                                                               capsys):
     from safetensors import safe_open

@@ -5,21 +5,29 @@ as it comes out of its convolution, before any BN, with a scale and zero point p
 calibration images' ranges). A layer's BN1-ReLU over the whole prefix is then not a float pass: with
 a = gamma / sqrt(var + eps) and b = beta - mean * a per channel, and x = s * (q - z) the stored value,
 
-    ReLU(a x + b) = A * clamp(q) + B,   A = a s,   B = b - A z,
+    ReLU(a x + b) = A * (clamp(q) - lo) + B,   A = a s,   B = b - A z + A lo,
 
-where clamp is max(q, t) for a > 0 and min(q, t) for a < 0, t = -b / a in q units. So BN1-ReLU is a
-per-channel clamp of uint8 (one byte read and written per value); A is folded into the 1x1
-convolution's weights (quantized per output channel after folding), B into its bias, and the bias is
-corrected for the mean error of the rounded weights on the calibration images (without that, the
-folded weights lose 1-2 points of top-1 agreement). BN2 is folded into the same convolution, whose
+where clamp is max(q, t) for a > 0 and min(q, t) for a < 0, t = -b / a in q units, and lo its lower
+bound (round(t) for a > 0, 0 for a < 0). So BN1-ReLU is a per-channel clamp and shift of uint8 (bytes
+read and written per value), whose result h = clamp(q) - lo is small where the ReLU is 0; A is
+folded into the 1x1 convolution's weights (quantized per output channel after folding), B into its
+bias, and the bias is corrected for the mean error of the rounded weights on the calibration images
+(without that, the folded weights lose 1-2 points of top-1 agreement). BN2 is folded into the same convolution, whose
 ReLU and requantization oneDNN fuses; the per-channel output scales are folded into each
 convolution's weights and bias, so oneDNN requantizes with scale 1. The 3x3 convolution writes the
 layer's new maps into the buffer. A transition's BN-ReLU and 2x2 average run in float on the clamped
 maps, requantized with one scale for its 1x1 convolution (folding A into that wider convolution cost
 5 points of agreement). The head's BN-ReLU, global average and classifier are one float linear map
-of the clamped maps' means. A 3x3 convolution straight on a prefix (no bottleneck) pads with q = 0,
+of the clamped maps' means. A 3x3 convolution straight on a prefix (no bottleneck) pads with h = 0,
 where the folded shift B is missing: it runs with a float output to which the shift of the taps
 inside the image is added per position, then is quantized.
+
+CPUs without VNNI or AMX (AVX2) multiply uint8 by int8 with vpmaddubsw, which adds the products of two
+neighbouring input channels into int16 and saturates. Each convolution's weight scales are raised
+where a pair could pass that bound, given the largest input value of each channel (h stays below
+hi - lo; 255 elsewhere), so that every CPU computes the same exact result; the shift keeps that bound
+loose. (Format 1 had neither: on a Zen 3 the shipped BC-40 scored 20.78% top-1 error in int8 against
+18.64% now and 18.52% in float32; bench/logs/2026-12-07-int8-accuracy-zen3.txt.)
 
 ``quantize_densenet(model, calibration)`` calibrates and builds an :class:`Int8DenseNet`;
 ``save_int8`` / ``load_int8`` write and read it as one safetensors file (int8 weights, scales, the
@@ -32,6 +40,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -54,13 +63,22 @@ __all__ = ["AGREEMENT_WARNING", "FORMAT", "Int8DenseNet", "int8_available", "is_
 AGREEMENT_WARNING = 0.9  # top-1 agreement with float32 on the calibration images below which a file is called broken
 
 FORMAT = "densenet-int8"
-VERSION = 1
+VERSION = 2  # 2: the clamp is shifted (h = clamp(q) - lo) and no input pair can saturate
 _CL = torch.channels_last
 
 
 def int8_available() -> bool:
     """True where PyTorch has its oneDNN int8 convolutions (an x86 build with mkldnn)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _int8_dot_products() -> bool:
+    """True on CPUs with int8 dot products that do not saturate (AVX512_VNNI, AVX_VNNI, AMX)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return True  # not Linux: assume so, and warn about nothing
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def _require_int8() -> None:
@@ -170,9 +188,23 @@ def _check_model(model: DenseNet) -> None:
     _require_int8()
 
 
-def _weight_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per output channel: (int8 weight, float32 scales (O,))."""
+#: vpmaddubsw, the int8 dot product of CPUs without VNNI or AMX (AVX2, AVX-512 without VNNI), adds the
+#: products of two neighbouring input channels (2i, 2i + 1) into int16, saturated at this bound
+_PAIR_LIMIT = 32767
+
+
+def _weight_int8(w: Tensor, x_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: (int8 weight, float32 scales (O,)). With ``x_max``, the largest
+    uint8 input value per input channel (C,) of a convolution ``w`` (O, C, kh, kw), the scales are raised
+    where needed so that no pair of neighbouring input channels' products exceeds :data:`_PAIR_LIMIT`:
+    the same results with and without VNNI."""
     scale = (w.abs().amax(dim=tuple(range(1, w.dim()))) / 127).clamp(min=1e-12)
+    if x_max is not None:
+        products = w.abs() * x_max.view(1, -1, 1, 1)
+        if products.shape[1] % 2:
+            products = F.pad(products, (0, 0, 0, 0, 0, 1))
+        pairs = products.view(len(w), -1, 2, *w.shape[2:]).sum(2).flatten(1).amax(1)
+        scale = torch.maximum(scale, pairs / (_PAIR_LIMIT - 255))  # - 255: the rounding of both weights
     q = (w / scale.view(-1, *[1] * (w.dim() - 1))).round().clamp(-127, 127)
     return q.to(torch.int8), scale.float()
 
@@ -186,7 +218,7 @@ class _Builder:
 
     def conv(self, name: str, w: Tensor, bias: Tensor | None, out: tuple[Tensor, Tensor], *, stride: int,
              padding: int, x: tuple[float, int] = (1.0, 0), relu: bool = False, float_out: bool = False,
-             x_mean: Tensor | None = None) -> None:
+             x_mean: Tensor | None = None, x_max: Tensor | float = 255.0) -> None:
         """An int8 convolution of weights ``w`` (O, C, kh, kw) and ``bias`` (O,) (real units) whose output
         is stored with per-channel scales and zero points ``out`` ((O,) each): both are folded into the
         weights and bias, so that oneDNN requantizes with scale 1 and zero point 0. ``x``: the input's
@@ -196,7 +228,9 @@ class _Builder:
         scale, zero = out
         w = w / scale.view(-1, 1, 1, 1)
         bias = (torch.zeros(len(w), dtype=torch.float64) if bias is None else bias) / scale + zero
-        q, s = _weight_int8(w)
+        if not isinstance(x_max, Tensor):
+            x_max = torch.full((w.shape[1],), float(x_max), dtype=torch.float64)
+        q, s = _weight_int8(w, x_max)
         if x_mean is not None:
             error = (q.double() * s.double().view(-1, 1, 1, 1) - w).sum((2, 3))
             bias = bias - error @ x_mean
@@ -220,7 +254,7 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
         raise ArgumentError("int8 calibration got no images")
     f, build = model.features, _Builder()
     x_in = [float(v) for v in see.qparams("input", per_channel=False)]
-    plan: dict[str, Any] = {"input": x_in, "stem_kind": model.stem, "blocks": []}
+    plan: dict[str, Any] = {"input": x_in, "stem_kind": model.stem, "blocks": [], "clamp_shift": True}
     # stem: conv0 (CIFAR) or conv0-BN-ReLU (ImageNet: BN folded, ReLU fused; max pool on uint8 after it)
     w = f.conv0.weight.detach().double()
     storage = [_block_storage(see, b, len(block)) for b, (block, _) in enumerate(_blocks(model))]
@@ -241,6 +275,7 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
             A, B = _stored(build, name, layer.norm1, stored)
             new = tuple(t[layer.in_channels : layer.in_channels + layer.growth_rate] for t in storage[bi])
             w1 = layer.conv1.weight.detach().double()
+            h_max = (build.tensors[f"{name}.hi"].double() - build.tensors[f"{name}.lo"].double()).flatten()
             h_mean = see.mean(f"{name}.input")  # = A clamp(q) + B on average: the clamp's mean in q units
             q_mean = torch.where(A != 0, (h_mean - B) / torch.where(A != 0, A, 1.0), torch.zeros_like(A))
             if layer.bottleneck:  # BN1-ReLU clamp, 1x1 conv + BN2 + ReLU, 3x3 conv on the middle maps
@@ -248,12 +283,13 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
                 mid = see.qparams(f"{name}.mid")
                 w1 = w1[:, :, 0, 0]
                 build.conv(f"{name}.conv1", (a2.view(-1, 1) * w1 * A.view(1, -1))[:, :, None, None],
-                           a2 * (w1 @ B) + b2, mid, stride=1, padding=0, relu=True, x_mean=q_mean)
+                           a2 * (w1 @ B) + b2, mid, stride=1, padding=0, relu=True, x_mean=q_mean,
+                           x_max=h_max)
                 w2 = layer.conv2.weight.detach().double() * mid[0].view(1, -1, 1, 1)
                 build.conv(f"{name}.conv2", w2, None, new, stride=1, padding=1)
             else:  # a 3x3 convolution on the prefix: the shift's bias per tap, added where the tap is inside
                 build.conv(f"{name}.conv1", w1 * A.view(1, -1, 1, 1), None, new, stride=1, padding=1, float_out=True,
-                           x_mean=q_mean)
+                           x_mean=q_mean, x_max=h_max)
                 taps = torch.einsum("ocij,c->oij", w1, B) / new[0].view(-1, 1, 1)
                 build.tensors[f"{name}.conv1.tap_bias"] = taps.float().contiguous()
             stored = tuple(torch.cat([s, n]) for s, n in zip(stored, new))
@@ -284,12 +320,13 @@ def _block_storage(see: _Range, bi: int, layers: int) -> tuple[Tensor, Tensor]:
 
 
 def _stored(build: _Builder, name: str, norm: nn.BatchNorm2d, stored: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """BN-ReLU of the stored maps (per-channel scales and zero points ``stored``) as a clamp: its bounds go
-    into the model as ``name.lo`` / ``name.hi``; returns A, B (C,) float64 to fold into what follows."""
+    """BN-ReLU of the stored maps (per-channel scales and zero points ``stored``) as A h + B, h = clamp(q, lo,
+    hi) - lo: the bounds go into the model as ``name.lo`` / ``name.hi``; returns A, B (C,) float64 to
+    fold into what follows."""
     a, b = _bn(norm)
     A, B, lo, hi = _fold_bn_relu(a, b, *stored)
     build.tensors[f"{name}.lo"], build.tensors[f"{name}.hi"] = lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
-    return A, B
+    return A, A * lo.double() + B
 
 
 class Int8DenseNet(nn.Module):
@@ -303,6 +340,7 @@ class Int8DenseNet(nn.Module):
         self.num_classes = plan["num_classes"]
         self.in_channels = plan["in_channels"]
         self.spatial_dims = 2
+        self._shift = plan.get("clamp_shift", False)  # False in version 1 files
         self.data: dict[str, Any] = {}  # the data description (class names, mean, std, image size), when known
         self._packed: dict[str, Tensor] = {}
         self._w_zero: dict[str, Tensor] = {}  # the weights' zero points: 0 (symmetric int8)
@@ -339,7 +377,9 @@ class Int8DenseNet(nn.Module):
         return self._tap_bias[key]
 
     def _clamp(self, name: str, x: Tensor) -> Tensor:
-        return torch.clamp(x, self.tensors[f"{name}.lo"], self.tensors[f"{name}.hi"])
+        """h = clamp(q, lo, hi) - lo per channel (version 1 files: no shift), uint8 (N, C, H, W)."""
+        h = torch.clamp(x, self.tensors[f"{name}.lo"], self.tensors[f"{name}.hi"])
+        return h.sub_(self.tensors[f"{name}.lo"]) if self._shift else h
 
     def _transition(self, name: str, buf: Tensor) -> Tensor:
         """BN-ReLU (clamp, then A q + B) and the 2x2 average in float, requantized for the 1x1 convolution."""
@@ -438,6 +478,10 @@ def load_int8(path: str | os.PathLike, image_size: int | None = None) -> tuple[I
     if int(meta.get("version", 0)) > VERSION:
         raise ExportError(f"{path} is an int8 file of version {meta['version']}; this densenet reads up to "
                           f"{VERSION}: upgrade densenet")
+    if int(meta.get("version", 0)) < 2 and not _int8_dot_products():
+        warnings.warn(f"{path} was written by an older densenet whose int8 convolutions can saturate on a CPU "
+                      "without VNNI or AMX, like this one (up to 4 points of top-1 lost); write it again with "
+                      "`densenet export CHECKPOINT --int8`", stacklevel=2)
     model = Int8DenseNet(json.loads(meta["plan"]), load_file(str(path)))
     data = json.loads(meta.get("data") or "{}")
     if image_size is not None:
