@@ -32,7 +32,7 @@ note="Trained and measured on the project's CIFAR-10 copy (../shared/data/cifar1
 as baseline JPEG, quality 75), not the original PNG-exact images of the paper's test set. 50 epochs of the short-budget \
 recipe (--recipe budget: linear decay to zero after a 1-epoch warm-up, weight decay 5e-4, label smoothing 0.1, the \
 exponential moving average of the weights, decay 0.999, which these weights are), not 300 epochs of the paper's steps; \
-trained on a 2-core CPU, bf16 autocast. Model card: docs/runs/cifar10-bc100-k12-budget50/README.md."
+trained on 2-core CPUs, partly in bf16 autocast and partly in float32 (the card says which epochs ran how). Model card: docs/runs/cifar10-bc100-k12-budget50/README.md."
 cp "$run/metrics.csv" "$run/report.json" "$run/config.yaml" "$run/curves.png" "$run/checkpoint.pt" "$here/"
 python tools/package_weights.py "$here" --tag cifar10 --data "$data" --tta flip --note "$note" \
     | tee "$here/package.log"
