@@ -12,9 +12,9 @@ bound (round(t) for a > 0, 0 for a < 0). So BN1-ReLU is a per-channel clamp and 
 read and written per value), whose result h = clamp(q) - lo is small where the ReLU is 0; A is
 folded into the 1x1 convolution's weights (quantized per output channel after folding), B into its
 bias, and the bias is corrected for the mean error of the rounded weights on the calibration images
-(without that, the folded weights lose 1-2 points of top-1 agreement). BN2 is folded into the same convolution, whose
-ReLU and requantization oneDNN fuses; the per-channel output scales are folded into each
-convolution's weights and bias, so oneDNN requantizes with scale 1. The 3x3 convolution writes the
+(without that, the folded weights lose 1-2 points of top-1 agreement). BN2 is folded into the same
+convolution, whose ReLU and requantization oneDNN fuses; the per-channel output scales are folded
+into each convolution's weights and bias, so oneDNN requantizes with scale 1. The 3x3 convolution writes the
 layer's new maps into the buffer. A transition's BN-ReLU and 2x2 average run in float on the clamped
 maps, requantized with one scale for its 1x1 convolution (folding A into that wider convolution cost
 5 points of agreement). The head's BN-ReLU, global average and classifier are one float linear map
@@ -276,7 +276,7 @@ def quantize_densenet(model: DenseNet, calibration: Tensor | Iterable[Tensor], b
             new = tuple(t[layer.in_channels : layer.in_channels + layer.growth_rate] for t in storage[bi])
             w1 = layer.conv1.weight.detach().double()
             h_max = (build.tensors[f"{name}.hi"].double() - build.tensors[f"{name}.lo"].double()).flatten()
-            h_mean = see.mean(f"{name}.input")  # = A clamp(q) + B on average: the clamp's mean in q units
+            h_mean = see.mean(f"{name}.input")  # = A h + B on average: h's mean in q units
             q_mean = torch.where(A != 0, (h_mean - B) / torch.where(A != 0, A, 1.0), torch.zeros_like(A))
             if layer.bottleneck:  # BN1-ReLU clamp, 1x1 conv + BN2 + ReLU, 3x3 conv on the middle maps
                 a2, b2 = _bn(layer.norm2)
