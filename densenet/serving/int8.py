@@ -193,14 +193,14 @@ def _check_model(model: DenseNet) -> None:
 _PAIR_LIMIT = 32767
 
 
-def _weight_int8(w: Tensor, x_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _weight_int8(w: Tensor, x_max: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per output channel: (int8 weight, float32 scales (O,)). With ``x_max``, the largest
-    uint8 input value per input channel (C,) of a convolution ``w`` (O, C, kh, kw), the scales are raised
-    where needed so that no pair of neighbouring input channels' products exceeds :data:`_PAIR_LIMIT`:
-    the same results with and without VNNI."""
+    uint8 input value of a convolution ``w`` (O, C, kh, kw) per input channel (C,) or for all (a float),
+    the scales are raised where needed so that no pair of neighbouring input channels' products exceeds
+    :data:`_PAIR_LIMIT`: the same results with and without VNNI."""
     scale = (w.abs().amax(dim=tuple(range(1, w.dim()))) / 127).clamp(min=1e-12)
     if x_max is not None:
-        products = w.abs() * x_max.view(1, -1, 1, 1)
+        products = w.abs() * torch.as_tensor(x_max, dtype=w.dtype).reshape(1, -1, 1, 1)
         if products.shape[1] % 2:
             products = F.pad(products, (0, 0, 0, 0, 0, 1))
         pairs = products.view(len(w), -1, 2, *w.shape[2:]).sum(2).flatten(1).amax(1)
@@ -228,8 +228,6 @@ class _Builder:
         scale, zero = out
         w = w / scale.view(-1, 1, 1, 1)
         bias = (torch.zeros(len(w), dtype=torch.float64) if bias is None else bias) / scale + zero
-        if not isinstance(x_max, Tensor):
-            x_max = torch.full((w.shape[1],), float(x_max), dtype=torch.float64)
         q, s = _weight_int8(w, x_max)
         if x_mean is not None:
             error = (q.double() * s.double().view(-1, 1, 1, 1) - w).sum((2, 3))
@@ -382,7 +380,7 @@ class Int8DenseNet(nn.Module):
         return h.sub_(self.tensors[f"{name}.lo"]) if self._shift else h
 
     def _transition(self, name: str, buf: Tensor) -> Tensor:
-        """BN-ReLU (clamp, then A q + B) and the 2x2 average in float, requantized for the 1x1 convolution."""
+        """BN-ReLU (h, then A h + B) and the 2x2 average in float, requantized for the 1x1 convolution."""
         pooled = F.avg_pool2d(self._clamp(name, buf).float(), 2) * self.tensors[f"{name}.A"] + self.tensors[f"{name}.B"]
         c = self.plan["convs"][name]
         return self._conv(name, _quantize(pooled, c["x_scale"], c["x_zero_point"]))
