@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "FAST_EVAL_ALLOCATOR_FACTOR", "MemoryEstimate", "MemoryLimitError",
+__all__ = ["ALLOCATOR_FACTOR", "BASE_OVERHEAD", "EFFICIENT_ALLOCATOR_FACTOR", "FAST_EVAL_ALLOCATOR_FACTOR",
+           "MemoryEstimate", "MemoryLimitError",
            "available_memory", "check_memory", "estimate_memory"]
 
 #: measured peak RSS over counted tensor bytes on CPU (glibc malloc keeps freed blocks, the
@@ -29,6 +30,11 @@ ALLOCATOR_FACTOR = 1.6
 #: the same for an evaluation forward of the fast blocks, which reuse a few workspaces per block
 #: instead of allocating per layer (little for the allocator to keep)
 FAST_EVAL_ALLOCATOR_FACTOR = 1.1
+#: the same for a training step of the memory-efficient blocks: each layer's concatenation is freed
+#: after the forward and allocated again in the backward, and how much of that glibc's heap keeps
+#: varies from run to run and from CPU to CPU (DenseNet-BC-100, batch 64: 323 MiB on a Zen 4,
+#: 414-551 MiB over runs on a Zen 3, of which 281 MiB tensors and kernel scratch)
+EFFICIENT_ALLOCATOR_FACTOR = 2.0
 #: bytes a first training step adds besides tensors (kernel caches, thread pools)
 BASE_OVERHEAD = 32 << 20
 
@@ -182,7 +188,7 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int | Sequenc
     ``model``: a :class:`densenet.DenseNet` as it will train (its ``memory_efficient``, ``fast``,
     ``drop_rate`` and frozen parameters decide the path); ``name`` names it in messages. ``amp``:
     mixed precision, 16-bit activations (batch statistics stay in float32; a rougher estimate). Tensor bytes are counted from the
-    structure, then :data:`ALLOCATOR_FACTOR` and :data:`BASE_OVERHEAD` account for what the memory
+    structure, then :data:`ALLOCATOR_FACTOR` (or its variants) and :data:`BASE_OVERHEAD` account for what the memory
     allocator and the kernels hold on top (measured on CPU).
     """
     if not hasattr(model, "block_config") or not hasattr(model, "spatial_sizes"):
@@ -209,8 +215,10 @@ def estimate_memory(model: nn.Module, batch_size: int, image_size: int | Sequenc
         fixed = weights + trainable * momentum_copies + BASE_OVERHEAD
         lean = None
         if fast and not efficient:  # what memory_efficient=True would need
-            lean = fixed + per_image(_training_count(model, image_size, True, True)) * batch_size
-        return MemoryEstimate(what, batch_size, fixed, per_image(_training_count(model, image_size, fast, efficient)), lean)
+            lean = fixed + per_image(_training_count(model, image_size, True, True), EFFICIENT_ALLOCATOR_FACTOR) * batch_size
+        factor = EFFICIENT_ALLOCATOR_FACTOR if efficient else ALLOCATOR_FACTOR
+        return MemoryEstimate(what, batch_size, fixed, per_image(_training_count(model, image_size, fast, efficient), factor),
+                              lean)
     fixed = weights + (trainable * momentum_copies if training else 0) + BASE_OVERHEAD
     factor = FAST_EVAL_ALLOCATOR_FACTOR if fast and not training else ALLOCATOR_FACTOR
     return MemoryEstimate(what, batch_size, fixed, per_image(_inference_count(model, image_size, fast), factor))
