@@ -10,6 +10,7 @@ products) and how many reorders (layout conversions) a step makes.
 
     python bench/profile_step.py                       # BC-100 k=12, batch 64, 32x32
     python bench/profile_step.py --model densenet_bc40_k12 --markdown docs/profile.md
+    python bench/profile_step.py --precision float32   # only float32 (a CPU without bfloat16 instructions)
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--markdown", type=Path, help="also write the tables here")
+    p.add_argument("--precision", choices=("both", "float32", "bf16"), default="both",
+                   help="which steps to profile (bf16 is emulated, and slow, on a CPU without bfloat16 instructions)")
     p.add_argument("--onednn-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +120,7 @@ def main() -> None:
              f"({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, `python bench/profile_step.py "
              f"--model {args.model}`)", ""]
     gflop = step_gflop(args.model) * args.batch
-    for bf16 in (False, True):
+    for bf16 in {"both": (False, True), "float32": (False,), "bf16": (True,)}[args.precision]:
         name = "bf16 autocast" if bf16 else "float32"
         step = make_step(args.model, args.batch, bf16)
         step()

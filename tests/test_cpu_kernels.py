@@ -1,6 +1,7 @@
-"""The hand-written AVX-512 kernels (densenet.models.cpu_kernels): each against the same arithmetic in
-PyTorch (float32 inside, one rounding to bfloat16), on strided matrices whose widths leave a tail of a
-vector; a bfloat16 training step through them against the eager kernels; and the fallbacks."""
+"""The hand-written CPU kernels (densenet.models.cpu_kernels), each against the same arithmetic in PyTorch
+on strided matrices whose widths leave a tail of a vector: the AVX-512 ones for bfloat16 (float32 inside,
+one rounding to bfloat16), the AVX2 ones for float32 (PyTorch's eager chain); a training step through
+them against the other kernels; and the fallbacks."""
 from __future__ import annotations
 
 import warnings
@@ -11,8 +12,9 @@ import torch
 from densenet import create_model
 from densenet.models import cpu_kernels, fused
 
-pytestmark = pytest.mark.skipif(not (fused._compiler_found() and torch.cpu._is_avx512_bf16_supported()),
-                                reason="the kernels need a C++ compiler and a CPU with AVX512_BF16")
+pytestmark = pytest.mark.skipif(not fused._compiler_found(), reason="the kernels need a C++ compiler")
+bf16_cpu = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the bfloat16 kernels need AVX512_BF16")
+avx2_cpu = pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="the float32 kernels need AVX2")
 
 
 @pytest.fixture
@@ -28,6 +30,7 @@ def _strided(m: int, c: int, seed: int, width: int = 70) -> torch.Tensor:
     return torch.randn(m, width, generator=g).bfloat16()[:, 3:3 + c]
 
 
+@bf16_cpu
 @pytest.mark.parametrize("c", [12, 16, 33])
 def test_bn_relu_rounds_once_like_pytorch(hand, c):
     x = _strided(301, c, 0)
@@ -38,6 +41,7 @@ def test_bn_relu_rounds_once_like_pytorch(hand, c):
     assert torch.equal(out, expected)
 
 
+@bf16_cpu
 def test_normalise_rounds_once_like_pytorch(hand):
     x = _strided(300, 33, 8)
     offset, invstd = torch.randn(33) * 0.1, torch.rand(33) + 0.5
@@ -46,6 +50,7 @@ def test_normalise_rounds_once_like_pytorch(hand):
     assert torch.equal(out, ((x.float() - offset) * invstd).bfloat16())
 
 
+@bf16_cpu
 @pytest.mark.parametrize("with_xhat", [False, True])
 @pytest.mark.parametrize("c", [12, 33])
 def test_bn_relu_backward_against_pytorch(hand, c, with_xhat):
@@ -63,6 +68,7 @@ def test_bn_relu_backward_against_pytorch(hand, c, with_xhat):
     torch.testing.assert_close(g_weight, (g_a.double() * x.double()).sum(0).float(), rtol=1e-5, atol=1e-4)
 
 
+@bf16_cpu
 def test_bn_input_backward_against_pytorch(hand):
     m, c = 1000, 12
     gy, xhat, direct = _strided(m, c, 5), _strided(m, c, 6), _strided(m, c, 7)
@@ -75,6 +81,7 @@ def test_bn_input_backward_against_pytorch(hand):
     assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
 
 
+@bf16_cpu
 def test_bn_relu_train_backward_against_pytorch(hand):
     m, c = 999, 20
     g_r, r, z = (_strided(m, c, s).contiguous() for s in (9, 10, 11))  # (M, C) rows of channels_last maps
@@ -90,28 +97,147 @@ def test_bn_relu_train_backward_against_pytorch(hand):
     assert ((g_z.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
 
 
+@avx2_cpu
 def test_they_decline_what_they_do_not_handle(hand):
     x = torch.randn(64, 12)
-    out = torch.empty_like(x)
-    assert cpu_kernels.bn_relu(x, torch.ones(12), torch.zeros(12), out) is None  # float32
-    xb = x.bfloat16()
-    assert cpu_kernels.bn_relu(xb.t(), torch.ones(64), torch.zeros(64), xb.t().clone()) is None  # channel stride
+    assert cpu_kernels.bn_relu(x.double(), torch.ones(12), torch.zeros(12), x.double()) is None  # float64
+    assert cpu_kernels.bn_relu(x.half(), torch.ones(12), torch.zeros(12), x.half()) is None  # float16
+    assert cpu_kernels.bn_relu(x, torch.ones(12), torch.zeros(12), x.double()) is None  # mixed dtypes
+    assert cpu_kernels.bn_relu(x.t(), torch.ones(64), torch.zeros(64), x.t().clone()) is None  # channel stride
+    assert cpu_kernels.bn_relu(x, torch.ones(12), torch.zeros(12), torch.empty(63, 12)) is None  # shapes
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert cpu_kernels.bn_relu(x.bfloat16(), torch.ones(12), torch.zeros(12), x.bfloat16()) is None
     cpu_kernels.set_enabled(False)
-    assert cpu_kernels.bn_relu(xb, torch.ones(12), torch.zeros(12), xb.clone()) is None
+    assert cpu_kernels.bn_relu(x, torch.ones(12), torch.zeros(12), torch.empty_like(x)) is None
+    assert cpu_kernels.bn_relu(x, torch.ones(12), torch.zeros(12), torch.empty_like(x)) is None
 
 
-def test_a_failed_build_warns_once_and_leaves_inductor_in_charge(hand, monkeypatch):
-    monkeypatch.setitem(cpu_kernels._SIGNATURES, "bn_relu", ("this is not C++", ["int64_t"]))
+@avx2_cpu
+def test_a_failed_build_warns_once_and_leaves_the_other_kernels_in_charge(hand, monkeypatch):
+    ctype, cpu, sources = cpu_kernels._SOURCES[torch.float32]
+    monkeypatch.setitem(cpu_kernels._SOURCES, torch.float32, (ctype, cpu, {**sources, "bn_relu": "this is not C++"}))
     monkeypatch.setitem(cpu_kernels._state, "kernels", {})
-    monkeypatch.setitem(cpu_kernels._state, "broken", False)
-    xb = torch.randn(64, 12).bfloat16()
-    with pytest.warns(RuntimeWarning, match="DENSENET_CPU_KERNELS=0"):
-        assert cpu_kernels.bn_relu(xb, torch.ones(12), torch.zeros(12), xb.clone()) is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cpu_kernels.bn_relu(xb, torch.ones(12), torch.zeros(12), xb.clone()) is None
+    monkeypatch.setitem(cpu_kernels._state, "broken", set())
+    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    fused.set_enabled(True)
+    x, scale, shift = torch.randn(64, 12), torch.randn(12), torch.randn(12)
+    try:
+        with pytest.warns(RuntimeWarning, match="DENSENET_CPU_KERNELS=0"):
+            assert cpu_kernels.bn_relu(x, scale, shift, torch.empty_like(x)) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_kernels.bn_relu(x, scale, shift, torch.empty_like(x)) is None
+            assert torch.equal(fused.bn_relu(x, scale, shift), torch.addcmul(shift, x, scale).relu_())  # eagerly
+    finally:
+        fused.set_enabled(None)
 
 
+def _strided32(m: int, c: int, seed: int, width: int = 70) -> torch.Tensor:
+    """An (m, c) float32 slice of a wider buffer, as a block's prefix."""
+    return torch.randn(m, width, generator=torch.Generator().manual_seed(seed))[:, 3:3 + c]
+
+
+@avx2_cpu
+@pytest.mark.parametrize("c", [5, 12, 16, 33])
+def test_float32_bn_relu_and_normalise_are_pytorchs_bit_for_bit(hand, c):
+    x = _strided32(301, c, 0)
+    x[7, 0], x[8, -1] = float("nan"), float("-inf")
+    scale, shift = torch.randn(c), torch.randn(c)
+    out = torch.full((301, c), 7.0)
+    assert cpu_kernels.bn_relu(x, scale, shift, out) is out
+    torch.testing.assert_close(out, torch.addcmul(shift, x, scale).relu_(), rtol=0, atol=0, equal_nan=True)
+    assert out[7, 0].isnan()  # a NaN goes on, as through torch.relu
+    offset, invstd = torch.randn(c) * 0.1, torch.rand(c) + 0.5
+    wide = torch.full((301, c + 9), 7.0)
+    assert cpu_kernels.normalise(x, offset, invstd, wide[:, :c]) is not None
+    torch.testing.assert_close(wide[:, :c], torch.sub(x, offset).mul_(invstd), rtol=0, atol=0, equal_nan=True)
+    assert (wide[:, c:] == 7.0).all()  # nothing written past the slice
+
+
+@avx2_cpu
+@pytest.mark.parametrize("with_xhat", [False, True])
+@pytest.mark.parametrize("c", [12, 33])
+def test_float32_bn_relu_backward_against_pytorch(hand, c, with_xhat):
+    m = 1001
+    g_t, t, prefix = _strided32(m, c, 1), _strided32(m, c, 2), _strided32(m, c, 3)
+    offset, invstd, weight = torch.randn(c) * 0.1, torch.rand(c) + 0.5, torch.randn(c)
+    xhat = (prefix - offset) * invstd if with_xhat else None
+    gw = _strided32(m, c, 4, width=50)
+    before = gw.clone()
+    g_bias, g_weight = cpu_kernels.bn_relu_backward(g_t, t, xhat, prefix, offset, invstd, gw, weight, torch.float32)
+    g_a = torch.where(t > 0, g_t, 0.0)
+    assert torch.equal(gw, before.addcmul(g_a, weight))  # the accumulated gradient: addcmul_'s one rounding
+    x = ((prefix - offset) * invstd).double()
+    torch.testing.assert_close(g_bias, g_a.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_weight, (g_a.double() * x).sum(0).float(), rtol=1e-5, atol=1e-5)
+
+
+@avx2_cpu
+def test_float32_bn_input_and_bn2_backward_against_float64(hand):
+    m, c = 1000, 12
+    gy, xhat, direct = _strided32(m, c, 5), _strided32(m, c, 6), _strided32(m, c, 7)
+    invstd = torch.rand(c) + 0.5
+    got = cpu_kernels.bn_input_backward(gy, xhat, invstd, direct, m)
+    g, x = gy.double(), xhat.double()
+    exact = (g - g.mean(0) - x * (g * x).mean(0)) * invstd.double() + direct.double()
+    assert got.shape == (m, c) and got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    m, c = 999, 20
+    g_r, r, z = (_strided32(m, c, s).contiguous() for s in (9, 10, 11))
+    mean, invstd, weight = torch.randn(c) * 0.1, torch.rand(c) + 0.5, torch.randn(c)
+    g_z, g_w, g_b = cpu_kernels.bn_relu_train_backward(g_r, r, z, mean, invstd, weight)
+    g_u = torch.where(r > 0, g_r.double(), 0.0)
+    zhat = (z.double() - mean.double()) * invstd.double()
+    exact_b, exact_w = g_u.sum(0), (g_u * zhat).sum(0)
+    torch.testing.assert_close(g_b.double(), exact_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_w.double(), exact_w, rtol=1e-5, atol=1e-5)
+    exact = (g_u - exact_b / m - zhat * exact_w / m) * (invstd.double() * weight.double())
+    torch.testing.assert_close(g_z.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@avx2_cpu
+def test_float32_sums_of_a_whole_block_are_as_accurate_as_pytorchs_and_repeat_exactly(hand):
+    """65,536 rows (BC-100's first block at batch 64) of values far from zero: a plain float32 running sum
+    would be off by about 1e-4 relative; the blocks of 256 rows keep it near PyTorch's pairwise sum."""
+    m, c = 65536, 24
+    g = torch.randn(m, c, generator=torch.Generator().manual_seed(12)) + 3.0
+    ones, xhat = torch.ones(m, c), torch.full((m, c), 2.0)
+    sums = [cpu_kernels.bn_relu_backward(g, ones, xhat, xhat, torch.zeros(c), torch.ones(c), torch.zeros(m, c),
+                                         torch.ones(c), torch.float32) for _ in range(2)]
+    exact = g.double().sum(0)
+    ours = ((sums[0][0].double() - exact).abs() / exact).max().item()
+    pytorchs = ((g.sum(0).double() - exact).abs() / exact).max().item()
+    assert ours <= max(4 * pytorchs, 1e-6), (ours, pytorchs)
+    assert torch.equal(sums[0][0], sums[1][0]) and torch.equal(sums[0][1], sums[1][1])
+
+
+@avx2_cpu
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_a_float32_training_step_through_them_matches_the_eager_step(monkeypatch, memory_efficient):
+    monkeypatch.setattr(fused, "MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    model = create_model("densenet_bc40_k12", num_classes=10, memory_efficient=memory_efficient)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([1, 4, 7, 2])
+    grads, calls = [], []
+    monkeypatch.setattr(cpu_kernels, "_kernel", _counting(cpu_kernels._kernel, calls))
+    for hand in (False, True):
+        fused.set_enabled(True)
+        cpu_kernels.set_enabled(hand)
+        calls.clear()
+        try:
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        finally:
+            fused.set_enabled(None)
+            cpu_kernels.set_enabled(None)
+        assert bool(calls) == hand
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for e, g in zip(*grads):  # the same arithmetic but for the order of the sums
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@bf16_cpu
 @pytest.mark.slow  # compiles Inductor's kernels for the comparison (about a minute on 2 cores)
 def test_a_bf16_training_step_through_them_matches_inductors_kernels(monkeypatch):
     """bfloat16 gradients of a small batch are far from float32's either way (tens of percent on some
@@ -141,7 +267,7 @@ def test_a_bf16_training_step_through_them_matches_inductors_kernels(monkeypatch
 
 
 def _counting(fn, calls):
-    def wrapped(name):
+    def wrapped(name, dtype):
         calls.append(name)
-        return fn(name)
+        return fn(name, dtype)
     return wrapped

@@ -1,28 +1,37 @@
-"""Hand-written AVX-512 kernels for the bfloat16 passes where TorchInductor's code is slowest.
+"""Hand-written CPU kernels for the per-channel passes of the fast path: AVX-512 for bfloat16, AVX2 for float32.
 
-Measured (``bench/bench_cpu_kernels.py``; the per-kernel split in ``docs/speed.md``): on a 2-core
+**bfloat16** (``bench/bench_cpu_kernels.py``; the per-kernel split in ``docs/speed.md``): on a 2-core
 AMD EPYC (Zen 4, AVX512_BF16, no AMX) Inductor's CPU code for the
 fused per-channel passes ran 3-5x slower than a copy of the same bytes wherever the matrix fits in
 the cache or its rows are narrow: it rounds float32 to bfloat16 with eight integer instructions per
 vector (no ``vcvtneps2bf16``), loops row by row with a tail test per row, and a call through Dynamo
 costs about 25 us. The kernels here do the same arithmetic (float32 inside, one rounding, round to
-nearest even) with the processor's bfloat16 conversion, at about 1 us per call:
+nearest even) with the processor's bfloat16 conversion, at about 1 us per call.
 
-- :func:`bn_relu`: relu(x * scale + shift) of a (possibly strided) (M, C) bfloat16 matrix;
-- :func:`normalise`: (x - offset) * invstd, the memory-efficient mode's recomputed x_hat;
+**float32** (AVX2 and FMA, every x86-64 CPU of the last decade; the training precision of a CPU without
+bfloat16 instructions): PyTorch's eager chain makes one pass over memory per operation (a layer's BN1
+backward is a mask, a multiply-add, a product and two column sums: five passes) and the compiled forms
+measured no faster there. The kernels here make one pass (two where a result needs the sums first), with
+the eager chain's arithmetic: one multiply-add where PyTorch's ``addcmul`` makes one, and column sums in
+float32 per thread, over blocks of 256 rows first (so no less accurate than PyTorch's pairwise sums).
+
+- :func:`bn_relu`: relu(x * scale + shift) of a (possibly strided) (M, C) matrix;
+- :func:`normalise`: (x - offset) * invstd, the recomputed x_hat;
 - :func:`bn_relu_backward`: the backward of a layer's BN1-ReLU over its prefix (the BN's parameter
   gradients and the accumulated gradient of the normalised maps), in one pass;
 - :func:`bn_relu_train_backward`: the backward of a layer's BN2-ReLU (batch statistics), two passes;
 - :func:`bn_input_backward`: the BatchNorm input gradient of a layer's new maps, narrow strided
   (M, k) slices of the block's buffers (the worst case for Inductor: 0.7 GB/s).
 
-They are compiled once per machine (under a second, cached by Inductor's C++ cache) through
+They are compiled once per machine and dtype (under a second, cached by Inductor's C++ cache) through
 Inductor's own C++ binding builder, so they need nothing more than the fused kernels do: a C++
-compiler. They run only on bfloat16 CPU matrices on processors with AVX512_BF16; everywhere else
-(and with ``DENSENET_CPU_KERNELS=0``) the callers in :mod:`.fused` keep their compiled or eager forms.
+compiler. They run on bfloat16 CPU matrices on processors with AVX512_BF16 and on float32 ones on
+processors with AVX2; everywhere else (and with ``DENSENET_CPU_KERNELS=0``) the callers in :mod:`.fused`
+keep their compiled or eager forms.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from typing import Any, Callable
@@ -32,6 +41,19 @@ from torch import Tensor
 
 __all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train_backward", "normalise",
            "set_enabled"]
+
+_ADD_PARTIALS = r"""
+// per channel j < c, the nt threads' partial sums (blocks of 2 * cp floats: one sum, then another)
+// added in a fixed order, so that the result is deterministic for a thread count: into a[j] and b[j]
+static inline void add_partials(const std::vector<float>& part, int nt, int64_t c, int64_t cp, float* a, float* b) {
+    for (int64_t j = 0; j < c; ++j) {
+        float sa = 0.0f, sb = 0.0f;
+        for (int u = 0; u < nt; ++u) { sa += part[(size_t)u * 2 * cp + j]; sb += part[(size_t)u * 2 * cp + cp + j]; }
+        a[j] = sa;
+        b[j] = sb;
+    }
+}
+"""
 
 _PRELUDE = r"""
 #include <immintrin.h>
@@ -46,17 +68,7 @@ TARGET static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 k) {
     _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
 }
 static inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
-// per channel j < c, the nt threads' partial sums (blocks of 2 * cp floats: one sum, then another)
-// added in a fixed order, so that the result is deterministic for a thread count: into a[j] and b[j]
-static inline void add_partials(const std::vector<float>& part, int nt, int64_t c, int64_t cp, float* a, float* b) {
-    for (int64_t j = 0; j < c; ++j) {
-        float sa = 0.0f, sb = 0.0f;
-        for (int u = 0; u < nt; ++u) { sa += part[(size_t)u * 2 * cp + j]; sb += part[(size_t)u * 2 * cp + cp + j]; }
-        a[j] = sa;
-        b[j] = sb;
-    }
-}
-"""
+""" + _ADD_PARTIALS
 
 _BN_RELU = _PRELUDE + r"""
 extern "C" TARGET void kernel(const uint16_t* x, const float* scale, const float* shift, uint16_t* out,
@@ -232,21 +244,221 @@ extern "C" TARGET void kernel(const uint16_t* gr, const uint16_t* r, const uint1
 }
 """
 
-_SIGNATURES = {
-    "bn_relu_train_backward": (_BN_RELU_TRAIN_BACKWARD, ["const uint16_t*", "const uint16_t*", "const uint16_t*",
-                                                         "const float*", "const float*", "const float*", "uint16_t*",
-                                                         "float*", "int64_t", "int64_t"]),
-    "bn_relu_backward": (_BN_RELU_BACKWARD, ["const uint16_t*", "const uint16_t*", "const uint16_t*", "const float*",
-                                             "const float*", "uint16_t*", "const float*", "float*"] + ["int64_t"] * 7),
-    "normalise": (_NORMALISE, ["const uint16_t*", "const float*", "const float*", "uint16_t*",
-                               "int64_t", "int64_t", "int64_t", "int64_t"]),
-    "bn_relu": (_BN_RELU, ["const uint16_t*", "const float*", "const float*", "uint16_t*",
-                           "int64_t", "int64_t", "int64_t", "int64_t"]),
-    "bn_input_backward": (_BN_INPUT_BACKWARD, ["const uint16_t*", "const uint16_t*", "const float*", "const uint16_t*",
-                                               "uint16_t*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-                                               "int64_t"]),
+_F32_PRELUDE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#define TARGET __attribute__((target("avx2,fma")))
+#define ROWS 256  // rows summed into a block's own sums first, then added to the thread's: float32 sums of
+                  // 256 + M / 256 terms instead of M (a 65,536-row sum is otherwise 100x less accurate)
+TARGET static inline __m256i lanes_below(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(n, 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
-_state: dict[str, Any] = {"enabled": None, "kernels": {}, "broken": False}  # broken: a build failed
+// the 8 floats at p, or the first n < 8 of them (the others 0)
+TARGET static inline __m256 ld(const float* p, int64_t n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes_below(n));
+}
+TARGET static inline void st(float* p, __m256 v, int64_t n) {
+    if (n >= 8) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, lanes_below(n), v);
+}
+TARGET static inline void acc(float* s, __m256 v) { _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), v)); }
+// a block's sums (2 * cp floats) into the thread's, then cleared
+TARGET static inline void flush(float* blk, float* s, int64_t cp) {
+    for (int64_t j = 0; j < 2 * cp; j += 8) {
+        acc(s + j, _mm256_loadu_ps(blk + j));
+        _mm256_storeu_ps(blk + j, _mm256_setzero_ps());
+    }
+}
+""" + _ADD_PARTIALS
+
+_F32_BN_RELU = _F32_PRELUDE + r"""
+// relu(x * scale + shift), one multiply-add (as torch.addcmul), NaN kept (as torch.relu)
+extern "C" TARGET void kernel(const float* x, const float* scale, const float* shift, float* out,
+                              int64_t m, int64_t c, int64_t ldx, int64_t ldo) {
+    const __m256 zero = _mm256_setzero_ps();
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < c; j += 8) {
+            const int64_t n = c - j;
+            __m256 v = _mm256_fmadd_ps(ld(x + i * ldx + j, n), ld(scale + j, n), ld(shift + j, n));
+            st(out + i * ldo + j, _mm256_max_ps(zero, v), n);
+        }
+    }
+}
+"""
+
+_F32_NORMALISE = _F32_PRELUDE + r"""
+extern "C" TARGET void kernel(const float* x, const float* offset, const float* invstd, float* out,
+                              int64_t m, int64_t c, int64_t ldx, int64_t ldo) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < c; j += 8) {
+            const int64_t n = c - j;
+            st(out + i * ldo + j, _mm256_mul_ps(_mm256_sub_ps(ld(x + i * ldx + j, n), ld(offset + j, n)), ld(invstd + j, n)), n);
+        }
+    }
+}
+"""
+
+_F32_BN_RELU_BACKWARD = _F32_PRELUDE + r"""
+// g_a = g_t where t > 0; gw += g_a * weight (one multiply-add, as addcmul_); sums[0] = sum(g_a),
+// sums[1] = sum(g_a * x_hat) per channel, x_hat = xh if has_xhat else (prefix - offset) * invstd
+extern "C" TARGET void kernel(const float* gt, const float* t, const float* xh, const float* offset,
+                              const float* invstd, float* gw, const float* weight, float* sums, int64_t m, int64_t c,
+                              int64_t ldgt, int64_t ldt, int64_t ldx, int64_t ldw, int64_t has_xhat) {
+    const int64_t cp = (c + 7) / 8 * 8, nb = (m + ROWS - 1) / ROWS;
+    const int nt = omp_get_max_threads();
+    std::vector<float> part((size_t)nt * 2 * cp, 0.0f);
+    const __m256 zero = _mm256_setzero_ps();
+    #pragma omp parallel num_threads(nt)
+    {
+        float* s = part.data() + (size_t)omp_get_thread_num() * 2 * cp;
+        std::vector<float> blk(2 * cp, 0.0f);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t i = b * ROWS; i < std::min(m, (b + 1) * ROWS); ++i) {
+                for (int64_t j = 0; j < c; j += 8) {
+                    const int64_t n = c - j;
+                    __m256 g = _mm256_and_ps(ld(gt + i * ldgt + j, n), _mm256_cmp_ps(ld(t + i * ldt + j, n), zero, _CMP_GT_OQ));
+                    __m256 x = ld(xh + i * ldx + j, n);
+                    if (!has_xhat) x = _mm256_mul_ps(_mm256_sub_ps(x, ld(offset + j, n)), ld(invstd + j, n));
+                    float* w = gw + i * ldw + j;
+                    st(w, _mm256_fmadd_ps(g, ld(weight + j, n), ld(w, n)), n);
+                    acc(blk.data() + j, g);
+                    acc(blk.data() + cp + j, _mm256_mul_ps(g, x));
+                }
+            }
+            flush(blk.data(), s, cp);
+        }
+    }
+    add_partials(part, nt, c, cp, sums, sums + c);
+}
+"""
+
+_F32_BN_INPUT_BACKWARD = _F32_PRELUDE + r"""
+// out = (g - sum(g) / total - xh * sum(g * xh) / total) * invstd + direct, per channel
+extern "C" TARGET void kernel(const float* g, const float* xh, const float* invstd, const float* direct,
+                              float* out, int64_t m, int64_t c, int64_t ldg, int64_t ldx, int64_t ldd,
+                              int64_t total) {
+    const int64_t cp = (c + 7) / 8 * 8, nb = (m + ROWS - 1) / ROWS;
+    const int nt = omp_get_max_threads();
+    std::vector<float> part((size_t)nt * 2 * cp, 0.0f);  // per thread: sum(g), then sum(g * xh)
+    std::vector<float> coef(2 * cp, 0.0f);
+    #pragma omp parallel num_threads(nt)
+    {
+        float* s = part.data() + (size_t)omp_get_thread_num() * 2 * cp;
+        std::vector<float> blk(2 * cp, 0.0f);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t i = b * ROWS; i < std::min(m, (b + 1) * ROWS); ++i) {
+                for (int64_t j = 0; j < c; j += 8) {
+                    const int64_t n = c - j;
+                    __m256 gv = ld(g + i * ldg + j, n);
+                    acc(blk.data() + j, gv);
+                    acc(blk.data() + cp + j, _mm256_mul_ps(gv, ld(xh + i * ldx + j, n)));
+                }
+            }
+            flush(blk.data(), s, cp);
+        }
+        #pragma omp barrier
+        #pragma omp single
+        {
+            add_partials(part, nt, c, cp, coef.data(), coef.data() + cp);
+            for (int64_t j = 0; j < c; ++j) {
+                coef[j] = (float)(coef[j] / (double)total);
+                coef[cp + j] = (float)(coef[cp + j] / (double)total);
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < c; j += 8) {
+                const int64_t n = c - j;
+                __m256 d = _mm256_sub_ps(_mm256_sub_ps(ld(g + i * ldg + j, n), _mm256_loadu_ps(coef.data() + j)),
+                                         _mm256_mul_ps(ld(xh + i * ldx + j, n), _mm256_loadu_ps(coef.data() + cp + j)));
+                st(out + i * c + j, _mm256_add_ps(_mm256_mul_ps(d, ld(invstd + j, n)), ld(direct + i * ldd + j, n)), n);
+            }
+        }
+    }
+}
+"""
+
+_F32_BN_RELU_TRAIN_BACKWARD = _F32_PRELUDE + r"""
+// r = relu(BN(z)) with batch statistics: g_u = g_r where r > 0, zhat = (z - mean) * invstd,
+// sums[0] = sum(g_u), sums[1] = sum(g_u * zhat), g_z = (g_u - sums[0] / m - zhat * sums[1] / m) * (invstd * weight)
+TARGET static inline void grad_and_zhat(const float* gr, const float* r, const float* z, const float* mean,
+                                        const float* invstd, int64_t e, int64_t j, int64_t n, __m256& g, __m256& zh) {
+    g = _mm256_and_ps(ld(gr + e, n), _mm256_cmp_ps(ld(r + e, n), _mm256_setzero_ps(), _CMP_GT_OQ));
+    zh = _mm256_mul_ps(_mm256_sub_ps(ld(z + e, n), ld(mean + j, n)), ld(invstd + j, n));
+}
+
+extern "C" TARGET void kernel(const float* gr, const float* r, const float* z, const float* mean,
+                              const float* invstd, const float* weight, float* gz, float* sums, int64_t m, int64_t c) {
+    const int64_t cp = (c + 7) / 8 * 8, nb = (m + ROWS - 1) / ROWS;
+    const int nt = omp_get_max_threads();
+    std::vector<float> part((size_t)nt * 2 * cp, 0.0f);
+    std::vector<float> coef(3 * cp, 0.0f);  // sum(g_u) / m, sum(g_u * zhat) / m, invstd * weight
+    #pragma omp parallel num_threads(nt)
+    {
+        float* s = part.data() + (size_t)omp_get_thread_num() * 2 * cp;
+        std::vector<float> blk(2 * cp, 0.0f);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            for (int64_t i = b * ROWS; i < std::min(m, (b + 1) * ROWS); ++i) {
+                for (int64_t j = 0; j < c; j += 8) {
+                    __m256 g, zh;
+                    grad_and_zhat(gr, r, z, mean, invstd, i * c + j, j, c - j, g, zh);
+                    acc(blk.data() + j, g);
+                    acc(blk.data() + cp + j, _mm256_mul_ps(g, zh));
+                }
+            }
+            flush(blk.data(), s, cp);
+        }
+        #pragma omp barrier
+        #pragma omp single
+        {
+            add_partials(part, nt, c, cp, sums, sums + c);
+            for (int64_t j = 0; j < c; ++j) {
+                coef[j] = sums[j] / (float)m;
+                coef[cp + j] = sums[c + j] / (float)m;
+                coef[2 * cp + j] = invstd[j] * weight[j];
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < c; j += 8) {
+                const int64_t n = c - j;
+                __m256 g, zh;
+                grad_and_zhat(gr, r, z, mean, invstd, i * c + j, j, n, g, zh);
+                __m256 d = _mm256_sub_ps(_mm256_sub_ps(g, _mm256_loadu_ps(coef.data() + j)),
+                                         _mm256_mul_ps(zh, _mm256_loadu_ps(coef.data() + cp + j)));
+                st(gz + i * c + j, _mm256_mul_ps(d, _mm256_loadu_ps(coef.data() + 2 * cp + j)), n);
+            }
+        }
+    }
+}
+"""
+
+_TYPES = ["const T*", "const T*", "const T*", "const float*", "const float*", "const float*", "T*", "float*"]
+_SIGNATURES = {  # name: (argument types, T being the matrices' element type)
+    "bn_relu_train_backward": _TYPES + ["int64_t"] * 2,
+    "bn_relu_backward": ["const T*", "const T*", "const T*", "const float*", "const float*", "T*", "const float*",
+                         "float*"] + ["int64_t"] * 7,
+    "normalise": ["const T*", "const float*", "const float*", "T*"] + ["int64_t"] * 4,
+    "bn_relu": ["const T*", "const float*", "const float*", "T*"] + ["int64_t"] * 4,
+    "bn_input_backward": ["const T*", "const T*", "const float*", "const T*", "T*"] + ["int64_t"] * 6,
+}
+# per dtype: the C type of its elements, whether this CPU runs the kernels, and their sources
+_SOURCES = {
+    torch.bfloat16: ("uint16_t", torch.cpu._is_avx512_bf16_supported,
+                     {"bn_relu_train_backward": _BN_RELU_TRAIN_BACKWARD, "bn_relu_backward": _BN_RELU_BACKWARD,
+                      "normalise": _NORMALISE, "bn_relu": _BN_RELU, "bn_input_backward": _BN_INPUT_BACKWARD}),
+    torch.float32: ("float", torch.cpu._is_avx2_supported,
+                    {"bn_relu_train_backward": _F32_BN_RELU_TRAIN_BACKWARD, "bn_relu_backward": _F32_BN_RELU_BACKWARD,
+                     "normalise": _F32_NORMALISE, "bn_relu": _F32_BN_RELU, "bn_input_backward": _F32_BN_INPUT_BACKWARD}),
+}
+_state: dict[str, Any] = {"enabled": None, "kernels": {}, "broken": set(), "cpu": {}}  # broken: dtypes whose build failed
 
 
 def set_enabled(on: bool | None) -> None:
@@ -256,45 +468,58 @@ def set_enabled(on: bool | None) -> None:
 
 def _enabled() -> bool:
     if _state["enabled"] is None:
-        _state["enabled"] = (os.environ.get("DENSENET_CPU_KERNELS", "1") != "0"
-                             and bool(torch.cpu._is_avx512_bf16_supported()))
+        _state["enabled"] = os.environ.get("DENSENET_CPU_KERNELS", "1") != "0"
     return bool(_state["enabled"])
 
 
+def _cpu_runs(dtype: torch.dtype) -> bool:
+    """Whether this processor has the instructions of ``dtype``'s kernels (AVX512_BF16, or AVX2 and FMA)."""
+    if dtype not in _state["cpu"]:
+        _state["cpu"][dtype] = dtype in _SOURCES and bool(_SOURCES[dtype][1]())
+    return _state["cpu"][dtype]
+
+
 def available(*ts: Tensor) -> bool:
-    """Whether the kernels run for these matrices: bfloat16 CPU (M, C) matrices with unit channel
-    stride, on a processor with AVX512_BF16, and the kernels switched on."""
-    return _enabled() and not _state["broken"] and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 2
-                              and t.stride(1) == 1 for t in ts)
+    """Whether the kernels run for these matrices: CPU (M, C) matrices of one dtype with unit channel
+    stride, bfloat16 on a processor with AVX512_BF16 or float32 on one with AVX2, and the kernels
+    switched on."""
+    dtype = ts[0].dtype
+    return (_enabled() and _cpu_runs(dtype) and dtype not in _state["broken"]
+            and all(t.device.type == "cpu" and t.dtype == dtype and t.dim() == 2 and t.stride(1) == 1 for t in ts))
 
 
-def _kernel(name: str) -> Callable[..., None] | None:
-    """The compiled kernel, or None (with one warning, the kernels then off) if it does not build."""
+def _kernel(name: str, dtype: torch.dtype) -> Callable[..., None] | None:
+    """The compiled kernel for ``dtype``, or None (with one warning, that dtype's kernels then off) if it
+    does not build."""
     kernels = _state["kernels"]
-    if name not in kernels:
+    if (name, dtype) not in kernels:
+        # Inductor imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" on every
+        # CPU-only machine (as in .fused)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         try:
             # imported on first use, not with the package: Inductor's import takes seconds
             from torch._inductor.codecache import CppPythonBindingsCodeCache
-            source, argtypes = _SIGNATURES[name]
-            kernels[name] = CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+            ctype, _, sources = _SOURCES[dtype]
+            argtypes = [a.replace("T", ctype) for a in _SIGNATURES[name]]
+            kernels[name, dtype] = CppPythonBindingsCodeCache.load_pybinding(argtypes, sources[name])
         except Exception as e:  # noqa: BLE001  (a broken toolchain must not stop training)
-            warnings.warn(f"densenet: the AVX-512 CPU kernels could not be built ({type(e).__name__}); "
-                          "running Inductor's fused kernels instead. Set DENSENET_CPU_KERNELS=0 to silence this.",
+            warnings.warn(f"densenet: the hand-written {dtype} CPU kernels could not be built ({type(e).__name__}); "
+                          "running the fused or eager kernels instead. Set DENSENET_CPU_KERNELS=0 to silence this.",
                           RuntimeWarning, stacklevel=3)
-            _state["broken"] = True
+            _state["broken"].add(dtype)
             return None
-    return kernels[name]
+    return kernels[name, dtype]
 
 
 def _ready(name: str, *ts: Tensor) -> Callable[..., None] | None:
     """The kernel ``name`` if it runs for these matrices (:func:`available`, all of one shape), else None."""
     if not (available(*ts) and all(t.shape == ts[0].shape for t in ts)):
         return None
-    return _kernel(name)
+    return _kernel(name, ts[0].dtype)
 
 
 def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor | None:
-    """relu(rows * scale + shift) of a bfloat16 (M, C) matrix into the (M, C) matrix ``out``, per-channel
+    """relu(rows * scale + shift) of an (M, C) matrix into the (M, C) matrix ``out``, per-channel
     ``scale`` and ``shift`` (any float dtype); None (nothing written) where the kernel does not run."""
     k = _ready("bn_relu", rows, out)
     if k is None:
@@ -305,7 +530,7 @@ def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor |
 
 
 def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tensor | None:
-    """(rows - offset) * invstd of a bfloat16 (M, C) matrix into the (M, C) matrix ``out``; None (nothing
+    """(rows - offset) * invstd of an (M, C) matrix into the (M, C) matrix ``out``; None (nothing
     written) where the kernel does not run."""
     k = _ready("normalise", rows, out)
     if k is None:
@@ -316,8 +541,8 @@ def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor) -> Tens
 
 
 def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, total: int) -> Tensor | None:
-    """As :func:`.fused.bn_input_backward` for bfloat16 (M, C) matrices: a new contiguous (M, C) matrix,
-    or None where the kernel does not run."""
+    """As :func:`.fused.bn_input_backward` for (M, C) matrices: a new contiguous (M, C) matrix, or None where
+    the kernel does not run."""
     k = _ready("bn_input_backward", gy, xhat, direct)
     if k is None:
         return None
@@ -329,8 +554,8 @@ def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, 
 
 def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor, offset: Tensor, invstd: Tensor,
                      gw: Tensor, weight: Tensor, stat_dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """As :func:`.fused.bn_relu_backward` for bfloat16 (M, C) matrices (``gw`` updated in place, the BN's
-    ``weight`` rounded to bfloat16 first as there); None (nothing written) where the kernel does not run."""
+    """As :func:`.fused.bn_relu_backward` for (M, C) matrices (``gw`` updated in place, the BN's ``weight``
+    rounded to their dtype first as there); None (nothing written) where the kernel does not run."""
     x = prefix if xhat is None else xhat
     k = _ready("bn_relu_backward", g_t, t, x, gw)
     if k is None:
@@ -338,14 +563,14 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
     m, c = g_t.shape
     sums = torch.empty(2, c, dtype=torch.float32)
     k(g_t, t, x, offset.float().contiguous(), invstd.float().contiguous(), gw,
-      weight.detach().to(torch.bfloat16).float().contiguous(), sums, m, c, g_t.stride(0), t.stride(0), x.stride(0),
+      weight.detach().to(g_t.dtype).float().contiguous(), sums, m, c, g_t.stride(0), t.stride(0), x.stride(0),
       gw.stride(0), int(xhat is not None))
     return sums[0].to(stat_dtype), sums[1].to(stat_dtype)
 
 
 def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
                            weight: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """As :func:`.fused.bn_relu_train_backward` on contiguous bfloat16 (M, C) matrices: (gradient of z as a
+    """As :func:`.fused.bn_relu_train_backward` on contiguous (M, C) matrices: (gradient of z as a
     new (M, C) matrix, of the BN weight, of its bias, the last two in ``weight``'s dtype), or None."""
     k = _ready("bn_relu_train_backward", g_r, r, z) if all(t.is_contiguous() for t in (g_r, r, z)) else None
     if k is None:

@@ -73,9 +73,19 @@ def set_enabled(on: bool | None) -> None:
     _state["enabled"] = on
 
 
-def _use_compiled(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in COMPILED_DTYPES and x.numel() >= MIN_NUMEL and enabled()
+def _runs(x: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    return (x.device.type == "cpu" and x.dtype in dtypes and x.numel() >= MIN_NUMEL and enabled()
             and not torch.compiler.is_compiling() and not torch.jit.is_scripting())
+
+
+def _use_compiled(x: Tensor) -> bool:
+    return _runs(x, COMPILED_DTYPES)
+
+
+def _use_hand(x: Tensor) -> bool:
+    """Whether :mod:`.cpu_kernels` are asked first for ``x`` (they take bfloat16 and float32 where the CPU
+    has their instructions, and decline the rest): where the compiled forms run, and float32, which has none."""
+    return _use_compiled(x) or _runs(x, (torch.float32,))
 
 
 def compiled_for(x: Tensor) -> bool:
@@ -189,10 +199,11 @@ def colsum(rows: Tensor, dtype: torch.dtype) -> Tensor:
 def normalise(rows: Tensor, offset: Tensor, invstd: Tensor, out: Tensor | None = None) -> Tensor:
     """x_hat = (rows - offset) * invstd per channel, in rows' dtype (``offset`` is small in a
     centred buffer, so folding it into one multiply-add loses nothing there)."""
-    if _use_compiled(rows):
+    if _use_hand(rows):
         out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
         if cpu_kernels.normalise(rows, offset, invstd, out) is not None:
             return out
+    if _use_compiled(rows):
         return _call("normalise", _normalise_fused, _normalise_eager, rows, offset, invstd, out)
     return _normalise_eager(rows, offset, invstd, out)
 
@@ -234,10 +245,11 @@ def _bn_relu_fused(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> T
 def bn_relu(rows: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
     """relu(rows * scale + shift) of an (M, C) matrix (possibly a strided channel prefix), per-channel
     ``scale`` and ``shift`` in rows' dtype; into ``out`` (M, C) when given. One pass when fused."""
-    if _use_compiled(rows):
+    if _use_hand(rows):
         out = torch.empty(rows.shape, dtype=rows.dtype) if out is None else out
         if cpu_kernels.bn_relu(rows, scale, shift, out) is not None:
             return out
+    if _use_compiled(rows):
         return _call("bn_relu", _bn_relu_fused, _bn_relu_eager, rows, scale, shift, out)
     return _bn_relu_eager(rows, scale, shift, out)
 
@@ -273,10 +285,11 @@ def bn_relu_backward(g_t: Tensor, t: Tensor, xhat: Tensor | None, prefix: Tensor
     of the BN's bias and weight, sum(g_a) and sum(g_a * x_hat) per channel, as ``stat_dtype``
     vectors. ``xhat`` is the normalised prefix, or None to compute it from ``prefix``, ``offset``
     (the batch mean of the stored values) and ``invstd``. May overwrite ``g_t`` and ``t``."""
-    if _use_compiled(g_t):
+    if _use_hand(g_t):
         sums = cpu_kernels.bn_relu_backward(g_t, t, xhat, prefix, offset, invstd, gw, weight, stat_dtype)
         if sums is not None:
             return sums
+    if _use_compiled(g_t):
         # detached: the compiler takes a Parameter's shape as fixed, which would compile once per layer
         return _call("bn_relu_backward", _bn_relu_backward_fused, _bn_relu_backward_eager,
                      g_t, t, xhat, prefix, offset, invstd, gw, weight.detach(), stat_dtype)
@@ -356,10 +369,10 @@ def bn_relu_train_backward(g_r: Tensor, r: Tensor, z: Tensor, mean: Tensor, invs
                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of r = relu(BatchNorm(z)) with batch statistics, (N, C, *spatial) tensors: returns
     the gradients of z (shaped like z), of the BN weight and of its bias, given the gradient ``g_r`` of r."""
-    if _use_compiled(z) and all(_channels_last(t) for t in (g_r, r, z)):
+    if _use_hand(z) and all(_channels_last(t) for t in (g_r, r, z)):
         rows = (as_rows(g_r), as_rows(r), as_rows(z))
         out = cpu_kernels.bn_relu_train_backward(*rows, mean, invstd, weight)
-        if out is None:
+        if out is None and _use_compiled(z):
             out = _call("bn_relu_train_backward", _bn_relu_train_backward_fused, None, *rows, mean, invstd,
                         weight.detach(), eps)
         if out is not None:
@@ -389,10 +402,11 @@ def bn_input_backward(gy: Tensor, xhat: Tensor, invstd: Tensor, direct: Tensor, 
     """Gradient of a BatchNorm's input (batch statistics over ``total`` values per channel, this
     process only), ``gy`` being the gradient of its normalised output x_hat, plus ``direct`` (the
     gradient reaching the input by other paths); (M, C) matrices, returned contiguous in gy's dtype."""
-    if _use_compiled(gy):
+    if _use_hand(gy):
         out = cpu_kernels.bn_input_backward(gy, xhat, invstd, direct, total)
         if out is not None:
             return out
+    if _use_compiled(gy):
         return _call("bn_input_backward", _bn_input_backward_fused, _bn_input_backward_eager, gy, xhat, invstd,
                      direct, total)
     return _bn_input_backward_eager(gy, xhat, invstd, direct, total)

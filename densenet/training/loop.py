@@ -72,6 +72,7 @@ from ..models import (
     read_state_dict,
     weights_file,
 )
+from . import allocator
 from .config import (
     FOLDER_DATASETS,
     RUNTIME_KEYS,
@@ -646,7 +647,8 @@ def log_plan(run: Run, state: State, num_params: int) -> None:
             f"{data.train.num_images:,} training images, {config.epochs} epochs x {steps:,} steps = "
             f"{config.epochs * steps:,} steps of batch {config.batch_size}"
             + (f" ({dd.world_size} processes x {config.batch_size // dd.world_size}, {dd.backend})" if dd.enabled else "")
-            + f", device {run.device}, {precision_note(run)}")
+            + f", device {run.device}, {precision_note(run)}"
+            + (f", {allocator.status()}" if allocator.status() else ""))
     run.log(f"learning: {describe(config)}")
     if config.data is None:
         run.log("(a short demo on the 1,000-image sample; give --data for a real dataset and the paper's recipe)")
@@ -764,6 +766,8 @@ def build_model(config: TrainConfig, num_classes: int, data_args: dict | None = 
 def configure_runtime(config: TrainConfig, device: torch.device) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
+    if device.type == "cpu" and not config.memory_efficient:  # the memory-efficient mode wants the smallest peak
+        allocator.keep_freed_memory()
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
