@@ -6,6 +6,7 @@ of one lever without the rest of the full bench: for example the fused CPU kerne
     python bench/bench_alternate.py ours_bf,ours_me_bf                      # memory-efficient against the default
     python bench/bench_alternate.py tv,tv_bf,ours,ours_bf --processes       # a process per configuration
     python bench/bench_alternate.py tv,ours,ours_unfused --fused-float32    # the fused kernels in float32
+    python bench/bench_alternate.py tv,tv+keep,ours,ours+keep --processes  # + malloc keeping freed memory
 
 Configurations: bench_speed's names (tv, tv_bf, ours, ours_bf, ours_unfused_bf, ours_me_bf, ...);
 BC-100 k=12, batch 64; images at the model's input size (32x32 for the CIFAR models, 224x224 for the

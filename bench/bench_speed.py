@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from densenet import create_model  # noqa: E402
 from densenet.models import cpu_kernels, fused  # noqa: E402
 from densenet.serving.inference import prepare_for_inference  # noqa: E402
+from densenet.training import allocator  # noqa: E402
 
 CASES = {  # name: (model, image side, batch)
     "bc40": ("densenet_bc40_k12", 32, 64),
@@ -59,6 +60,8 @@ def torchvision_model(name: str, memory_efficient: bool = False) -> torch.nn.Mod
 #: implementations trained under torch.autocast("cpu", torch.bfloat16) with channels_last input: the
 #: ``_bf`` suffix (what `densenet train` does by default on a CPU with bfloat16 instructions)
 BF16_SUFFIX = "_bf"
+#: ``+keep`` suffix, with ``--processes`` only: the process keeps freed memory (what `densenet train` does on the CPU)
+KEEP_SUFFIX = "+keep"
 
 
 def build(impl: str, name: str) -> torch.nn.Module:
@@ -185,11 +188,16 @@ def timed_alternating(fns: dict[str, Callable[[], None]], repeats: int, warmup: 
 
 
 def _step_worker(conn, impl: str, name: str, size: int, batch: int, threads: int) -> None:
-    """One configuration's training step in its own process, run each time the parent asks."""
+    """One configuration's training step in its own process, run each time the parent asks. A name
+    ending in ``+keep`` (``ours+keep``, ``tv+keep``) keeps freed memory for reuse in that process first,
+    as ``densenet train`` does on the CPU (densenet.training.allocator)."""
     torch.set_num_threads(threads)
+    if impl.endswith(KEEP_SUFFIX):
+        allocator.keep_freed_memory()
     torch.manual_seed(0)
     x, y = data(name, size, batch)
-    fn = train_steps([impl], name, x, y)[impl]
+    base = impl.removesuffix(KEEP_SUFFIX)
+    fn = train_steps([base], name, x, y)[base]
     conn.send("ready")
     while conn.recv() == "step":
         t = time.perf_counter()
