@@ -271,3 +271,17 @@ def _counting(fn, calls):
         calls.append(name)
         return fn(name, dtype)
     return wrapped
+
+
+@avx2_cpu
+def test_the_plan_line_says_which_float32_kernels_run():
+    fused.set_enabled(True)
+    try:
+        assert fused.float32_status() == "hand-written AVX2 CPU kernels"
+        cpu_kernels.set_enabled(False)
+        assert fused.float32_status().startswith("eager CPU kernels")
+        fused.set_enabled(False)
+        assert fused.float32_status().startswith("unfused CPU kernels")
+    finally:
+        fused.set_enabled(None)
+        cpu_kernels.set_enabled(None)

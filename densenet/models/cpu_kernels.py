@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["available", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_train_backward", "normalise",
-           "set_enabled"]
+           "runs_for", "set_enabled"]
 
 _ADD_PARTIALS = r"""
 // per channel j < c, the nt threads' partial sums (blocks of 2 * cp floats: one sum, then another)
@@ -479,12 +479,18 @@ def _cpu_runs(dtype: torch.dtype) -> bool:
     return _state["cpu"][dtype]
 
 
+def runs_for(dtype: torch.dtype) -> bool:
+    """Whether the kernels of ``dtype`` run in this process: switched on, this CPU has their instructions,
+    and they have not failed to build."""
+    return _enabled() and _cpu_runs(dtype) and dtype not in _state["broken"]
+
+
 def available(*ts: Tensor) -> bool:
     """Whether the kernels run for these matrices: CPU (M, C) matrices of one dtype with unit channel
     stride, bfloat16 on a processor with AVX512_BF16 or float32 on one with AVX2, and the kernels
     switched on."""
     dtype = ts[0].dtype
-    return (_enabled() and _cpu_runs(dtype) and dtype not in _state["broken"]
+    return (runs_for(dtype)
             and all(t.device.type == "cpu" and t.dtype == dtype and t.dim() == 2 and t.stride(1) == 1 for t in ts))
 
 

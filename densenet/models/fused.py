@@ -34,7 +34,7 @@ from .sync_bn import bn_backward, bn_factor, update_running
 
 __all__ = ["add_per_channel", "as_nchw", "as_rows", "bn_input_backward", "bn_relu", "bn_relu_backward", "bn_relu_pool_train",
            "bn_relu_pool_train_backward", "bn_relu_recompute", "bn_relu_train", "bn_relu_train_backward", "colsum",
-           "compiled_for", "enabled", "normalise", "set_enabled", "status", "store_maps", "vec"]
+           "compiled_for", "enabled", "float32_status", "normalise", "set_enabled", "status", "store_maps", "vec"]
 
 MIN_NUMEL = 1 << 14  # smaller matrices run eagerly (2^18 measured 3-4% slower on BC-40 and BC-100 steps, 2026-12-06)
 # dtypes whose matrices take the compiled forms: in float32 the whole BC-100 step measured no faster
@@ -55,6 +55,13 @@ def enabled() -> bool:
     if _state["enabled"] is None:
         _state["enabled"] = os.environ.get("DENSENET_FUSED", "1") != "0" and _compiler_found()
     return bool(_state["enabled"])
+
+
+def float32_status() -> str:
+    """What the plan line says of a float32 CPU run's kernels: the hand-written AVX2 ones where they run."""
+    if enabled() and cpu_kernels.runs_for(torch.float32):
+        return "hand-written AVX2 CPU kernels"
+    return status() if not enabled() else "eager CPU kernels (no AVX2, or DENSENET_CPU_KERNELS=0)"
 
 
 def status() -> str:

@@ -625,7 +625,7 @@ def save_snapshot(run: Run, state: State) -> None:
 def precision_note(run: Run) -> str:
     """What the plan line says of the precision: the autocast dtype, and why when it was chosen for the user."""
     if run.amp_dtype is None:
-        return "float32"
+        return "float32" + (f", {fused.float32_status()}" if run.device.type == "cpu" else "")
     note = f"amp {run.config.amp}"
     if run.device.type == "cpu" and run.given_amp == "auto":
         note += f" (by default on this CPU: it has {cpu_bf16_instructions()}; --amp off for float32)"
