@@ -30,6 +30,21 @@ def _strided(m: int, c: int, seed: int, width: int = 70) -> torch.Tensor:
     return torch.randn(m, width, generator=g).bfloat16()[:, 3:3 + c]
 
 
+def _bn_input_exact(gy: torch.Tensor, xhat: torch.Tensor, invstd: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm input gradient of bn_input_backward, in float64 (batch statistics over the rows)."""
+    g, x = gy.double(), xhat.double()
+    return (g - g.mean(0) - x * (g * x).mean(0)) * invstd.double() + direct.double()
+
+
+def _bn2_backward_exact(g_r, r, z, mean, invstd, weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gradient of z, of the BN weight, of its bias) of r = relu(BN(z)), in float64."""
+    m = z.shape[0]
+    g_u = torch.where(r > 0, g_r.double(), 0.0)
+    zhat = (z.double() - mean.double()) * invstd.double()
+    g_b, g_w = g_u.sum(0), (g_u * zhat).sum(0)
+    return (g_u - g_b / m - zhat * g_w / m) * (invstd.double() * weight.double()), g_w, g_b
+
+
 @bf16_cpu
 @pytest.mark.parametrize("c", [12, 16, 33])
 def test_bn_relu_rounds_once_like_pytorch(hand, c):
@@ -74,8 +89,7 @@ def test_bn_input_backward_against_pytorch(hand):
     gy, xhat, direct = _strided(m, c, 5), _strided(m, c, 6), _strided(m, c, 7)
     invstd = torch.rand(c) + 0.5
     got = cpu_kernels.bn_input_backward(gy, xhat, invstd, direct, m)
-    g, x = gy.double(), xhat.double()
-    exact = (g - g.mean(0) - x * (g * x).mean(0)) * invstd.double() + direct.double()
+    exact = _bn_input_exact(gy, xhat, invstd, direct)
     assert got.shape == (m, c) and got.is_contiguous() and got.dtype == torch.bfloat16
     # one rounding to bfloat16 (8 bits): within half a unit in the last place, plus float32 sums
     assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
@@ -87,12 +101,9 @@ def test_bn_relu_train_backward_against_pytorch(hand):
     g_r, r, z = (_strided(m, c, s).contiguous() for s in (9, 10, 11))  # (M, C) rows of channels_last maps
     mean, invstd, weight = torch.randn(c) * 0.1, torch.rand(c) + 0.5, torch.randn(c)
     g_z, g_w, g_b = cpu_kernels.bn_relu_train_backward(g_r, r, z, mean, invstd, weight)
-    g_u = torch.where(r > 0, g_r.double(), 0.0)
-    zhat = (z.double() - mean.double()) * invstd.double()
-    exact_b, exact_w = g_u.sum(0), (g_u * zhat).sum(0)
+    exact, exact_w, exact_b = _bn2_backward_exact(g_r, r, z, mean, invstd, weight)
     torch.testing.assert_close(g_b, exact_b.float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(g_w, exact_w.float(), rtol=1e-5, atol=1e-4)
-    exact = (g_u - exact_b / m - zhat * exact_w / m) * (invstd.double() * weight.double())
     assert g_z.shape == (m, c) and g_z.dtype == torch.bfloat16
     assert ((g_z.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-5).all()
 
@@ -178,21 +189,13 @@ def test_float32_bn_input_and_bn2_backward_against_float64(hand):
     gy, xhat, direct = _strided32(m, c, 5), _strided32(m, c, 6), _strided32(m, c, 7)
     invstd = torch.rand(c) + 0.5
     got = cpu_kernels.bn_input_backward(gy, xhat, invstd, direct, m)
-    g, x = gy.double(), xhat.double()
-    exact = (g - g.mean(0) - x * (g * x).mean(0)) * invstd.double() + direct.double()
     assert got.shape == (m, c) and got.is_contiguous() and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
-    m, c = 999, 20
-    g_r, r, z = (_strided32(m, c, s).contiguous() for s in (9, 10, 11))
-    mean, invstd, weight = torch.randn(c) * 0.1, torch.rand(c) + 0.5, torch.randn(c)
-    g_z, g_w, g_b = cpu_kernels.bn_relu_train_backward(g_r, r, z, mean, invstd, weight)
-    g_u = torch.where(r > 0, g_r.double(), 0.0)
-    zhat = (z.double() - mean.double()) * invstd.double()
-    exact_b, exact_w = g_u.sum(0), (g_u * zhat).sum(0)
-    torch.testing.assert_close(g_b.double(), exact_b, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_w.double(), exact_w, rtol=1e-5, atol=1e-5)
-    exact = (g_u - exact_b / m - zhat * exact_w / m) * (invstd.double() * weight.double())
-    torch.testing.assert_close(g_z.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), _bn_input_exact(gy, xhat, invstd, direct), rtol=1e-5, atol=1e-5)
+    g_r, r, z = (_strided32(999, 20, s).contiguous() for s in (9, 10, 11))
+    mean, invstd, weight = torch.randn(20) * 0.1, torch.rand(20) + 0.5, torch.randn(20)
+    got = cpu_kernels.bn_relu_train_backward(g_r, r, z, mean, invstd, weight)
+    for g, e in zip(got, _bn2_backward_exact(g_r, r, z, mean, invstd, weight)):  # g_z, g_weight, g_bias
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
 
 
 @avx2_cpu
