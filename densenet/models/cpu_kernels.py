@@ -13,7 +13,8 @@ bfloat16 instructions): PyTorch's eager chain makes one pass over memory per ope
 backward is a mask, a multiply-add, a product and two column sums: five passes) and the compiled forms
 measured no faster there. The kernels here make one pass (two where a result needs the sums first), with
 the eager chain's arithmetic: one multiply-add where PyTorch's ``addcmul`` makes one, and column sums in
-float32 per thread, over blocks of 256 rows first (so no less accurate than PyTorch's pairwise sums).
+float32 per thread, over blocks of 256 rows first: a 65,536-row sum off by about 2e-7 relative, PyTorch's
+pairwise sum by 1e-7 (a plain running sum would be about 100x worse).
 
 - :func:`bn_relu`: relu(x * scale + shift) of a (possibly strided) (M, C) matrix;
 - :func:`normalise`: (x - offset) * invstd, the recomputed x_hat;
