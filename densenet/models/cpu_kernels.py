@@ -14,7 +14,7 @@ backward is a mask, a multiply-add, a product and two column sums: five passes) 
 measured no faster there. The kernels here make one pass (two where a result needs the sums first), with
 the eager chain's arithmetic: one multiply-add where PyTorch's ``addcmul`` makes one, and column sums in
 float32 per thread, over blocks of 256 rows first: a 65,536-row sum off by about 2e-7 relative, PyTorch's
-pairwise sum by 1e-7 (a plain running sum would be about 100x worse).
+pairwise sum by 1e-7, a plain running float32 sum per thread by 4e-6.
 
 - :func:`bn_relu`: relu(x * scale + shift) of a (possibly strided) (M, C) matrix;
 - :func:`normalise`: (x - offset) * invstd, the recomputed x_hat;
@@ -253,7 +253,7 @@ _F32_PRELUDE = r"""
 #include <vector>
 #define TARGET __attribute__((target("avx2,fma")))
 #define ROWS 256  // rows summed into a block's own sums first, then added to the thread's: float32 sums of
-                  // 256 + M / 256 terms instead of M (a 65,536-row sum is otherwise 100x less accurate)
+                  // 256 + M / 256 terms instead of M (a 65,536-row sum: 2e-7 relative error instead of 4e-6)
 TARGET static inline __m256i lanes_below(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(n, 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
