@@ -441,9 +441,9 @@ extern "C" TARGET void kernel(const float* gr, const float* r, const float* z, c
 }
 """
 
-_TYPES = ["const T*", "const T*", "const T*", "const float*", "const float*", "const float*", "T*", "float*"]
-_SIGNATURES = {  # name: (argument types, T being the matrices' element type)
-    "bn_relu_train_backward": _TYPES + ["int64_t"] * 2,
+_SIGNATURES = {  # name: argument types, T being the matrices' element type
+    "bn_relu_train_backward": ["const T*", "const T*", "const T*", "const float*", "const float*", "const float*", "T*",
+                               "float*"] + ["int64_t"] * 2,
     "bn_relu_backward": ["const T*", "const T*", "const T*", "const float*", "const float*", "T*", "const float*",
                          "float*"] + ["int64_t"] * 7,
     "normalise": ["const T*", "const float*", "const float*", "T*"] + ["int64_t"] * 4,

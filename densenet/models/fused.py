@@ -59,9 +59,11 @@ def enabled() -> bool:
 
 def float32_status() -> str:
     """What the plan line says of a float32 CPU run's kernels: the hand-written AVX2 ones where they run."""
-    if enabled() and cpu_kernels.runs_for(torch.float32):
+    if not enabled():
+        return status()
+    if cpu_kernels.runs_for(torch.float32):
         return "hand-written AVX2 CPU kernels"
-    return status() if not enabled() else "eager CPU kernels (no AVX2, or DENSENET_CPU_KERNELS=0)"
+    return "eager CPU kernels (no AVX2, or DENSENET_CPU_KERNELS=0)"
 
 
 def status() -> str:
@@ -92,7 +94,7 @@ def _use_compiled(x: Tensor) -> bool:
 def _use_hand(x: Tensor) -> bool:
     """Whether :mod:`.cpu_kernels` are asked first for ``x`` (they take bfloat16 and float32 where the CPU
     has their instructions, and decline the rest): where the compiled forms run, and float32, which has none."""
-    return _use_compiled(x) or _runs(x, (torch.float32,))
+    return _runs(x, (*COMPILED_DTYPES, torch.float32))
 
 
 def compiled_for(x: Tensor) -> bool:
