@@ -11,8 +11,10 @@
 #   budget --recipe budget as it is, again on this machine and precision (the first study ran in bf16
 #          on a Xeon; the variants may not): the baseline the variants are read against.
 # Usage: bash run.sh [variant ...]  (default: all four, in this order). Each runs at the lowest priority
-# in ~/runs/study-bc40-<variant> (resumable: run it again after a stop) and is evaluated by
-# `densenet eval --tta flip` (raw weights and their average); results land in <variant>/ here.
+# in ~/runs/study-bc40-<variant> (resumable: run it again after a stop; a session that stops mid-variant
+# commits its checkpoint.pt, config.yaml and metrics.csv in <variant>/ here, and a new machine resumes from
+# them) and is evaluated by `densenet eval --tta flip` (raw weights and their average); results land in
+# <variant>/ here, and the committed checkpoint is removed once the variant is done.
 # Start it only while nothing else trains: two runs sharing two cores slow each other far more than 2x.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -24,6 +26,10 @@ for variant in "${@:-lr0.2 ls0 wd1e-4 budget}"; do
         [ -n "${FLAGS[$v]+set}" ] || { echo "run.sh: unknown variant $v (lr0.2, ls0, wd1e-4, budget)" >&2; exit 2; }
         run=~/runs/study-bc40-$v
         if [ -f "$here/$v/eval-ema-yes.log" ]; then echo "$v: done"; continue; fi
+        if [ ! -f "$run/checkpoint.pt" ] && [ -f "$here/$v/checkpoint.pt" ]; then
+            mkdir -p "$run" && cp "$here/$v/checkpoint.pt" "$here/$v/config.yaml" "$run/"
+            if [ -f "$here/$v/metrics.csv" ]; then cp "$here/$v/metrics.csv" "$run/"; fi
+        fi
         if [ -f "$run/checkpoint.pt" ]; then
             nice -n 19 densenet train --resume "$run" --amp auto --quiet
         else
@@ -37,6 +43,7 @@ for variant in "${@:-lr0.2 ls0 wd1e-4 budget}"; do
             nice -n 19 densenet eval "$run/checkpoint.pt" --dataset cifar10 --data "$data" --ema "$ema" --tta flip \
                 --out "/tmp/eval-study-$v-$ema" > "$here/$v/eval-ema-$ema.log"
         done
+        git rm -q --cached --ignore-unmatch "$here/$v/checkpoint.pt" && rm -f "$here/$v/checkpoint.pt"
         echo "$v: done ($(lscpu | grep -m1 'Model name' | sed 's/.*: *//'), $(date -u +%F))" | tee "$here/$v/machine.txt"
     done
 done
