@@ -16,7 +16,10 @@
 # commits its checkpoint.pt, config.yaml and metrics.csv in <variant>/ here, and a new machine resumes from
 # them) and is evaluated by `densenet eval --tta flip` (raw weights and their average); results land in
 # <variant>/ here, and the committed checkpoint is removed once the variant is done.
-# Start it only while nothing else trains: two runs sharing two cores slow each other far more than 2x.
+# Start it only while nothing else trains: two runs sharing two cores slow each other far more than 2x,
+# unless each has a core of its own: THREADS=1 bash run.sh A & THREADS=1 bash run.sh B runs two variants
+# side by side (1.39x the throughput of one at a time with both threads for BC-40 on a 2-core Zen 3:
+# bench/bench_concurrent.py, 2026-12-08).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 data=../shared/data/cifar10-jpeg.zip
@@ -32,11 +35,11 @@ for variant in "${@:-wd1e-4 ls0 budget lr0.2}"; do
             if [ -f "$here/$v/metrics.csv" ]; then cp "$here/$v/metrics.csv" "$run/"; fi
         fi
         if [ -f "$run/checkpoint.pt" ]; then
-            nice -n 19 densenet train --resume "$run" --amp auto --quiet
+            nice -n 19 densenet train --resume "$run" --amp auto --quiet ${THREADS:+--threads "$THREADS"}
         else
             # shellcheck disable=SC2086  # the variant's flags, split on purpose
             nice -n 19 densenet train --model densenet_bc40_k12 --dataset cifar10+ --data "$data" --epochs 10 \
-                --recipe budget ${FLAGS[$v]} --seed 0 --amp auto --quiet --out "$run"
+                --recipe budget ${FLAGS[$v]} --seed 0 --amp auto --quiet ${THREADS:+--threads "$THREADS"} --out "$run"
         fi
         mkdir -p "$here/$v"
         cp "$run/metrics.csv" "$run/report.json" "$run/config.yaml" "$here/$v/"
