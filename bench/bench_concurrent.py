@@ -36,7 +36,11 @@ def second_epoch_rate(procs: list[subprocess.Popen], outs: list[Path]) -> list[f
         _, err = p.communicate()
         if p.returncode:
             raise SystemExit(f"bench_concurrent: a run failed:\n{err}")
-    return [float(list(csv.DictReader(open(o / "metrics.csv")))[1]["images_per_s"]) for o in outs]
+    rates = []
+    for out in outs:
+        with open(out / "metrics.csv", newline="") as f:
+            rates.append(float(list(csv.DictReader(f))[1]["images_per_s"]))
+    return rates
 
 
 def main() -> None:
